@@ -1,0 +1,195 @@
+"""Config schemas, one dataclass per Hydra group, and start-up validation.
+
+Every option of a group carries the same keys (null where unused), so any key can be overridden or swept
+on any option. `validate_config(cfg)` merges each group into its schema: an unknown key, a wrong type or an
+impossible value stops the run at start-up with a message naming the key (`loss.bta: unknown key ...`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_sd.objectives import LossConfig
+from lightning_sd.teachers import TEACHER_KINDS
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    name_or_path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    cache_dir: Optional[str] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: Optional[dict] = None
+
+
+@dataclass
+class DataConfig:
+    task: Optional[str] = None
+    task_kwargs: dict = field(default_factory=dict)
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    n_train: int = 256
+    n_eval: int = 64
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    max_prompt_length: Optional[int] = None
+    truncation: str = "left"
+    system_prompt: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "frozen"
+    rate: Optional[float] = None
+    mix: Optional[float] = None
+    model: Optional[dict] = None
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    stop_token_ids: Optional[list] = None
+    fixed_length: bool = False
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: str = "32-true"
+    max_steps: int = 40
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 1
+    val_check_interval: Optional[int] = None
+    enable_checkpointing: bool = True
+    checkpoint_every_n_steps: Optional[int] = None
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: Optional[str] = "csv"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Optional[str] = None
+    log_samples_every: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True
+    after: bool = True
+    teacher: bool = True
+    max_new_tokens: int = 64
+    batch_size: Optional[int] = None
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig, "data": DataConfig, "loss": LossConfig, "teacher": TeacherConfig,
+    "generation": GenerationConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
+    "trainer": TrainerConfig, "logger": LoggerConfig, "eval": EvalConfig,
+}
+
+
+def _typed(group: str, node: Any, schema: type) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        valid = ", ".join(f.name for f in fields(schema))
+        raise ConfigError(f"{group}.{key}: {err.msg if hasattr(err, 'msg') else err}. Valid keys of `{group}`: "
+                          f"{valid}") from None
+    return OmegaConf.to_object(merged)
+
+
+def validate_config(cfg: DictConfig) -> dict:
+    """Check every group of `cfg`; returns `{group: typed dataclass}`. Raises `ConfigError`."""
+    typed = {}
+    for group, schema in GROUP_SCHEMAS.items():
+        typed[group] = _typed(group, cfg.get(group), schema)
+    loss: LossConfig = typed["loss"]
+    try:
+        loss.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    t: TeacherConfig = typed["teacher"]
+    if t.kind not in TEACHER_KINDS:
+        raise ConfigError(f"teacher.kind={t.kind!r} is not one of {TEACHER_KINDS}")
+    if t.kind == "ema" and not (t.rate and 0 < t.rate <= 1):
+        raise ConfigError(f"teacher=ema needs teacher.rate in (0, 1], got {t.rate}")
+    if t.kind == "trust_region" and (t.mix is None or not 0 <= t.mix <= 1):
+        raise ConfigError(f"teacher=trust_region needs teacher.mix in [0, 1], got {t.mix}")
+    if t.kind == "external" and not t.model:
+        raise ConfigError("teacher=external needs teacher.model (e.g. teacher.model.name=hf "
+                          "teacher.model.name_or_path=<folder>)")
+    if loss.chunk_size and t.kind == "trust_region":
+        raise ConfigError("loss.chunk_size is not supported with teacher=trust_region; set loss.chunk_size=null")
+    g: GenerationConfig = typed["generation"]
+    if g.backend not in ("hf", "vllm"):
+        raise ConfigError(f"generation.backend={g.backend!r} is not one of 'hf', 'vllm'")
+    d: DataConfig = typed["data"]
+    sources = [k for k in ("task", "train_file") if getattr(d, k)]
+    if len(sources) != 1:
+        raise ConfigError(f"data needs exactly one of data.task or data.train_file (got {sources or 'none'})")
+    if d.truncation not in ("left", "error"):
+        raise ConfigError(f"data.truncation={d.truncation!r} must be 'left' or 'error'")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    tr: TrainerConfig = typed["trainer"]
+    if tr.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps must be >= 1, got {tr.max_steps}")
+    if tr.precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"):
+        raise ConfigError(f"trainer.precision={tr.precision!r} is not a Lightning precision "
+                          "(32-true, bf16-mixed, bf16-true, 16-mixed)")
+    if typed["optimizer"].name not in ("adamw", "sgd"):
+        raise ConfigError(f"optimizer.name={typed['optimizer'].name!r} is not one of 'adamw', 'sgd'")
+    if typed["scheduler"].name not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"scheduler.name={typed['scheduler'].name!r} is not one of 'constant', 'linear', 'cosine'")
+    if typed["logger"].name not in (None, "csv", "wandb"):
+        raise ConfigError(f"logger.name={typed['logger'].name!r} is not one of csv, wandb, null")
+    return typed

@@ -1,0 +1,75 @@
+"""Teacher-context builders: the privileged prompt the teacher sees for each rollout.
+
+A builder is a function `(record, rollout_view) -> str | None` returning the teacher's *user message* for
+one rollout row (the chat template is applied afterwards, identically to the student's prompt), or `None`
+when the row has no privileged signal (the row is then masked out of the loss).
+
+`rollout_view` is a `RowView` giving the row's own completion text and reward and its siblings' (the other
+rollouts of the same prompt), which RL-feedback contexts need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+TEMPLATES: dict[str, str] = {
+    # the student's own prompt: with a live teacher the loss is exactly zero (alignment check)
+    "student_prompt": "{prompt}",
+    # OPSD, first version: reference solution, then understand-and-derive instruction
+    "self_critique_v1": (
+        "{prompt}\n\nA reference solution to this problem:\n<reference>\n{solution}\n</reference>\n\n"
+        "Read the reference solution and understand why it works. Then solve the problem yourself, step by step, "
+        "and arrive at the same final answer."
+    ),
+    # OPSD v3: adds the explicit "do not copy, use your own words" instruction
+    "self_critique_v3": (
+        "{prompt}\n\nHere is a reference solution, for you only:\n=== Reference solution ===\n{solution}\n"
+        "=== End of reference solution ===\n\nStudy it until you understand every step, but do not copy it. "
+        "Now solve the problem on your own, reasoning step by step in your own words, and reach the same "
+        "final answer."
+    ),
+    # the probe of METHODS.md: a short hint with the answer, for very small models
+    "answer_hint": "{prompt}\n(For reference, the correct answer is {answer}. Answer in your own words.)",
+    # SDFT's demonstration template
+    "demonstration": (
+        "{prompt}\n\nThis is an example for a response to the question:\n{solution}\n\n"
+        "Now answer with a response of your own, including the thinking process."
+    ),
+}
+
+
+@dataclass
+class RowView:
+    """What a context builder may know about one rollout row."""
+
+    completion: str = ""
+    reward: float | None = None
+    feedback: str | None = None
+    siblings: list[str] = field(default_factory=list)  # other rollouts' texts of the same prompt
+    sibling_rewards: list[float | None] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+ContextBuilder = Callable[[dict, RowView], "str | None"]
+
+
+def template_context(template: str) -> ContextBuilder:
+    """A builder that formats `template` with the record's fields (`{prompt}`, `{solution}`, `{answer}`, ...).
+
+    A template that names a field the record lacks raises a KeyError naming the field."""
+    text = TEMPLATES.get(template, template)
+
+    def build(record: dict, row: RowView) -> str | None:
+        try:
+            return text.format(**record)
+        except KeyError as err:
+            raise KeyError(
+                f"teacher context template {template!r} needs field {err.args[0]!r}, missing from record "
+                f"id={record.get('id', '?')!r}; add it to the data or pick another loss.template"
+            ) from None
+
+    return build
+
+
+__all__ = ["TEMPLATES", "RowView", "ContextBuilder", "template_context"]

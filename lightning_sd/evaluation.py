@@ -1,0 +1,103 @@
+"""Evaluation: the student's accuracy on held-out prompts and, beside it, the teacher's accuracy when it is
+given its privileged context on the same prompts. Self-distillation can only transfer what the teacher
+knows better, so the gap `teacher - student` is the first number to look at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lightning_sd.contexts import RowView
+from lightning_sd.data.prompts import encode_prompts, format_prompt
+from lightning_sd.generation import rollout_on, sampling_mode
+from lightning_sd.sampling import SamplingConfig, sample
+
+
+@dataclass
+class EvalResult:
+    student_accuracy: float
+    teacher_accuracy: float | None
+    gap: float | None
+    mean_completion_tokens: float
+    n: int
+    samples: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decode(tokenizer, rollout) -> list[str]:
+    return tokenizer.batch_decode(
+        [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
+        skip_special_tokens=True)
+
+
+def _generate(module, network, prompt_ids, prompt_mask, sampling: SamplingConfig):
+    trainer = module._trainer if getattr(module, "_trainer", None) is not None else None
+    if trainer is not None:
+        return rollout_on(trainer, module, network, prompt_ids, prompt_mask, sampling, sampling.seed)
+    generator = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
+    from lightning_sd.generation import stop_ids
+
+    with sampling_mode(network):
+        return sample(network, prompt_ids, prompt_mask, sampling, pad_token_id=module.pad_token_id,
+                      stop_token_ids=stop_ids(module.tokenizer, list(sampling.stop_token_ids or [])),
+                      generator=generator)
+
+
+def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=None) -> dict:
+    """Sample from `network` (default: the student) for the batch's prompts and verify with `module.task`."""
+    rollout = _generate(module, network or module.student, batch["prompt_ids"].to(module.device),
+                        batch["prompt_mask"].to(module.device), sampling)
+    texts = _decode(module.tokenizer, rollout)
+    correct = []
+    if module.task is not None:
+        for r, text in enumerate(texts):
+            verdict = module.task.verify(batch["records"][int(rollout.prompt_index[r])], text)
+            correct.append(float(verdict.reward >= 1.0))
+    lengths = rollout.completion_mask.sum(-1).float().tolist()
+    return {"texts": texts, "correct": correct, "lengths": lengths, "prompt_index": rollout.prompt_index.tolist()}
+
+
+def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]:
+    """The teacher's privileged prompt for each record (no rollout known: an empty `RowView`)."""
+    texts, ok = [], []
+    for rec in records:
+        text = module.context(rec, RowView())
+        ok.append(text is not None)
+        texts.append(format_prompt(module.tokenizer, text if text is not None else rec["prompt"],
+                                   system=module.system_prompt))
+    return texts, ok
+
+
+@torch.no_grad()
+def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_teacher: bool = True,
+             keep_samples: int = 8) -> EvalResult:
+    """Accuracy of the student and of the teacher-with-context over `batches` (an iterable of data-module
+    batches). Greedy by default."""
+    sampling = sampling or module.eval_sampling
+    student_correct, teacher_correct, lengths, samples = [], [], [], []
+    for batch in batches:
+        out = generate_and_verify(module, batch, sampling)
+        student_correct += out["correct"]
+        lengths += out["lengths"]
+        if with_teacher:
+            texts, ok = teacher_prompts(module, batch["records"])
+            enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length,
+                                 truncation=module.truncation, pad_token_id=module.pad_token_id)
+            with module.teacher.sampling_network(module.student) as net:
+                t_out = generate_and_verify(module, {"prompt_ids": enc.ids, "prompt_mask": enc.mask,
+                                                     "records": batch["records"]}, sampling, network=net)
+            teacher_correct += [c for c, r in zip(t_out["correct"], [ok[i] for i in t_out["prompt_index"]]) if r]
+        for i, text in enumerate(out["texts"][: max(0, keep_samples - len(samples))]):
+            rec = batch["records"][out["prompt_index"][i]]
+            samples.append({"prompt": rec["prompt"], "completion": text,
+                            "correct": out["correct"][i] if out["correct"] else None})
+    n = len(student_correct)
+    student_acc = sum(student_correct) / n if n else float("nan")
+    teacher_acc = sum(teacher_correct) / len(teacher_correct) if teacher_correct else None
+    return EvalResult(student_accuracy=student_acc, teacher_accuracy=teacher_acc,
+                      gap=None if teacher_acc is None else teacher_acc - student_acc,
+                      mean_completion_tokens=sum(lengths) / max(len(lengths), 1), n=n, samples=samples)

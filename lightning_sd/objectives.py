@@ -1,0 +1,136 @@
+"""The objective: which divergence, on which tokens, reduced how. `LossConfig` carries every key of the
+Hydra `loss` group (each option sets them all, null where unused); `distillation_terms` turns student and
+teacher completion logits into per-token losses and the mask they count on.
+
+Sign convention (see docs/concepts.md): `beta=0` is the forward KL(T||S), `beta=1` the reverse KL(S||T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from lightning_sd.losses import completion_mask_skip_first, importance_weight, per_token_divergence
+
+LOSS_NAMES = ("distill", "self_critique", "continual", "rl_feedback", "on_policy_kd", "grpo", "sft")
+SUPPORTS = ("full", "topk", "sampled")
+REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+
+
+@dataclass
+class LossConfig:
+    """All knobs of the objective.
+
+    - divergence: `beta` (0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD), `support`,
+      `top_k`, `topk_from`, `tail`, `temperature` (divides both logits), `entry_clip` (OPSD per-entry clip).
+    - tokens: `skip_first` completion tokens are not trained (SDFT: 3); `is_clip` caps the token-level
+      importance weight between the trainer and the sampler (SDPO: 2; null = off).
+    - `reduction`: `token_mean` / `sequence_mean` / `sum`, normalized by the *global* count of the optimizer
+      step (all micro-batches, all ranks).
+    - teacher context: `template` (a name in `lightning_sd.contexts.TEMPLATES` or a format string).
+    - `chunk_size`: when set, the memory-bounded path computes the loss from hidden states chunk by chunk.
+    - method-specific keys (null/default where unused): `lam` (GRPO advantage mix, RL-feedback),
+      `reason_first` (self-critique), `lmbda` (on-policy fraction, on-policy KD), `sft_weight`.
+    """
+
+    name: str = "distill"
+    beta: float = 0.0
+    support: str = "full"
+    top_k: int | None = None
+    topk_from: str = "student"
+    tail: bool = True
+    temperature: float = 1.0
+    entry_clip: float | None = None
+    skip_first: int = 0
+    reduction: str = "token_mean"
+    is_clip: float | None = None
+    template: str = "self_critique_v3"
+    chunk_size: int | None = None
+    lam: float = 0.0
+    reason_first: bool = False
+    reason_max_new_tokens: int = 128
+    lmbda: float = 1.0
+    feedback: bool = True
+    strip_reasoning: bool = True
+    nonfinite: str = "skip"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Reject impossible combinations with a message naming the option."""
+        if self.name not in LOSS_NAMES:
+            raise ValueError(f"loss.name={self.name!r} is not one of {LOSS_NAMES}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"loss.support={self.support!r} is not one of {SUPPORTS}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"loss.beta={self.beta} must be in [0, 1] (0 forward KL, 1 reverse KL)")
+        if self.support == "sampled" and self.beta != 1.0:
+            raise ValueError(
+                f"loss.support=sampled estimates the reverse KL only: set loss.beta=1 (got loss.beta={self.beta}) "
+                "or use loss.support=full|topk"
+            )
+        if self.support == "topk" and (self.top_k is None or self.top_k < 1):
+            raise ValueError(f"loss.support=topk needs loss.top_k >= 1 (got {self.top_k})")
+        if self.topk_from not in ("student", "teacher"):
+            raise ValueError(f"loss.topk_from={self.topk_from!r} must be 'student' or 'teacher'")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"loss.reduction={self.reduction!r} is not one of {REDUCTIONS}")
+        if not self.temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.skip_first < 0:
+            raise ValueError(f"loss.skip_first must be >= 0, got {self.skip_first}")
+        if self.entry_clip is not None and not self.entry_clip > 0:
+            raise ValueError(f"loss.entry_clip must be > 0 or null, got {self.entry_clip}")
+        if self.is_clip is not None and not self.is_clip > 0:
+            raise ValueError(f"loss.is_clip must be > 0 or null, got {self.is_clip}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"loss.lam must be in [0, 1], got {self.lam}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"loss.lmbda must be in [0, 1], got {self.lmbda}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size must be >= 1 or null, got {self.chunk_size}")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ValueError(f"loss.nonfinite={self.nonfinite!r} must be 'skip' or 'stop'")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "LossConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown loss option(s) {unknown}; valid keys: {sorted(known)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def divergence_kwargs(self) -> dict:
+        return dict(beta=self.beta, support=self.support, top_k=self.top_k, topk_from=self.topk_from,
+                    tail=self.tail, temperature=self.temperature, entry_clip=self.entry_clip)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`[R, C, V]` logits, `[R, C]` tokens -> `[R, C]` log-probs of those tokens (float32)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def distillation_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    sampler_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token distillation loss `[R, C]` and the mask `[R, C]` it counts on (after `skip_first`).
+
+    `student_logits`, `teacher_logits`: `[R, C, V]`, aligned on the completion tokens `completion_ids` `[R, C]`
+    (position t predicts token t). With `cfg.is_clip`, each token's divergence is weighted by the detached
+    importance weight `min(exp(log S(y) - log S_sampler(y)), is_clip)`.
+    """
+    per_token = per_token_divergence(student_logits, teacher_logits, tokens=completion_ids, **cfg.divergence_kwargs())
+    mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
+    if cfg.is_clip is not None and sampler_logprobs is not None:
+        logp = token_logprobs(student_logits.detach(), completion_ids)
+        per_token = per_token * importance_weight(logp, sampler_logprobs, cfg.is_clip)
+    return per_token, mask

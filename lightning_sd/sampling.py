@@ -1,0 +1,162 @@
+"""On-policy sampling: a small explicit decode loop over any Hugging Face causal LM with a KV cache.
+
+Why not `model.generate`: every sampling setting here is explicit (nothing is inherited from the model's
+`generation_config`), the sampler's own log-probs come out at O(rows x vocab) memory, and decoding can be
+kept in lock-step across ranks (`keep_going` hook) so sharded models never deadlock when one rank's
+completions stop early.
+
+Conventions: prompts are LEFT-padded `[R, P]`; completions are RIGHT-padded `[R, C]` with `pad_token_id`;
+`completion_mask` is 1 for every generated token up to and including the first stop token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Every setting of the rollout sampler. `top_k=0` and `top_p=1.0` switch those filters off;
+    `do_sample=False` is greedy decoding. `fixed_length=True` always decodes `max_new_tokens` steps (stop
+    tokens still end the *mask*): used by benchmarks so that runs do the same work."""
+
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+    stop_token_ids: Sequence[int] | None = None
+    fixed_length: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"generation.n must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"generation.temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class Rollout:
+    """Completions for R = B * n rows (rows of one prompt are adjacent: row r belongs to prompt r // n)."""
+
+    prompt_ids: torch.Tensor  # [R, P] left-padded
+    prompt_mask: torch.Tensor  # [R, P]
+    completion_ids: torch.Tensor  # [R, C] right-padded with pad id
+    completion_mask: torch.Tensor  # [R, C] 1 up to and including the first stop token
+    logprobs: torch.Tensor  # [R, C] log-prob of each sampled token under the sampler's (processed) distribution
+    truncated: torch.Tensor  # [R] bool: no stop token within max_new_tokens
+    prompt_index: torch.Tensor  # [R] long: index of the prompt in the batch
+    extras: dict = field(default_factory=dict)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: `[B, L]` mask -> `[B, L]` positions (padding gets 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Apply temperature, then top-k, then top-p (nucleus) to `[R, V]` logits; filtered entries become -inf."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (always keeps the first)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _make_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    config: SamplingConfig,
+    *,
+    pad_token_id: int,
+    stop_token_ids: Sequence[int],
+    generator: torch.Generator | None = None,
+    keep_going: Callable[[bool], bool] | None = None,
+    sync_every: int = 1,
+) -> Rollout:
+    """Sample `config.n` completions per prompt from `model` (call under eval mode; no grad is taken here).
+
+    `prompt_ids`/`prompt_mask`: `[B, P]` left-padded. `keep_going(local_done) -> bool` lets the caller combine
+    the "all rows finished" flag across ranks (all ranks must run the same number of forward passes under
+    FSDP / ZeRO-3); it is called every `sync_every` steps. Returns a `Rollout` with R = B * n rows.
+    """
+    config.validate()
+    n = config.n
+    device = prompt_ids.device
+    ids = prompt_ids.repeat_interleave(n, dim=0)
+    mask = prompt_mask.repeat_interleave(n, dim=0).long()
+    rows = ids.size(0)
+    prompt_index = torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n)
+    stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
+    positions = position_ids_from_mask(mask)
+    cache = _make_cache(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    logits = out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    tokens, logps = [], []
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    attn = mask
+    for step in range(config.max_new_tokens):
+        if config.do_sample:
+            logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
+            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            logp_all = logits.float().log_softmax(-1)
+            tok = logp_all.argmax(-1)
+        logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        logps.append(torch.where(done, torch.zeros_like(logp), logp))
+        done = done | torch.isin(tok, stop)
+        if step == config.max_new_tokens - 1:
+            break
+        if not config.fixed_length and (step + 1) % sync_every == 0:
+            local_done = bool(done.all())
+            if not (keep_going(local_done) if keep_going else not local_done):
+                break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    completion = torch.stack(tokens, dim=1)
+    logprobs = torch.stack(logps, dim=1)
+    # valid = up to and including the first stop token
+    is_stop = torch.isin(completion, stop)
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+    completion_mask = (stops_before == 0).long()
+    truncated = ~is_stop.any(-1)
+    completion = completion.masked_fill(completion_mask == 0, pad_token_id)
+    logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
+    return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
+                   logprobs=logprobs, truncated=truncated, prompt_index=prompt_index)

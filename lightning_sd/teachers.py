@@ -1,0 +1,222 @@
+"""Teacher weight policies: which weights score the student's completions.
+
+| kind          | network                                   | state saved in checkpoints |
+|---------------|-------------------------------------------|----------------------------|
+| live          | the student itself, under no-grad          | none                       |
+| frozen        | the initial weights (LoRA: adapters off)   | none (rebuilt from the initial model) |
+| ema           | `teacher <- (1 - rate) * teacher + rate * student`, once per optimizer step | yes |
+| trust_region  | logits `lerp(frozen_logits, live_logits, mix)` (SDPO) | none |
+| external      | another model (on-policy KD); same vocabulary required | none |
+
+A policy is an `nn.Module` so that Lightning moves, shards and checkpoints its copy with the rest of the
+module; its copies never require grad and are never in the optimizer. The teacher always scores under
+`torch.no_grad()`: it is a stop-gradient target.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+TEACHER_KINDS = ("live", "frozen", "ema", "trust_region", "external")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    twin.requires_grad_(False)
+    twin.eval()
+    return twin
+
+
+class TeacherPolicy(nn.Module):
+    """Base class. `score(student, run)` returns `run(network)` computed with the teacher's weights, where
+    `run(network) -> Tensor` computes completion logits `[R, C, V]` for the teacher's inputs.
+
+    `persistent` says whether the policy's weights are training state that checkpoints must keep.
+    """
+
+    kind: str = "base"
+    persistent: bool = False
+
+    def score(self, student: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_network(self, student: nn.Module):
+        """Context manager yielding the network to *sample* from as the teacher (used by evaluation)."""
+        return _yield(student)
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        """Called once after every optimizer step (never per micro-batch)."""
+
+
+@contextmanager
+def _yield(model: nn.Module) -> Iterator[nn.Module]:
+    yield model
+
+
+class LiveTeacher(TeacherPolicy):
+    """The student's current weights, no grad."""
+
+    kind = "live"
+
+    def score(self, student, run):
+        with torch.no_grad():
+            return run(student)
+
+
+class FrozenTeacher(TeacherPolicy):
+    """The initial weights. With a PEFT/LoRA student no copy is made: the teacher is the same network with
+    its adapters disabled."""
+
+    kind = "frozen"
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.uses_adapters = _is_peft(student)
+        self.model = None if self.uses_adapters else _frozen_copy(student)
+
+    def network(self, student: nn.Module):
+        if self.uses_adapters:
+            return student.disable_adapter()
+        return _yield(self.model)
+
+    def score(self, student, run):
+        with torch.no_grad(), self.network(student) as net:
+            return run(net)
+
+    def sampling_network(self, student):
+        return self.network(student)
+
+    def train(self, mode: bool = True):  # the copy stays in eval mode
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()
+        return self
+
+
+class EmaTeacher(FrozenTeacher):
+    """Exponential moving average of the student, updated after each optimizer step with `rate`
+    (`teacher = (1 - rate) * teacher + rate * student`). Saved in checkpoints."""
+
+    kind = "ema"
+    persistent = True
+
+    def __init__(self, student: nn.Module, rate: float):
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"teacher.rate must be in (0, 1] for an EMA teacher, got {rate}")
+        super().__init__(student)
+        if self.uses_adapters:
+            raise NotImplementedError("an EMA teacher for a LoRA student is a second adapter; not supported yet")
+        self.rate = rate
+
+    @torch.no_grad()
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        t_params = list(self.model.parameters())
+        s_params = [p.detach() for p in student.parameters()]
+        if len(t_params) != len(s_params):
+            raise RuntimeError("EMA teacher and student have different parameter lists")
+        torch._foreach_lerp_(t_params, [s.to(t.dtype) for s, t in zip(s_params, t_params)], self.rate)
+        for t_buf, s_buf in zip(self.model.buffers(), student.buffers()):
+            if t_buf.is_floating_point():
+                t_buf.copy_(s_buf)
+
+
+class TrustRegionTeacher(FrozenTeacher):
+    """SDPO's trust-region teacher: logits `frozen + mix * (live - frozen)`."""
+
+    kind = "trust_region"
+
+    def __init__(self, student: nn.Module, mix: float):
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"teacher.mix must be in [0, 1] for a trust-region teacher, got {mix}")
+        super().__init__(student)
+        self.mix = mix
+
+    def score(self, student, run):
+        with torch.no_grad():
+            with self.network(student) as net:
+                frozen = run(net)
+            live = run(student)
+            return torch.lerp(frozen.float(), live.float(), self.mix)
+
+    def sampling_network(self, student):
+        return _yield(student)
+
+
+class ExternalTeacher(TeacherPolicy):
+    """Another model (classic on-policy KD). Its tokenizer must match the student's exactly."""
+
+    kind = "external"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def score(self, student, run):
+        with torch.no_grad():
+            return run(self.model)
+
+    def sampling_network(self, student):
+        return _yield(self.model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()
+        return self
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_model, teacher_model, where: str) -> None:
+    """Raise a clear error when teacher and student do not share one vocabulary (ids must mean the same)."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = [k for k in s_vocab if k in t_vocab and s_vocab[k] != t_vocab[k]][:5]
+        raise ValueError(
+            f"{where}: the teacher's tokenizer differs from the student's ({len(t_vocab)} vs {len(s_vocab)} tokens; "
+            f"only in student: {only_s}, only in teacher: {only_t}, different ids: {moved}). Token-level "
+            "distillation needs one shared vocabulary: pick a teacher from the same model family."
+        )
+    s_out = student_model.get_output_embeddings().weight.shape[0]
+    t_out = teacher_model.get_output_embeddings().weight.shape[0]
+    if s_out != t_out:
+        raise ValueError(
+            f"{where}: teacher output vocabulary has {t_out} rows but the student's has {s_out}; "
+            "resize one model's embeddings so the logits line up."
+        )
+
+
+def build_teacher(kind: str, student: nn.Module, *, rate: float | None = None, mix: float | None = None,
+                  external_model: nn.Module | None = None) -> TeacherPolicy:
+    """Make a teacher policy of `kind` (one of `TEACHER_KINDS`) for `student`."""
+    if kind == "live":
+        return LiveTeacher()
+    if kind == "frozen":
+        return FrozenTeacher(student)
+    if kind == "ema":
+        if rate is None:
+            raise ValueError("teacher=ema needs teacher.rate (e.g. 0.01 for SDFT, 0.05 for SDPO)")
+        return EmaTeacher(student, rate)
+    if kind == "trust_region":
+        if mix is None:
+            raise ValueError("teacher=trust_region needs teacher.mix in [0, 1]")
+        return TrustRegionTeacher(student, mix)
+    if kind == "external":
+        if external_model is None:
+            raise ValueError("teacher=external needs teacher.model (a model config: name, name_or_path, ...)")
+        return ExternalTeacher(external_model)
+    raise ValueError(f"teacher.kind={kind!r} is not one of {TEACHER_KINDS}")
+
+
+__all__ = ["TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
+           "build_teacher", "check_same_vocabulary", "TEACHER_KINDS"]

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models built in-process (no downloads) and batches in the data-module format."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def make_batch(tokenizer, records: list[dict]) -> dict:
+    """A batch as `PromptDataModule` yields it: records + left-padded chat-formatted prompt ids."""
+    from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+
+    texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
+    enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
+    return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer): 2-layer random Llama with the in-process byte tokenizer."""
+    from lightning_sd.models import load_model
+
+    return load_model("tiny", seed=0)
+
+
+RECORDS = [
+    {"id": "a", "prompt": "What is 2 + 3?", "solution": "2 + 3 = 5. The answer is 5.", "answer": "5"},
+    {"id": "b", "prompt": "Tom has 7 apples and buys 5 more. How many apples does he have?",
+     "solution": "7 + 5 = 12. The answer is 12.", "answer": "12"},
+    {"id": "c", "prompt": "9 - 4?", "solution": "9 - 4 = 5. The answer is 5.", "answer": "5"},
+    {"id": "d", "prompt": "Compute 10 + 10 + 1, please, and show your work.",
+     "solution": "10 + 10 = 20. 20 + 1 = 21. The answer is 21.", "answer": "21"},
+]
+
+
+@pytest.fixture
+def records():
+    return [dict(r) for r in RECORDS]

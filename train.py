@@ -1,0 +1,76 @@
+"""Train with on-policy self-distillation: `python train.py [group=option ...] [key=value ...]`.
+
+Prints the resolved config, evaluates the student (and the teacher with its privileged context) before and
+after training, trains, and writes `metrics.json` into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    from lightning.pytorch import Trainer, seed_everything
+
+    from lightning_sd.build import build_logger, build_run
+    from lightning_sd.evaluation import evaluate
+
+    run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(cfg.seed, workers=True)
+    t_start = time.perf_counter()
+    run = build_run(cfg, run_dir=run_dir)
+    module, datamodule = run.module, run.datamodule
+    datamodule.setup("fit")
+    e = run.typed["eval"]
+    device = torch.device("cuda" if run.typed["trainer"].accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+                          else "cpu")
+    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit(),
+                     "run_dir": run_dir}
+
+    def run_eval(tag: str) -> None:
+        module.to(device)
+        t0 = time.perf_counter()
+        result = evaluate(module, datamodule.val_dataloader(), with_teacher=e.teacher)
+        metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
+        teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
+        print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "
+              f"{teacher}  (n={result.n}, mean completion {result.mean_completion_tokens:.1f} tokens, "
+              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+
+    if e.before and cfg.ckpt_path is None:
+        run_eval("before")
+    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=build_logger(run.typed["logger"], run_dir),
+                      default_root_dir=run_dir)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics["train_seconds"] = time.perf_counter() - t0
+    metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if e.after:
+        run_eval("after")
+    metrics["total_seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    print(f"[done] {metrics['total_seconds']:.0f} s; metrics in {os.path.join(run_dir, 'metrics.json')}", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
