@@ -32,7 +32,8 @@ def derive_seed(*parts: int) -> int:
 def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, no grad, gradient checkpointing off; previous modes restored afterwards (also on error)."""
     was_training = model.training
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = bool(getattr(model, "is_activation_checkpointing",
+                                 getattr(model, "is_gradient_checkpointing", False)))
     try:
         if checkpointing:
             model.gradient_checkpointing_disable()

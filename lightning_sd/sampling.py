@@ -81,11 +81,23 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def _cache_kwarg(model) -> str:
+    """Name of the KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _make_cache(model):
     from transformers import DynamicCache
 
+    config = getattr(model, "config", None)
     try:
-        return DynamicCache(config=model.config)
+        return DynamicCache(config=config) if config is not None else DynamicCache()
     except TypeError:  # older transformers
         return DynamicCache()
 
@@ -119,7 +131,8 @@ def sample(
     stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
     positions = position_ids_from_mask(mask)
     cache = _make_cache(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+    cache_arg = _cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
                 logits_to_keep=1)
     logits = out.logits[:, -1]
     next_pos = positions[:, -1] + 1
@@ -146,7 +159,7 @@ def sample(
                 break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    **{cache_arg: cache}, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     completion = torch.stack(tokens, dim=1)

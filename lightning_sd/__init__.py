@@ -1,0 +1,39 @@
+"""lightning_sd: PyTorch Lightning modules for on-policy self-distillation of language models.
+
+Sign convention everywhere: `beta=0` is the forward KL(T||S) = sum_v T(v) (log T(v) - log S(v)),
+`beta=1` the reverse KL(S||T); the teacher T is always a stop-gradient target.
+"""
+
+from lightning_sd.contexts import TEMPLATES, RowView, template_context
+from lightning_sd.evaluation import EvalResult, evaluate
+from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.losses import (
+    chunked_divergence,
+    completion_mask_skip_first,
+    importance_weight,
+    per_token_divergence,
+    reduce_loss,
+)
+from lightning_sd.models import load_model
+from lightning_sd.module import SelfDistillationModule, completion_hidden, completion_logits
+from lightning_sd.objectives import LossConfig
+from lightning_sd.sampling import Rollout, SamplingConfig, sample
+from lightning_sd.teachers import (
+    EmaTeacher,
+    ExternalTeacher,
+    FrozenTeacher,
+    LiveTeacher,
+    TeacherPolicy,
+    TrustRegionTeacher,
+    build_teacher,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "SamplingConfig", "Rollout", "sample",
+    "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
+    "build_teacher", "per_token_divergence", "chunked_divergence", "reduce_loss", "completion_mask_skip_first",
+    "importance_weight", "completion_logits", "completion_hidden", "load_model", "evaluate", "EvalResult",
+    "TEMPLATES", "RowView", "template_context",
+]

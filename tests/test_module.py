@@ -1,0 +1,221 @@
+"""SelfDistillationModule + OnPolicyGeneration + teacher policies, on tiny models, through a real Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_batch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
+from lightning_sd.generation import rollout_on
+
+
+def loader(tok, records, batches: int = 1):
+    return DataLoader([records] * batches, batch_size=None, collate_fn=lambda recs: make_batch(tok, recs))
+
+
+def trainer(steps: int = 1, callbacks=(), **kw) -> Trainer:
+    return Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kw)
+
+
+class Capture(Callback):
+    """Keeps every training batch's loss terms and the module outputs."""
+
+    def __init__(self):
+        self.losses, self.batches = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]) if outputs is not None else None)
+        self.batches.append(batch)
+
+
+def test_live_teacher_with_student_prompt_gives_exactly_zero_loss(tiny, records):
+    """Teacher = student weights, teacher prompt = student prompt: every per-token divergence must be exactly 0.
+    Prompts of different lengths (different left padding) and several samples per prompt."""
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="live", loss={"template": "student_prompt"})
+    cap = Capture()
+    gen = OnPolicyGeneration(SamplingConfig(n=2, max_new_tokens=12, temperature=1.5))
+    trainer(2, [gen, cap]).fit(module, loader(tok, records, 2))
+    for batch in cap.batches:
+        terms = batch["loss_terms"]
+        assert terms["mask"].sum() > 0
+        assert torch.count_nonzero(terms["per_token"] * terms["mask"]) == 0
+    assert cap.losses == [0.0, 0.0]
+
+
+def test_zero_loss_holds_for_every_divergence(tiny, records):
+    model, tok = tiny
+    for loss in ({"beta": 1.0}, {"beta": 0.5}, {"support": "topk", "top_k": 5, "topk_from": "teacher"},
+                 {"support": "sampled", "beta": 1.0}, {"temperature": 1.1, "entry_clip": 0.05}):
+        module = SelfDistillationModule(model, tok, teacher="live", loss={"template": "student_prompt", **loss})
+        cap = Capture()
+        trainer(1, [OnPolicyGeneration(SamplingConfig(max_new_tokens=6)), cap]).fit(module, loader(tok, records))
+        assert cap.losses == [0.0], loss
+
+
+def test_student_changes_and_frozen_teacher_does_not(tiny, records):
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="frozen", optimizer={"lr": 1e-2})
+    before = copy.deepcopy(model.state_dict())
+    teacher_before = copy.deepcopy(module.teacher.model.state_dict())
+    trainer(2, [OnPolicyGeneration(SamplingConfig(max_new_tokens=8))]).fit(module, loader(tok, records, 2))
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert changed, "student weights did not change"
+    for k, v in module.teacher.model.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+def test_optimizer_holds_student_parameters_only(tiny):
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.5})
+    tr = trainer(1)
+    module.trainer = tr
+    opt = module.configure_optimizers()["optimizer"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters()}
+    assert not in_opt & {id(p) for p in module.teacher.parameters()}
+
+
+def test_ema_teacher_equals_hand_computed_update(tiny, records):
+    model, tok = tiny
+    rate = 0.25
+    module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": rate},
+                                    optimizer={"name": "sgd", "lr": 0.5})
+    expected = {k: v.clone() for k, v in module.teacher.model.state_dict().items()}
+
+    class Track(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # after this batch's optimizer step the EMA must be (1-rate)*previous + rate*student
+            student = pl_module.student.state_dict()
+            for k in expected:
+                if expected[k].is_floating_point():
+                    expected[k] = (1 - rate) * expected[k] + rate * student[k]
+
+    # the module's own hook runs before the callbacks' -> compare after training
+    trainer(3, [OnPolicyGeneration(SamplingConfig(max_new_tokens=6)), Track()]).fit(module, loader(tok, records, 3))
+    for k, v in module.teacher.model.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+
+
+def test_ema_updates_once_per_optimizer_step_not_per_micro_batch(tiny, records):
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.5})
+    calls = []
+    original = module.teacher.after_optimizer_step
+    module.teacher.after_optimizer_step = lambda student: (calls.append(1), original(student))
+    trainer(2, [OnPolicyGeneration(SamplingConfig(max_new_tokens=4))], accumulate_grad_batches=2).fit(
+        module, loader(tok, records, 4))
+    assert len(calls) == 2  # 4 micro-batches, 2 optimizer steps
+
+
+def test_ema_teacher_is_restored_from_checkpoint_and_frozen_is_not_saved(tiny, records, tmp_path):
+    from lightning_sd.models import load_model
+
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.3}, optimizer={"lr": 1e-2})
+    tr = trainer(2, [OnPolicyGeneration(SamplingConfig(max_new_tokens=6))])
+    tr.fit(module, loader(tok, records, 2))
+    path = tmp_path / "ema.ckpt"
+    tr.save_checkpoint(path)
+    fresh_model, _ = load_model("tiny", seed=0)
+    restored = SelfDistillationModule(fresh_model, tok, teacher="ema", teacher_kwargs={"rate": 0.3})
+    state = torch.load(path, weights_only=False)
+    restored.load_state_dict(state["state_dict"], strict=False)
+    for (k, v), (_, w) in zip(module.teacher.model.state_dict().items(), restored.teacher.model.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert any(k.startswith("teacher.") for k in state["state_dict"])
+
+    frozen = SelfDistillationModule(load_model("tiny", seed=0)[0], tok, teacher="frozen")
+    tr2 = trainer(1, [OnPolicyGeneration(SamplingConfig(max_new_tokens=4))])
+    tr2.fit(frozen, loader(tok, records))
+    tr2.save_checkpoint(tmp_path / "frozen.ckpt")
+    saved = torch.load(tmp_path / "frozen.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith("teacher.") for k in saved)
+
+
+def test_trust_region_teacher_interpolates_logits(tiny, records):
+    from lightning_sd.module import completion_logits
+
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="trust_region", teacher_kwargs={"mix": 0.25})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(tok, records)
+    ids = torch.randint(0, 200, (4, 5))
+    mask = torch.ones_like(ids)
+    run = lambda net: completion_logits(net, batch["prompt_ids"], batch["prompt_mask"], ids, mask)  # noqa: E731
+    got = module.teacher.score(model, run)
+    with torch.no_grad():
+        expected = 0.75 * run(module.teacher.model) + 0.25 * run(model)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_teacher_inputs_hold_context_and_student_inputs_do_not(tiny, records):
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="frozen", loss={"template": "self_critique_v3"})
+    batch = make_batch(tok, records)
+    batch["rollout"] = rollout_on(None, module, model, batch["prompt_ids"], batch["prompt_mask"],
+                                  SamplingConfig(n=2, max_new_tokens=4), seed=0)
+    inputs = module.build_teacher_inputs(batch)
+    for r in range(inputs["prompt_ids"].size(0)):
+        teacher_text = tok.decode(inputs["prompt_ids"][r][inputs["prompt_mask"][r].bool()])
+        student_text = tok.decode(batch["rollout"].prompt_ids[r][batch["rollout"].prompt_mask[r].bool()])
+        solution = records[r // 2]["solution"]
+        assert solution in teacher_text and solution not in student_text
+        assert records[r // 2]["prompt"] in teacher_text
+
+
+def test_missing_generation_callback_is_a_clear_error(tiny, records):
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="live")
+    with pytest.raises(RuntimeError, match="OnPolicyGeneration"):
+        trainer(1).fit(module, loader(tok, records))
+
+
+def test_drop_in_with_users_own_trainer_and_loop(tiny, records, tmp_path):
+    """The documented drop-in use (docs/api.md): build in plain Python, hand to your own Trainer."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_sd import LossConfig
+
+    model, tok = tiny
+    module = SelfDistillationModule(
+        model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
+        loss=LossConfig(beta=0.0, template="demonstration", skip_first=1, reduction="sequence_mean"),
+        optimizer={"lr": 1e-3}, scheduler={"name": "cosine", "warmup_steps": 1})
+    t = Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                callbacks=[OnPolicyGeneration(SamplingConfig(n=2, max_new_tokens=8, top_p=0.95))],
+                default_root_dir=tmp_path, enable_checkpointing=False, log_every_n_steps=1)
+    t.fit(module, loader(tok, records, 3))
+    assert t.global_step == 3
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    for key in ("train/loss", "train/divergence", "train/completion_len", "train/truncated",
+                "train/gen_tokens_per_s", "train/train_tokens_per_s"):
+        assert key in metrics, key
+
+
+def test_gradient_checkpointing_is_off_during_sampling_and_restored(tiny, records):
+    model, tok = tiny
+    model.gradient_checkpointing_enable()
+    module = SelfDistillationModule(model, tok, teacher="live", loss={"template": "student_prompt"})
+    seen = []
+    original = model.forward
+
+    def spy(*a, **kw):
+        seen.append((model.training, model.is_activation_checkpointing, torch.is_grad_enabled()))
+        return original(*a, **kw)
+
+    model.forward = spy
+    batch = make_batch(tok, records)
+    model.train()
+    rollout_on(None, module, model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(max_new_tokens=3), 0)
+    assert seen and all(s == (False, False, False) for s in seen)
+    assert model.training and model.is_activation_checkpointing
