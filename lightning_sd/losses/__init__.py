@@ -1,0 +1,25 @@
+"""Divergence library: per-token divergences, reductions and a memory-bounded chunked path.
+
+Pure tensor functions (no Lightning). Convention: ``beta = 0`` forward KL(T||S),
+``beta = 1`` reverse KL(S||T), in between the generalized JSD; the teacher T never
+receives gradient. See ``docs/losses.md``.
+"""
+
+from .chunked import DEFAULT_CHUNK_SIZE, chunked_divergence
+from .divergence import Support, TopkFrom, entry_terms, per_token_divergence
+from .reduction import ReduceMode, completion_mask_skip_first, importance_weight, reduce_loss
+from .support import MASKED_LOGIT
+
+__all__ = [
+    "per_token_divergence",
+    "chunked_divergence",
+    "completion_mask_skip_first",
+    "reduce_loss",
+    "importance_weight",
+    "entry_terms",
+    "MASKED_LOGIT",
+    "DEFAULT_CHUNK_SIZE",
+    "Support",
+    "TopkFrom",
+    "ReduceMode",
+]

@@ -1,0 +1,193 @@
+"""Per-token divergences between a student S and a stop-gradient teacher T.
+
+Direction convention (one ``beta`` for every divergence, the GKD/TRL convention):
+
+- ``beta = 0``: forward KL, ``KL(T||S) = sum_v T (log T - log S)``; this is what
+  ``F.kl_div(input=log S, target=log T, log_target=True)`` computes.
+- ``beta = 1``: reverse KL, ``KL(S||T) = sum_v S (log S - log T)``.
+- ``0 < beta < 1``: generalized JSD ``beta KL(T||M) + (1 - beta) KL(S||M)`` with
+  ``M = beta T + (1 - beta) S`` (it tends to 0, not to a KL, at the endpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from .support import (
+    compute_dtype,
+    full_support_logprobs,
+    prepare_logits,
+    token_logprobs,
+    topk_support_logprobs,
+)
+
+__all__ = ["Support", "TopkFrom", "per_token_divergence", "entry_terms", "validate_options"]
+
+Support = Literal["full", "topk", "sampled"]
+TopkFrom = Literal["student", "teacher"]
+
+_SUPPORTS = ("full", "topk", "sampled")
+_TOPK_FROM = ("student", "teacher")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_options(
+    *,
+    vocab_size: int,
+    beta: float,
+    support: str,
+    top_k: Optional[int],
+    topk_from: str,
+    temperature: float,
+    entry_clip: Optional[float],
+) -> None:
+    """Raise ``ValueError`` with a clear message for any invalid divergence option."""
+    if not _is_real(beta) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1] (0 = forward KL(T||S), 1 = reverse KL(S||T)), got {beta!r}")
+    if support not in _SUPPORTS:
+        raise ValueError(f"unknown support {support!r}; expected one of {_SUPPORTS}")
+    if support == "sampled" and beta != 1.0:
+        raise ValueError(
+            f"support='sampled' estimates the reverse KL only and needs beta=1.0, got beta={beta!r}; "
+            "use support='full' or 'topk' for forward KL or JSD"
+        )
+    if support == "topk":
+        if top_k is None:
+            raise ValueError("support='topk' needs top_k (an int in [1, vocab_size]), got top_k=None")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= vocab_size:
+            raise ValueError(f"top_k must be an int in [1, vocab_size={vocab_size}], got {top_k!r}")
+        if topk_from not in _TOPK_FROM:
+            raise ValueError(f"topk_from must be one of {_TOPK_FROM}, got {topk_from!r}")
+    if not _is_real(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if entry_clip is not None and (not _is_real(entry_clip) or entry_clip <= 0):
+        raise ValueError(f"entry_clip must be None or a finite number > 0, got {entry_clip!r}")
+
+
+def entry_terms(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """Per-entry divergence terms ``[..., K]`` from finite log-probs ``[..., K]``.
+
+    Summing over the last dim gives forward KL(T||S) (beta=0), reverse KL(S||T) (beta=1)
+    or the generalized JSD; the JSD entry is
+    ``beta T (log T - log M) + (1 - beta) S (log S - log M)``. Inputs must be finite
+    (entries with zero probability at a large negative finite log-prob), so
+    ``0 * log 0`` evaluates as ``0 * finite = 0``.
+    """
+    if beta == 0.0:
+        return torch.exp(log_t) * (log_t - log_s)
+    if beta == 1.0:
+        return torch.exp(log_s) * (log_s - log_t)
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    return beta * torch.exp(log_t) * (log_t - log_m) + (1.0 - beta) * torch.exp(log_s) * (log_s - log_m)
+
+
+def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) -> Tensor:
+    log_s_y = token_logprobs(s, tokens)
+    log_t_y = token_logprobs(t, tokens)
+    advantage = (log_s_y - log_t_y).detach()
+    if entry_clip is not None:
+        advantage = advantage.clamp(max=entry_clip)
+    surrogate = advantage * log_s_y
+    # value == advantage exactly; gradient == d(advantage.detach() * log S(y)).
+    return surrogate - surrogate.detach() + advantage
+
+
+def per_token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 0.0,
+    support: Support = "full",
+    top_k: Optional[int] = None,
+    topk_from: TopkFrom = "student",
+    tail: bool = True,
+    temperature: float = 1.0,
+    entry_clip: Optional[float] = None,
+    tokens: Optional[Tensor] = None,
+) -> Tensor:
+    """Divergence between student and teacher next-token distributions, per token.
+
+    Args:
+        student_logits: ``[B, T, V]`` (or ``[N, V]``, any leading dims), any float dtype.
+        teacher_logits: same shape; detached inside (the teacher never gets gradient).
+        beta: 0 forward KL(T||S), 1 reverse KL(S||T), in between generalized JSD(beta).
+        support: ``"full"`` vocabulary, ``"topk"`` entries, or ``"sampled"`` token only.
+        top_k: support size for ``"topk"`` (``1 <= top_k <= V``).
+        topk_from: whose logits pick the top-k ids, ``"student"`` or ``"teacher"``.
+        tail: top-k only. True adds one bucket with the leftover mass of each
+            distribution; False renormalizes inside the support.
+        temperature: both logits are divided by it first.
+        entry_clip: clamp every (token, entry) term from above before the vocabulary
+            sum (OPSD v3). Negative entry terms are kept, so a clipped KL can be < 0.
+        tokens: ``[B, T]`` long, the sampled ids; required for ``"sampled"``.
+
+    Returns:
+        ``[B, T]`` (``[N]``): float32, or float64 if an input is float64.
+
+    ``"sampled"`` (reverse KL only, ``beta=1``) returns ``log S(y) - log T(y)`` (clamped
+    from above by ``entry_clip`` if given) with the gradient of
+    ``(log S(y) - log T(y)).detach() * log S(y)``.
+
+    ``-inf`` logits are masked entries: they are treated as the finite logit
+    :data:`MASKED_LOGIT` (-1e5, after temperature), so value and gradient stay finite.
+    Where one model masks an entry that the other gives mass p (an infinite KL), the
+    entry costs about ``p * 1e5`` nats instead of ``inf``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape "
+            f"{tuple(teacher_logits.shape)} (student and teacher must score the same tokens "
+            "with the same vocabulary)"
+        )
+    if student_logits.dim() < 2:
+        raise ValueError(f"logits must be [B, T, V] or [N, V], got shape {tuple(student_logits.shape)}")
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    vocab = student_logits.shape[-1]
+    validate_options(
+        vocab_size=vocab,
+        beta=beta,
+        support=support,
+        top_k=top_k,
+        topk_from=topk_from,
+        temperature=temperature,
+        entry_clip=entry_clip,
+    )
+    if support == "sampled":
+        if tokens is None:
+            raise ValueError("support='sampled' needs tokens (the sampled ids, long, shape logits.shape[:-1])")
+        if tokens.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"tokens shape {tuple(tokens.shape)} != logits shape without vocab {tuple(student_logits.shape[:-1])}"
+            )
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+
+    dtype = compute_dtype(student_logits, teacher_logits)
+    s = prepare_logits(student_logits, dtype, temperature)
+    t = prepare_logits(teacher_logits.detach(), dtype, temperature)
+
+    beta = float(beta)
+    if support == "sampled":
+        return _sampled(s, t, tokens.long(), entry_clip)
+    if support == "full":
+        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
+    else:
+        source = s if topk_from == "student" else t
+        index = torch.topk(source.detach(), int(top_k), dim=-1, sorted=False).indices
+        log_s = topk_support_logprobs(s, index, tail)
+        log_t = topk_support_logprobs(t, index, tail)
+
+    terms = entry_terms(log_s, log_t, beta)
+    if entry_clip is not None:
+        terms = terms.clamp(max=entry_clip)
+    return terms.sum(dim=-1)
