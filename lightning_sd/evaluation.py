@@ -54,9 +54,11 @@ def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=N
     texts = _decode(module.tokenizer, rollout)
     correct = []
     if module.task is not None:
+        from lightning_sd.data.tasks.base import safe_verify
+
         for r, text in enumerate(texts):
-            verdict = module.task.verify(batch["records"][int(rollout.prompt_index[r])], text)
-            correct.append(float(verdict.reward >= 1.0))
+            verdict = safe_verify(module.task, batch["records"][int(rollout.prompt_index[r])], text)
+            correct.append(float(verdict is not None and verdict.reward >= 1.0))
     lengths = rollout.completion_mask.sum(-1).float().tolist()
     return {"texts": texts, "correct": correct, "lengths": lengths, "prompt_index": rollout.prompt_index.tolist()}
 
