@@ -62,6 +62,13 @@ def _yield(model: nn.Module) -> Iterator[nn.Module]:
     yield model
 
 
+@contextmanager
+def _adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The PEFT model with its adapters disabled (PEFT's `disable_adapter()` yields None, not the model)."""
+    with model.disable_adapter():
+        yield model
+
+
 class LiveTeacher(TeacherPolicy):
     """The student's current weights, no grad."""
 
@@ -85,7 +92,7 @@ class FrozenTeacher(TeacherPolicy):
 
     def network(self, student: nn.Module):
         if self.uses_adapters:
-            return student.disable_adapter()
+            return _adapters_off(student)
         return _yield(self.model)
 
     def score(self, student, run):
@@ -113,19 +120,33 @@ class EmaTeacher(FrozenTeacher):
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"teacher.rate must be in (0, 1] for an EMA teacher, got {rate}")
         super().__init__(student)
-        if self.uses_adapters:
-            raise NotImplementedError("an EMA teacher for a LoRA student is a second adapter; not supported yet")
         self.rate = rate
+        self.adapter = None
+        if self.uses_adapters:  # LoRA: a second adapter on the same base weights, no copy (lightning_sd.lora)
+            from lightning_sd.lora import add_ema_adapter
+
+            self.adapter = add_ema_adapter(student)
+
+    def network(self, student: nn.Module):
+        if self.adapter is not None:
+            from lightning_sd.lora import adapter_active
+
+            return adapter_active(student, self.adapter)
+        return super().network(student)
 
     @torch.no_grad()
     def after_optimizer_step(self, student: nn.Module) -> None:
-        t_params = list(self.model.parameters())
-        s_params = [p.detach() for p in student.parameters()]
-        if len(t_params) != len(s_params):
-            raise RuntimeError("EMA teacher and student have different parameter lists")
-        torch._foreach_lerp_(t_params, [s.to(t.dtype) for s, t in zip(s_params, t_params)], self.rate)
+        """One EMA step on whatever each rank holds (full tensors, FSDP shards, ZeRO-3 partitions)."""
+        from lightning_sd.distributed import ema_update_
+
+        if self.adapter is not None:
+            from lightning_sd.lora import ema_adapter_update_
+
+            ema_adapter_update_(student, self.rate, target=self.adapter)
+            return
+        ema_update_(self.model.parameters(), student.parameters(), self.rate)
         for t_buf, s_buf in zip(self.model.buffers(), student.buffers()):
-            if t_buf.is_floating_point():
+            if t_buf.is_floating_point() and t_buf.shape == s_buf.shape:
                 t_buf.copy_(s_buf)
 
 
