@@ -25,20 +25,44 @@ def git_commit() -> str | None:
         return None
 
 
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
+    """`ckpt_path=last`: `<run_dir>/checkpoints/last.ckpt` when it exists (resume), else None (a fresh start;
+    so a preemptible job can always pass `ckpt_path=last hydra.run.dir=<its folder>`). A path must exist."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        if os.path.isfile(last):
+            print(f"[resume] continuing from {last}", flush=True)
+            return last
+        print(f"[resume] ckpt_path=last: no checkpoint in {os.path.dirname(last)}; starting from scratch. To resume "
+              "a run, pass hydra.run.dir=<that run's folder> with ckpt_path=last", flush=True)
+        return None
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint file, or ckpt_path=last "
+                                "with hydra.run.dir=<the run's folder>")
+    return ckpt_path
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     from lightning.pytorch import Trainer, seed_everything
 
-    from lightning_sd.build import build_logger, build_run
+    from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.evaluation import evaluate
+    from lightning_sd.logging_utils import finish_logger, log_config, log_eval
 
     run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
     print(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     run = build_run(cfg, run_dir=run_dir)
     module, datamodule = run.module, run.datamodule
     datamodule.setup("fit")
+    check_data(run)
+    logger = build_logger(run.typed["logger"], run_dir, resume=ckpt_path is not None)
+    log_config(logger, OmegaConf.to_container(cfg, resolve=True))
     e = run.typed["eval"]
     device = torch.device("cuda" if run.typed["trainer"].accelerator in ("gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
@@ -50,17 +74,18 @@ def main(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         result = evaluate(module, datamodule.val_dataloader(), with_teacher=e.teacher)
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
+        log_eval(logger, tag, metrics[f"eval_{tag}"], step=trainer.global_step if trainer is not None else 0)
         teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
         print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "
               f"{teacher}  (n={result.n}, mean completion {result.mean_completion_tokens:.1f} tokens, "
               f"{time.perf_counter() - t0:.1f} s)", flush=True)
 
-    if e.before and cfg.ckpt_path is None:
+    trainer = None
+    if e.before and ckpt_path is None:
         run_eval("before")
-    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=build_logger(run.typed["logger"], run_dir),
-                      default_root_dir=run_dir)
+    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if e.after:
@@ -69,6 +94,7 @@ def main(cfg: DictConfig) -> dict:
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=str)
     print(f"[done] {metrics['total_seconds']:.0f} s; metrics in {os.path.join(run_dir, 'metrics.json')}", flush=True)
+    finish_logger(logger)
     return metrics
 
 
