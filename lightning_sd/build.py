@@ -37,18 +37,83 @@ def build_teacher_policy(t, student, student_tokenizer):
     if t.kind == "external":
         external, ext_tok = load_model(**t.model)
         check_same_vocabulary(student_tokenizer, ext_tok, student, external,
-                              where=f"teacher.model.name_or_path={t.model.get('name_or_path')!r}")
+                              where="teacher.model (" + ", ".join(f"{k}={t.model.get(k)!r}" for k in
+                                                                  ("name", "name_or_path", "tokenizer")) + ")")
     return build_teacher(t.kind, student, rate=t.rate, mix=t.mix, external_model=external)
 
 
-def build_datamodule(d, tokenizer):
+def build_datamodule(d, tokenizer, max_steps: int | None = None):
     from lightning_sd.data.datamodule import PromptDataModule
+    from lightning_sd.data.sequence import SEQUENCE_TASK, SequentialTasksDataModule, check_sequence
 
+    if d.task == SEQUENCE_TASK:  # continual training over a sequence of tasks (data/continual_*.yaml)
+        kw = dict(d.task_kwargs or {})
+        steps = check_sequence(kw, max_steps) if max_steps is not None else int(kw.get("steps_per_task") or 0)
+        return SequentialTasksDataModule(
+            tokenizer, tasks=list(kw["tasks"]), probes=list(kw.get("probes") or []), steps_per_task=steps,
+            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, n_train=d.n_train, n_eval=d.n_eval,
+            max_prompt_length=d.max_prompt_length, truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt)
     return PromptDataModule(
         tokenizer=tokenizer, task=d.task, task_kwargs=dict(d.task_kwargs or {}), train_file=d.train_file,
         eval_file=d.eval_file, n_train=d.n_train, n_eval=d.n_eval, batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
         seed=d.seed, system_prompt=d.system_prompt)
+
+
+def build_strategy(tr, student, micro_batch_size: int | None = None):
+    """A Lightning strategy object (or name) for `trainer.strategy`:
+
+    - `auto`, or any other Lightning strategy name: passed through;
+    - `ddp`: `DDPStrategy` (gradients all-reduced; every rank holds the full model);
+    - `fsdp`: `FSDPStrategy` wrapping each decoder layer and the whole causal LM (`distributed.fsdp_wrap_policy`;
+      tied embeddings stay in one unit), `use_orig_params=True` (frozen and trainable weights may share a unit,
+      per-parameter gradients can be rescaled, EMA updates shard-local), `trainer.sharding_strategy`,
+      `trainer.offload` (CPU offload);
+    - `deepspeed_zero2` / `deepspeed_zero3`: `DeepSpeedStrategy(stage=2|3)`, `trainer.offload` moves optimizer
+      state (and ZeRO-3 weights) to CPU; `micro_batch_size` is only for DeepSpeed's throughput logging. Needs
+      `pip install deepspeed`: without it Lightning's strategy name is returned and the Trainer says so.
+    """
+    name = tr.strategy
+    if not isinstance(name, str) or name not in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        return name
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from lightning_sd.distributed import fsdp_wrap_policy
+
+        return FSDPStrategy(auto_wrap_policy=fsdp_wrap_policy(student, tr.fsdp_wrap or ()), use_orig_params=True,
+                            sharding_strategy=tr.sharding_strategy or "FULL_SHARD", cpu_offload=bool(tr.offload),
+                            limit_all_gathers=True)
+    import importlib.util
+
+    stage = 2 if name == "deepspeed_zero2" else 3
+    if importlib.util.find_spec("deepspeed") is None:
+        # Lightning's registered name: the config still builds anywhere, and creating the Trainer stops with
+        # Lightning's "install DeepSpeed (pip install -U deepspeed)" error
+        return f"deepspeed_stage_{stage}" + ("_offload" if tr.offload else "")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(stage=stage, offload_optimizer=bool(tr.offload),
+                             offload_parameters=bool(tr.offload) and stage == 3,
+                             logging_batch_size_per_gpu=micro_batch_size or "auto")
+
+
+def build_rollout_backend(g, m, d, tokenizer):
+    """None for `generation.backend=hf` (the built-in sampler); a `VllmBackend` for `vllm`."""
+    if g.backend == "hf":
+        return None
+    from lightning_sd.rollout_backends import VllmBackend
+
+    path = m.name_or_path
+    if m.name == "smollm2_135m":
+        from lightning_sd.models import smollm2_folder
+
+        path = str(smollm2_folder(m.cache_dir))
+    return VllmBackend(path, tokenizer, dtype=m.dtype, max_prompt_length=d.max_prompt_length)
 
 
 def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
@@ -59,9 +124,15 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     m, d, t = typed["model"], typed["data"], typed["teacher"]
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)
-    if m.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    datamodule = build_datamodule(d, tokenizer)
+    tr = typed["trainer"]
+    if m.gradient_checkpointing or tr.gradient_checkpointing:
+        # non-reentrant checkpointing works under DDP, FSDP and with frozen inputs (LoRA)
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora:
+        from lightning_sd.lora import apply_lora
+
+        student = apply_lora(student, m.lora)
+    datamodule = build_datamodule(d, tokenizer, max_steps=tr.max_steps)
     teacher = build_teacher_policy(t, student, tokenizer)
     e = typed["eval"]
     module = SelfDistillationModule(
@@ -69,35 +140,117 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
         optimizer=asdict(typed["optimizer"]), scheduler=asdict(typed["scheduler"]),
         max_prompt_length=d.max_prompt_length, truncation=d.truncation, system_prompt=d.system_prompt,
         eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=e.max_new_tokens), run_dir=run_dir)
-    callbacks = [OnPolicyGeneration(build_sampling(typed["generation"]))]
-    tr = typed["trainer"]
+    backend = build_rollout_backend(typed["generation"], m, d, tokenizer)
+    from lightning_sd.callbacks import build_callbacks
+
+    first, last, plugins = build_callbacks(typed["callbacks"], typed["logger"].log_samples_every,
+                                           tr.enable_progress_bar)
+    if isinstance(tr.strategy, str) and tr.strategy.startswith("deepspeed"):
+        plugins = []  # DeepSpeed writes its own checkpoint folders and does not use a CheckpointIO
+    callbacks = first + [OnPolicyGeneration(build_sampling(typed["generation"]), backend=backend,
+                                            gather_weights=tr.gather_for_generation)]
+    from lightning_sd.data.sequence import SequentialTasksDataModule
+
+    if isinstance(datamodule, SequentialTasksDataModule):  # accuracy matrix at every task boundary
+        from lightning_sd.continual import ContinualEvaluation
+
+        callbacks.append(ContinualEvaluation(datamodule, run_dir=run_dir))
     if tr.enable_checkpointing and run_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), save_last=True,
                                          every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps,
-                                         save_top_k=0 if tr.checkpoint_every_n_steps is None else -1))
+                                         save_top_k=0))  # only last.ckpt, rewritten atomically
+    callbacks += last
     trainer_kwargs = dict(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
+        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=build_strategy(tr, student, d.batch_size),
         precision=tr.precision, max_steps=tr.max_steps, accumulate_grad_batches=tr.accumulate_grad_batches,
         gradient_clip_val=tr.gradient_clip_val, log_every_n_steps=tr.log_every_n_steps,
         enable_checkpointing=tr.enable_checkpointing, enable_progress_bar=tr.enable_progress_bar,
         deterministic=tr.deterministic, num_sanity_val_steps=0,
         limit_val_batches=0 if tr.val_check_interval is None else None,
-        val_check_interval=tr.val_check_interval,
+        val_check_interval=tr.val_check_interval, plugins=plugins,
     )
     return Run(module=module, datamodule=datamodule, trainer_kwargs=trainer_kwargs, callbacks=callbacks, typed=typed)
 
 
-def build_logger(cfg_logger, run_dir: str):
+def build_logger(cfg_logger, run_dir: str, resume: bool = False):
+    """`logger=csv`: `<run_dir>/metrics.csv` (on a resume the previous file is kept as `metrics.<k>.csv`, since
+    Lightning's CSV logger would delete it). `logger=wandb`: a W&B run whose id is kept in
+    `<run_dir>/wandb_run_id`, so that resuming the run folder continues the same W&B run."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     if cfg_logger.name is None:
         return False
+    rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs train.py; only rank 0 writes the run's files
     if cfg_logger.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
+        previous = os.path.join(run_dir, "metrics.csv")
+        if resume and rank_zero and os.path.isfile(previous):
+            k = 1
+            while os.path.exists(os.path.join(run_dir, f"metrics.{k}.csv")):
+                k += 1
+            os.replace(previous, os.path.join(run_dir, f"metrics.{k}.csv"))
         return CSVLogger(save_dir=run_dir, name="", version="")
     from lightning.pytorch.loggers import WandbLogger
 
+    from lightning_sd.logging_utils import wandb_run_id
+
     if cfg_logger.mode:
         os.environ.setdefault("WANDB_MODE", cfg_logger.mode)
-    return WandbLogger(project=cfg_logger.project or "lightning_sd", entity=cfg_logger.entity, save_dir=run_dir)
+    return WandbLogger(project=cfg_logger.project or "lightning_sd", entity=cfg_logger.entity, save_dir=run_dir,
+                       id=wandb_run_id(run_dir, create=rank_zero), resume="allow")
+
+
+def check_data(run: Run, source: str | None = None) -> None:
+    """Start-up checks after `datamodule.setup()`, before any training: every record has the fields the
+    teacher's context template shows (non-empty), and a tokenizer without a chat template is reported."""
+    d, loss, e = run.typed["data"], run.typed["loss"], run.typed["eval"]
+    dm = run.datamodule
+    warn_if_no_chat_template(run.module.tokenizer)
+    if not getattr(run.module, "needs_teacher", True):  # sft, grpo: no teacher context is built
+        return
+    check_context_fields(getattr(dm, "train_records", []), loss.template, source or d.train_file or d.task or "train")
+    if e.teacher and getattr(dm, "eval_records", None):
+        check_context_fields(dm.eval_records, loss.template, d.eval_file or f"{d.task or 'eval'} (eval)")
+
+
+def warn_if_no_chat_template(tokenizer) -> bool:
+    """Warn (naming the tokenizer) when it has no chat template; returns whether it has one."""
+    import warnings
+
+    from lightning_sd.data.prompts import has_chat_template
+
+    if has_chat_template(tokenizer):
+        return True
+    warnings.warn(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: student and teacher "
+                  "prompts are plain text ('<prompt>\\n'), formatted the same way on both sides. Fine for base "
+                  "models; for an instruct model, set model.tokenizer to a tokenizer with its chat template",
+                  stacklevel=2)
+    return False
+
+
+def check_context_fields(records: list[dict], template: str, source: str) -> None:
+    """Raise `DataError` when a record lacks a field the teacher's template formats, or has it empty; the
+    message names the file and line (JSONL) or the row and the record id, the field and what to do."""
+    from string import Formatter
+
+    from lightning_sd.contexts import TEMPLATES
+    from lightning_sd.data.records import DataError
+
+    text = TEMPLATES.get(template, template if "{" in template else None)
+    if text is None:  # a builder (sdpo): rows without a sibling solution or feedback are masked, by design
+        return
+    names = sorted({name.split(".")[0].split("[")[0] for _, name, _, _ in Formatter().parse(text) if name})
+    bad = [(i, name) for i, rec in enumerate(records) for name in names
+           if rec.get(name) is None or (isinstance(rec.get(name), str) and not rec[name].strip())]
+    if not bad:
+        return
+    i, name = bad[0]
+    rec = records[i]
+    where = f"{source}:{i + 1}" if str(source).endswith((".jsonl", ".json")) else f"{source} row {i}"
+    state = "missing" if name not in rec else "empty"
+    raise DataError(f"{where} (id {rec.get('id')!r}): field {name!r} is {state}, but loss.template={template!r} shows "
+                    f"it to the teacher; fill it in or drop the record, or pick a loss.template that does not use it "
+                    f"({len(bad)} record field(s) of {len(records)} records are missing or empty)")

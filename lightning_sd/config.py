@@ -45,8 +45,8 @@ class DataConfig:
     task_kwargs: dict = field(default_factory=dict)
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
-    n_train: int = 256
-    n_eval: int = 64
+    n_train: Optional[int] = None
+    n_eval: Optional[int] = None
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
     max_prompt_length: Optional[int] = None
@@ -109,6 +109,42 @@ class TrainerConfig:
     checkpoint_every_n_steps: Optional[int] = None
     enable_progress_bar: bool = True
     deterministic: bool = False
+    gradient_checkpointing: bool = False
+    gather_for_generation: bool = True
+    sharding_strategy: Optional[str] = None
+    fsdp_wrap: Optional[list] = None
+    offload: bool = False
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "bias")
+
+
+def validate_trainer(tr: "TrainerConfig") -> None:
+    """Impossible trainer combinations (independent of the hardware at hand, so configs validate anywhere)."""
+    if tr.precision not in PRECISIONS + ("32", "16-true", "64-true"):
+        raise ConfigError(f"trainer.precision={tr.precision!r} is not one of {', '.join(PRECISIONS)}")
+    strategy = tr.strategy if isinstance(tr.strategy, str) else None
+    if tr.accelerator == "cpu":
+        if tr.precision in ("16-mixed", "16-true"):
+            raise ConfigError(f"trainer.precision={tr.precision} needs a GPU (trainer.accelerator=gpu); on CPU use "
+                              "32-true or bf16-mixed")
+        if strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+            raise ConfigError(f"trainer.strategy={strategy} needs trainer.accelerator=gpu (Lightning runs FSDP and "
+                              "DeepSpeed on GPUs only); on CPU use trainer=ddp_cpu")
+    if tr.accumulate_grad_batches < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {tr.accumulate_grad_batches}")
+    if tr.sharding_strategy is not None:
+        if strategy != "fsdp":
+            raise ConfigError(f"trainer.sharding_strategy={tr.sharding_strategy} applies to trainer.strategy=fsdp only; "
+                              "set it to null")
+        if tr.sharding_strategy not in SHARDING_STRATEGIES:
+            raise ConfigError(f"trainer.sharding_strategy={tr.sharding_strategy!r} is not one of {SHARDING_STRATEGIES}")
+    if tr.fsdp_wrap is not None and strategy != "fsdp":
+        raise ConfigError("trainer.fsdp_wrap applies to trainer.strategy=fsdp only; set it to null")
+    if tr.offload and strategy not in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        raise ConfigError("trainer.offload=true needs trainer.strategy=fsdp, deepspeed_zero2 or deepspeed_zero3")
 
 
 @dataclass
@@ -129,10 +165,36 @@ class EvalConfig:
     batch_size: Optional[int] = None
 
 
+@dataclass
+class CallbacksConfig:
+    """Reliability and inspection callbacks (`lightning_sd.callbacks`)."""
+
+    atomic_checkpoints: bool = True
+    rng_state: bool = True
+    token_view_every: Optional[int] = 10
+    token_view_rows: int = 4
+    token_view_topk: int = 3
+    sample_rows: int = 8
+    progress_bar: str = "rich"
+
+
+def validate_callbacks(c: CallbacksConfig) -> None:
+    if c.token_view_every is not None and c.token_view_every < 1:
+        raise ConfigError(f"callbacks.token_view_every must be >= 1 or null (off), got {c.token_view_every}")
+    for key in ("token_view_rows", "sample_rows"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"callbacks.{key} must be >= 1, got {getattr(c, key)}")
+    if c.token_view_topk < 0:
+        raise ConfigError(f"callbacks.token_view_topk must be >= 0 (0 = no alternatives), got {c.token_view_topk}")
+    if c.progress_bar not in ("rich", "tqdm"):
+        raise ConfigError(f"callbacks.progress_bar={c.progress_bar!r} is not one of rich, tqdm "
+                          "(trainer.enable_progress_bar=false turns the bar off)")
+
+
 GROUP_SCHEMAS = {
     "model": ModelConfig, "data": DataConfig, "loss": LossConfig, "teacher": TeacherConfig,
     "generation": GenerationConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
-    "trainer": TrainerConfig, "logger": LoggerConfig, "eval": EvalConfig,
+    "trainer": TrainerConfig, "logger": LoggerConfig, "eval": EvalConfig, "callbacks": CallbacksConfig,
 }
 
 
@@ -144,7 +206,12 @@ def _typed(group: str, node: Any, schema: type) -> Any:
         valid = ", ".join(f.name for f in fields(schema))
         raise ConfigError(f"{group}.{key}: {err.msg if hasattr(err, 'msg') else err}. Valid keys of `{group}`: "
                           f"{valid}") from None
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # e.g. a `???` left unset (teacher.model.name_or_path)
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{group}.{key}: {err.msg if hasattr(err, 'msg') else err}; set it on the command line, "
+                          f"e.g. {group}.{key}=...") from None
 
 
 def validate_config(cfg: DictConfig) -> dict:
@@ -183,13 +250,35 @@ def validate_config(cfg: DictConfig) -> dict:
     tr: TrainerConfig = typed["trainer"]
     if tr.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {tr.max_steps}")
-    if tr.precision not in ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"):
-        raise ConfigError(f"trainer.precision={tr.precision!r} is not a Lightning precision "
-                          "(32-true, bf16-mixed, bf16-true, 16-mixed)")
+    validate_trainer(tr)
+    from lightning_sd.data.sequence import SEQUENCE_TASK, check_sequence
+    from lightning_sd.methods.requirements import check_method
+
+    try:
+        check_method(loss, t, g, d)
+        if d.task == SEQUENCE_TASK:
+            check_sequence(dict(d.task_kwargs or {}), tr.max_steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    lora = typed["model"].lora
+    if lora:
+        unknown = sorted(set(lora) - set(LORA_KEYS))
+        if unknown:
+            raise ConfigError(f"model.lora: unknown key(s) {unknown}; valid keys: {list(LORA_KEYS)}")
+        if not isinstance(lora.get("r"), int) or lora["r"] < 1:
+            raise ConfigError(f"model.lora.r must be an integer >= 1, got {lora.get('r')!r}")
+    if g.backend == "vllm" and loss.is_clip is None and loss.name not in ("sft",):
+        raise ConfigError("generation.backend=vllm samples with another engine, so the trainer's and the sampler's "
+                          "token probabilities differ: set loss.is_clip (e.g. 2.0) to apply the importance-weight "
+                          "correction")
     if typed["optimizer"].name not in ("adamw", "sgd"):
         raise ConfigError(f"optimizer.name={typed['optimizer'].name!r} is not one of 'adamw', 'sgd'")
     if typed["scheduler"].name not in ("constant", "linear", "cosine"):
         raise ConfigError(f"scheduler.name={typed['scheduler'].name!r} is not one of 'constant', 'linear', 'cosine'")
     if typed["logger"].name not in (None, "csv", "wandb"):
         raise ConfigError(f"logger.name={typed['logger'].name!r} is not one of csv, wandb, null")
+    if typed["logger"].log_samples_every is not None and typed["logger"].log_samples_every < 1:
+        raise ConfigError(f"logger.log_samples_every must be >= 1 or null (off), "
+                          f"got {typed['logger'].log_samples_every}")
+    validate_callbacks(typed["callbacks"])
     return typed

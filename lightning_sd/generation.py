@@ -58,8 +58,17 @@ def stop_ids(tokenizer, extra: list[int] | None = None) -> list[int]:
 
 
 def rollout_on(trainer, pl_module, network: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               config: SamplingConfig, seed: int) -> Rollout:
-    """Sample from `network` under the trainer's precision context, in lock-step across ranks."""
+               config: SamplingConfig, seed: int, *, backend=None, gather: bool = True) -> Rollout:
+    """Sample from `network` under the trainer's precision context, in lock-step across ranks: every rank
+    decodes until *all* ranks are done, so sharded forwards never wait on a rank that stopped.
+
+    Under FSDP / DeepSpeed ZeRO-3 the weights of `network` are gathered once for the whole rollout
+    (`gather=False`: fetched layer by layer at every decode step, for models too large for one device).
+    `backend` (e.g. `rollout_backends.VllmBackend`) replaces the built-in sampler."""
+    if backend is not None:
+        return backend.rollout(trainer, pl_module, prompt_ids, prompt_mask, config, seed)
+    from lightning_sd.distributed import gathered_for_generation
+
     generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
     strategy = trainer.strategy if trainer is not None else None
 
@@ -70,8 +79,8 @@ def rollout_on(trainer, pl_module, network: nn.Module, prompt_ids: torch.Tensor,
 
     precision = strategy.precision_plugin.forward_context() if strategy is not None else _null()
     sync_every = 1 if prompt_ids.device.type == "cpu" else 8
-    with sampling_mode(network), precision:
-        return sample(network, prompt_ids, prompt_mask, config, pad_token_id=pl_module.pad_token_id,
+    with sampling_mode(network), gathered_for_generation(trainer, network, enabled=gather) as net, precision:
+        return sample(net, prompt_ids, prompt_mask, config, pad_token_id=pl_module.pad_token_id,
                       stop_token_ids=stop_ids(pl_module.tokenizer, list(config.stop_token_ids or [])),
                       generator=generator, keep_going=keep_going, sync_every=sync_every)
 
@@ -105,21 +114,33 @@ class OnPolicyGeneration(Callback):
     Writes into the batch dict (the same object `training_step` receives):
     `rollout` (`Rollout`: prompt/completion ids and masks, sampler log-probs `[R, C]`, `truncated [R]`),
     `completion_text` (list of R strings), `gen_seconds`, and `rewards` / `feedback` / `verifier_failures`
-    when the module has a `task`.
+    when the module has a `task`; `on_policy` (bool). Nothing is sampled (`on_policy=False`) when the module's
+    `needs_rollouts` is False (SFT) or its `samples_batch(seed, global_step, batch_idx)` says no (on-policy KD
+    with `loss.lmbda < 1`); the module then trains on the dataset's reference completions.
     """
 
-    def __init__(self, config: SamplingConfig | dict | None = None, verifier_timeout_s: float | None = 10.0) -> None:
+    def __init__(self, config: SamplingConfig | dict | None = None, verifier_timeout_s: float | None = 10.0,
+                 backend=None, gather_weights: bool = True) -> None:
         super().__init__()
         self.config = config if isinstance(config, SamplingConfig) else SamplingConfig(**(config or {}))
         self.config.validate()
         self.verifier_timeout_s = verifier_timeout_s
+        self.backend = backend  # None: the built-in sampler; else e.g. rollout_backends.VllmBackend
+        self.gather_weights = gather_weights  # FSDP / ZeRO-3: gather once per rollout (trainer.gather_for_generation)
         self.verifier_failures = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # SFT samples nothing; on-policy KD with lmbda < 1 skips some batches (same choice on every rank)
+        decide = getattr(pl_module, "samples_batch", None)
+        if not getattr(pl_module, "needs_rollouts", True) or (
+                decide is not None and not decide(self.config.seed, trainer.global_step, batch_idx)):
+            batch["on_policy"] = False
+            return
+        batch["on_policy"] = True
         seed = derive_seed(self.config.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
         t0 = time.perf_counter()
         rollout = rollout_on(trainer, pl_module, pl_module.student, batch["prompt_ids"], batch["prompt_mask"],
-                             self.config, seed)
+                             self.config, seed, backend=self.backend, gather=self.gather_weights)
         batch["gen_seconds"] = time.perf_counter() - t0
         batch["rollout"] = rollout
         texts = pl_module.tokenizer.batch_decode(

@@ -18,10 +18,13 @@ import torchmetrics
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lightning_sd.contexts import ContextBuilder, RowView, template_context
+from lightning_sd.contexts import ContextBuilder, RowView, build_context, template_context  # noqa: F401
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
-from lightning_sd.losses import chunked_divergence, reduce_loss
-from lightning_sd.objectives import LossConfig, distillation_terms
+from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
+from lightning_sd.losses import chunked_divergence, completion_mask_skip_first, reduce_loss
+from lightning_sd.methods import (generate_analyses, group_advantages, is_dataset_rollout, nll_terms, on_policy_batch,
+                                  policy_gradient_terms, reference_rollout)
+from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, position_ids_from_mask
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
@@ -34,25 +37,29 @@ def _decoder(model: nn.Module) -> nn.Module:
 def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Logits `[R, C, V]` where position t scores completion token t; logits are computed only for the C
-    completion positions (`logits_to_keep`), never for the prompt. Prompts left-padded `[R, P]`."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    completion positions (`logits_to_keep`), never for the prompt. Prompts left-padded `[R, P]`.
+
+    The last completion token scores nothing, so it is not fed: the input is prompt + completion[:-1] and the
+    last C positions (the last prompt token, then completion tokens 0..C-2) give the C contiguous logit rows."""
+    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
     c = completion_ids.size(1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                logits_to_keep=c + 1, use_cache=False)
-    return out.logits[:, :-1]
+                logits_to_keep=c, use_cache=False)
+    return out.logits
 
 
 def completion_hidden(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states `[R, C, H]` at the positions that score the completion tokens (for the
-    memory-bounded loss, which applies the output embedding chunk by chunk)."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    p, c = prompt_ids.size(1), completion_ids.size(1)
+    memory-bounded loss, which applies the output embedding chunk by chunk). Like `completion_logits`, the last
+    completion token is not fed."""
+    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
+    c = completion_ids.size(1)
     out = _decoder(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False)
-    return out.last_hidden_state[:, p - 1 : p + c - 1]
+    return out.last_hidden_state[:, -c:]
 
 
 class SelfDistillationModule(LightningModule):
@@ -100,7 +107,9 @@ class SelfDistillationModule(LightningModule):
         if self.loss_cfg.chunk_size and self.teacher.kind == "trust_region":
             raise ValueError("loss.chunk_size (memory-bounded loss) does not support teacher=trust_region: its "
                              "teacher logits are an interpolation; set loss.chunk_size=null")
-        self.context = context or template_context(self.loss_cfg.template)
+        self.context = context or build_context(self.loss_cfg.template, feedback=self.loss_cfg.feedback,
+                                                strip_reasoning=self.loss_cfg.strip_reasoning,
+                                                reason_first=self.loss_cfg.reason_first)
         self.task = task
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
                               **(optimizer or {})}
@@ -112,13 +121,39 @@ class SelfDistillationModule(LightningModule):
         self.run_dir = run_dir
         self.strict_loading = False  # a frozen teacher is not saved; it is rebuilt from the initial model
         metric_names = ("loss", "divergence", "completion_len", "truncated", "reward", "gen_tokens_per_s",
-                        "train_tokens_per_s", "masked_rows")
+                        "train_tokens_per_s", "masked_rows", "on_policy")
         self.train_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in metric_names})
         self.val_accuracy = torchmetrics.MeanMetric()
         self.nonfinite_steps = 0
         self._norm_count = 0.0  # valid tokens (or sequences) accumulated for the current optimizer step
         self._last_step_seen = 0
         self._t_train_start = 0.0
+
+    # ------------------------------------------------------------------ method dispatch (loss.name)
+    @property
+    def needs_rollouts(self) -> bool:
+        """False for `sft`: it trains on the dataset's reference completions, so the generation callback
+        skips sampling."""
+        return self.loss_cfg.name != "sft"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher forward is run."""
+        cfg = self.loss_cfg
+        return not (cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam == 1.0))
+
+    def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
+        """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration`). With
+        `loss.lmbda < 1` a batch uses dataset completions instead, decided from `(seed, global_step,
+        batch_idx)` only, so every rank decides the same."""
+        return self.needs_rollouts and on_policy_batch(self.loss_cfg.lmbda, seed, global_step, batch_idx)
+
+    def dataset_rollout(self, batch: dict) -> Rollout:
+        """The batch's reference solutions as a `Rollout` (SFT, and on-policy KD's dataset batches)."""
+        rollout = reference_rollout(batch["records"], batch["prompt_ids"], batch["prompt_mask"], self.tokenizer,
+                                    pad_token_id=self.pad_token_id)
+        batch["completion_text"] = [r["solution"] for r in batch["records"]]
+        return rollout
 
     # ------------------------------------------------------------------ hooks users override
     def build_teacher_inputs(self, batch: dict) -> dict:
@@ -132,6 +167,10 @@ class SelfDistillationModule(LightningModule):
         completions = batch.get("completion_text") or [""] * rollout.prompt_ids.size(0)
         rewards = batch.get("rewards")
         feedback = batch.get("feedback")
+        analyses = (generate_analyses(self, records, self.loss_cfg.reason_max_new_tokens)
+                    if self.loss_cfg.reason_first else None)
+        if analyses is not None:
+            batch["analyses"] = analyses
         for r in range(rollout.prompt_ids.size(0)):
             i = int(rollout.prompt_index[r])
             group = range(i * n, (i + 1) * n)
@@ -141,6 +180,7 @@ class SelfDistillationModule(LightningModule):
                 feedback=None if feedback is None else feedback[r],
                 siblings=[completions[j] for j in group if j != r],
                 sibling_rewards=[None if rewards is None else rewards[j] for j in group if j != r],
+                extra={} if analyses is None else {"analysis": analyses[i]},
             )
             text = self.context(records[i], view)
             row_mask.append(text is not None)
@@ -181,13 +221,63 @@ class SelfDistillationModule(LightningModule):
         does not depend on how the batch was split."""
         rollout: Rollout = batch["rollout"]
         cfg = self.loss_cfg
+        if cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam > 0):
+            return self._method_loss(student_out, teacher_out, batch, teacher_inputs)
         mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
-        if cfg.chunk_size:
-            per_token, mask = self._chunked_terms(student_out, teacher_out, rollout, mask)
-        else:
-            per_token, mask = distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, cfg,
-                                                 sampler_logprobs=rollout.logprobs)
+        per_token, mask = self._distillation(student_out, teacher_out, rollout, mask)
         return self._reduce(per_token, mask)
+
+    def _distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor):
+        if self.loss_cfg.chunk_size:
+            return self._chunked_terms(student_out, teacher_out, rollout, mask)
+        return distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, self.loss_cfg,
+                                  sampler_logprobs=self._sampler_logprobs(rollout))
+
+    def _sampler_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """The sampler's log-probs for importance weights; None for dataset completions (not sampled)."""
+        return None if is_dataset_rollout(rollout) else rollout.logprobs
+
+    def _student_logprobs(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """`[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad), from logits
+        `[R, C, V]` or, with `loss.chunk_size`, from hidden states chunk by chunk."""
+        cfg = self.loss_cfg
+        if not cfg.chunk_size:
+            return token_logprobs(student_out, rollout.completion_ids, cfg.temperature)
+        keep = rollout.completion_mask.bool()
+        values = token_logprobs_from_hidden(student_out[keep], self._output_weight(self.student),
+                                            rollout.completion_ids[keep], cfg.chunk_size, cfg.temperature)
+        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+    def _method_loss(self, student_out, teacher_out, batch: dict, teacher_inputs: dict) -> dict:
+        """`sft`: cross-entropy on the reference completion. `grpo`: group-normalized policy gradient.
+        `rl_feedback` with `lam > 0`: `lam * GRPO + (1 - lam) * SDPO distillation`, each term on its own mask
+        (GRPO: rows with a reward; SDPO: rows with a sibling solution or feedback), normalized over their union."""
+        rollout: Rollout = batch["rollout"]
+        cfg = self.loss_cfg
+        base = rollout.completion_mask
+
+        def skip(m: torch.Tensor) -> torch.Tensor:
+            return completion_mask_skip_first(m, cfg.skip_first) if cfg.skip_first else m
+
+        logp = self._student_logprobs(student_out, rollout)
+        if cfg.name == "sft":
+            return self._reduce(nll_terms(logp), skip(base))
+        if batch.get("rewards") is None:
+            raise RuntimeError(f"loss={cfg.name} needs verifier rewards in the batch: give the module a task "
+                               "(data.task=..., or SelfDistillationModule(task=...)) and train with OnPolicyGeneration")
+        n = rollout.completion_ids.size(0) // len(batch["records"])
+        advantages, has_reward = group_advantages(batch["rewards"], n)
+        batch["advantages"] = advantages
+        pg_mask = skip(base * has_reward.to(base.device, base.dtype)[:, None])
+        pg = policy_gradient_terms(logp, advantages, self._sampler_logprobs(rollout), cfg.is_clip)
+        if cfg.name == "grpo" or cfg.lam == 1.0:
+            return self._reduce(pg, pg_mask)
+        sd, sd_mask = self._distillation(student_out, teacher_out, rollout,
+                                         base * teacher_inputs["row_mask"][:, None].to(base.dtype))
+        zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
+        per_token = (cfg.lam * torch.where(pg_mask.bool(), pg, zero)
+                     + (1.0 - cfg.lam) * torch.where(sd_mask.bool(), sd.to(pg.dtype), zero))
+        return self._reduce(per_token, (pg_mask.bool() | sd_mask.bool()).to(base.dtype))
 
     def _chunked_terms(self, student_h, teacher_h, rollout, mask):
         from lightning_sd.losses import completion_mask_skip_first, importance_weight
@@ -201,7 +291,7 @@ class SelfDistillationModule(LightningModule):
         values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
                                     chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
                                     **cfg.divergence_kwargs())
-        if cfg.is_clip is not None:
+        if cfg.is_clip is not None and not is_dataset_rollout(rollout):
             with torch.no_grad():
                 logits = student_h[keep].detach() @ s_weight.detach().T
                 logp = logits.float().log_softmax(-1).gather(-1, rollout.completion_ids[keep][:, None]).squeeze(-1)
@@ -227,30 +317,58 @@ class SelfDistillationModule(LightningModule):
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: dict, batch_idx: int):
         if "rollout" not in batch:
-            raise RuntimeError(
-                "batch has no 'rollout': add lightning_sd.OnPolicyGeneration(...) to the Trainer's callbacks "
-                "(it samples completions from the student before each training step)")
+            if self.needs_rollouts and batch.get("on_policy", True):
+                raise RuntimeError(
+                    "batch has no 'rollout': add lightning_sd.OnPolicyGeneration(...) to the Trainer's callbacks "
+                    "(it samples completions from the student before each training step)")
+            batch["rollout"] = self.dataset_rollout(batch)  # SFT, or a dataset batch of on-policy KD (lmbda)
         self._t_train_start = time.perf_counter()
-        teacher_inputs = self.build_teacher_inputs(batch)
-        teacher_out = self.teacher_forward(batch, teacher_inputs)
+        if self.needs_teacher:
+            teacher_inputs = self.build_teacher_inputs(batch)
+            teacher_out = self.teacher_forward(batch, teacher_inputs)
+        else:  # sft, grpo, rl_feedback with lam=1: no teacher forward
+            rows = batch["rollout"].completion_ids.size(0)
+            teacher_inputs = {"row_mask": torch.ones(rows, dtype=torch.bool, device=batch["rollout"].completion_ids.device)}
+            teacher_out = None
         student_out = self.student_forward(batch)
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
-        if not torch.isfinite(out["loss"]):
+        if getattr(self, "keep_teacher_topk", 0) and teacher_out is not None:  # set by TokenView on the steps it shows
+            from lightning_sd.token_view import teacher_topk
+
+            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, self.keep_teacher_topk)
+        if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)
             return self._nonfinite(batch, out)
         if self.loss_cfg.reduction != "sum":
             self._norm_count += out["count"]
         self._log_step(batch, out, teacher_inputs)
+        if self._trainer is not None and engine_owns_gradients(self._trainer.strategy) and self.loss_cfg.reduction != "sum":
+            # DeepSpeed keeps gradients inside its engine: normalize the loss by this micro-batch's global count
+            # (the engine then averages over ranks); exact for accumulate_grad_batches=1, see docs/scaling.md
+            self._norm_count = 0.0
+            return out["loss"] * self._trainer.world_size / max(global_sum(self._trainer, out["count"]), 1.0)
         return out["loss"]
 
     def _nonfinite(self, batch: dict, out: dict):
         self.nonfinite_steps += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
+        bad = (~torch.isfinite(out["per_token"]) & out["mask"].bool()).any(-1).nonzero().flatten().tolist()
+        ids = sorted({str(batch["records"][int(batch["rollout"].prompt_index[r])].get("id")) for r in bad})
+        where = (f"non-finite loss at step {self.global_step} (non-finite per-token terms in rollout rows "
+                 f"{bad or 'none: the sum overflowed'}, record ids {ids})")
         if self.loss_cfg.nonfinite == "stop":
-            path = os.path.join(self.run_dir or ".", f"nonfinite_batch_step{self.global_step}.pt")
-            torch.save({"records": batch["records"], "rollout": batch["rollout"], "per_token": out["per_token"]}, path)
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}; the batch is saved in {path} "
-                                     "(set loss.nonfinite=skip to skip such steps instead)")
+            rank = self._trainer.global_rank if self._trainer is not None and self._trainer.world_size > 1 else None
+            name = f"nonfinite_batch_step{self.global_step}" + (f"_rank{rank}" if rank is not None else "") + ".pt"
+            path = os.path.join(self.run_dir or ".", name)
+            torch.save({"records": batch["records"], "rollout": batch["rollout"], "per_token": out["per_token"],
+                        "mask": out["mask"], "completion_text": batch.get("completion_text"),
+                        "prompt_text": batch.get("prompt_text"), "step": self.global_step, "bad_rows": bad}, path)
+            raise FloatingPointError(f"{where}; the batch is saved in {path} (inspect it with torch.load(path, "
+                                     "weights_only=False); set loss.nonfinite=skip to skip such steps instead)")
+        import warnings
+
+        warnings.warn(f"{where}: step skipped (no backward, no optimizer step); {self.nonfinite_steps} skipped so far "
+                      "(loss.nonfinite=skip; set loss.nonfinite=stop to stop and save the batch)", stacklevel=2)
         return None  # Lightning skips backward and the optimizer step for this batch
 
     def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
@@ -268,6 +386,8 @@ class SelfDistillationModule(LightningModule):
                 values["reward"] = torch.tensor(sum(rewards) / len(rewards))
         if batch.get("gen_seconds"):
             values["gen_tokens_per_s"] = lengths.sum() / batch["gen_seconds"]
+        if self.loss_cfg.lmbda < 1.0:
+            values["on_policy"] = float(not is_dataset_rollout(rollout))
         for k, v in values.items():
             m[k](v.detach().float().cpu() if torch.is_tensor(v) else float(v))
             self.log(f"train/{k}", m[k], on_step=True, on_epoch=False, prog_bar=k in ("loss", "divergence", "reward"),
@@ -287,8 +407,10 @@ class SelfDistillationModule(LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Exact global normalization: gradients of the summed terms are divided by the total count of the
         optimizer step over all micro-batches and ranks (Lightning divided each micro-batch loss by the
-        accumulation factor and DDP averages over ranks; both are undone here)."""
-        if self.loss_cfg.reduction == "sum":
+        accumulation factor and DDP/FSDP average over ranks; both are undone here). Under FSDP the gradients are
+        this rank's shards (`use_orig_params=True`), scaled in place. Under DeepSpeed the engine owns the
+        gradients: the loss was normalized in `training_step` instead."""
+        if self.loss_cfg.reduction == "sum" or engine_owns_gradients(self.trainer.strategy):
             return
         count = torch.tensor(self._norm_count, dtype=torch.float64, device=self.device)
         world = self.trainer.world_size
@@ -334,6 +456,19 @@ class SelfDistillationModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        step = checkpoint.get("global_step", self._last_step_seen)
+        sharded = self._trainer is not None and shards_parameters(self._trainer.strategy)
+        if step != self._last_step_seen and not sharded:
+            # ModelCheckpoint saves in the callbacks' on_train_batch_end, which runs before this module's (where
+            # the teacher follows the optimizer step): apply this step's teacher update now, once, so the
+            # checkpoint holds it and a resumed run does not miss it (on_train_batch_end then sees it done).
+            # Sharded weights (FSDP, ZeRO-3) were gathered into the checkpoint already: left as they are there
+            self._last_step_seen = step
+            self.teacher.after_optimizer_step(self.student)
+            if self.teacher.persistent:
+                for key, value in self.teacher.state_dict(prefix="teacher.").items():
+                    if key in checkpoint["state_dict"]:
+                        checkpoint["state_dict"][key] = value.detach().clone()
         if not self.teacher.persistent:  # frozen/external copies are rebuilt at start-up, not saved
             for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
                 del checkpoint["state_dict"][key]

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from lightning_sd.contexts import check_template
 from lightning_sd.losses import completion_mask_skip_first, importance_weight, per_token_divergence
 
 LOSS_NAMES = ("distill", "self_critique", "continual", "rl_feedback", "on_policy_kd", "grpo", "sft")
+# losses whose whole signal is a teacher's divergence on the completion (they accept `lmbda`, `reason_first`)
+DISTILLATION_NAMES = ("distill", "self_critique", "continual", "on_policy_kd")
 SUPPORTS = ("full", "topk", "sampled")
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
 
@@ -30,8 +33,10 @@ class LossConfig:
       step (all micro-batches, all ranks).
     - teacher context: `template` (a name in `lightning_sd.contexts.TEMPLATES` or a format string).
     - `chunk_size`: when set, the memory-bounded path computes the loss from hidden states chunk by chunk.
-    - method-specific keys (null/default where unused): `lam` (GRPO advantage mix, RL-feedback),
-      `reason_first` (self-critique), `lmbda` (on-policy fraction, on-policy KD), `sft_weight`.
+    - method-specific keys (null/default where unused): `lam` (GRPO share of the loss: `rl_feedback` mixes
+      `lam * GRPO + (1 - lam) * SDPO`, `grpo` is `lam=1`), `reason_first` / `reason_max_new_tokens` (the
+      teacher first generates an analysis of the reference solution), `lmbda` (fraction of batches on student
+      samples; the rest use dataset completions), `feedback` / `strip_reasoning` (the `sdpo` context).
     """
 
     name: str = "distill"
@@ -91,6 +96,18 @@ class LossConfig:
             raise ValueError(f"loss.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"loss.nonfinite={self.nonfinite!r} must be 'skip' or 'stop'")
+        check_template(self.template)
+        if self.reason_max_new_tokens < 1:
+            raise ValueError(f"loss.reason_max_new_tokens must be >= 1, got {self.reason_max_new_tokens}")
+        if self.name == "grpo" and self.lam != 1.0:
+            raise ValueError(f"loss=grpo is the pure policy gradient (loss.lam=1, got {self.lam}); to mix it with "
+                             "self-distillation use loss=rl_feedback loss.lam=...")
+        if self.lmbda < 1.0 and self.name not in DISTILLATION_NAMES:
+            raise ValueError(f"loss.lmbda={self.lmbda} (dataset completions for some batches) applies to "
+                             f"{DISTILLATION_NAMES}, not to loss={self.name}: set loss.lmbda=1")
+        if self.reason_first and self.name not in DISTILLATION_NAMES:
+            raise ValueError(f"loss.reason_first applies to {DISTILLATION_NAMES} (a teacher that sees a reference "
+                             f"solution), not to loss={self.name}")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "LossConfig":
@@ -112,6 +129,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """`[R, C, V]` logits, `[R, C]` tokens -> `[R, C]` log-probs of those tokens (float32)."""
     logp = (logits.float() / temperature).log_softmax(-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                               chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """`[N, H]` final hidden states, `[V, H]` output embedding, `[N]` tokens -> `[N]` log-probs (float32),
+    building at most `chunk_size x V` logits at a time, in forward and (recomputed) in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(h @ w.T, t, temperature)
+
+    out = [checkpoint(piece, hidden[i : i + chunk_size], weight, tokens[i : i + chunk_size], use_reentrant=False)
+           for i in range(0, hidden.size(0), chunk_size)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def distillation_terms(

@@ -8,7 +8,8 @@ so rewards, evaluation and teacher contexts work unchanged.
 
 From Hydra: `data.task=sequence` with `data.task_kwargs = {tasks: [spec, ...], probes: [spec, ...],
 steps_per_task: N | null}`, a spec being `{task: <built-in task>, task_kwargs: {...}, n_train, n_eval,
-label}` (see `conf/data/continual_facts.yaml`). `steps_per_task: null` splits `trainer.max_steps` evenly.
+label}` (see `conf/data/continual_facts.yaml`). `steps_per_task: null` splits `trainer.max_steps` over the
+tasks (`max_steps // T` each, the remainder to the last task).
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ def parse_specs(items: Any, where: str) -> list[TaskSpec]:
     return specs
 
 
-def check_sequence(task_kwargs: dict, max_steps: int) -> int:
-    """Check `data.task_kwargs` of `data.task=sequence`; returns steps per task."""
+def _as_dicts(items: Any) -> list:
+    return [dict(vars(s)) if isinstance(s, TaskSpec) else s for s in items or []]
+
+
+def check_sequence(task_kwargs: dict, max_steps: int) -> list[int]:
+    """Check `data.task_kwargs` of `data.task=sequence`; returns the optimizer steps of each task."""
     unknown = sorted(set(task_kwargs) - {"tasks", "probes", "steps_per_task"})
     if unknown:
         raise DataError(f"data.task_kwargs has unknown key(s) {unknown} for data.task=sequence; valid keys: tasks, "
@@ -78,14 +83,20 @@ def check_sequence(task_kwargs: dict, max_steps: int) -> int:
                         "(give each spec a label)")
     steps = task_kwargs.get("steps_per_task")
     if steps is None:
-        if max_steps < len(tasks) or max_steps % len(tasks):
-            raise DataError(f"trainer.max_steps={max_steps} does not split evenly over {len(tasks)} tasks: set "
-                            f"trainer.max_steps to a multiple of {len(tasks)} or data.task_kwargs.steps_per_task")
-        return max_steps // len(tasks)
+        if max_steps < len(tasks):
+            raise DataError(f"trainer.max_steps={max_steps} is fewer than the {len(tasks)} tasks of the sequence: "
+                            f"set trainer.max_steps >= {len(tasks)}")
+        return split_steps(max_steps, len(tasks))
     if steps < 1 or steps * len(tasks) != max_steps:
         raise DataError(f"data.task_kwargs.steps_per_task={steps} x {len(tasks)} tasks must equal trainer.max_steps="
                         f"{max_steps}: set trainer.max_steps={max(steps, 1) * len(tasks)} (or steps_per_task=null)")
-    return int(steps)
+    return [int(steps)] * len(tasks)
+
+
+def split_steps(total: int, n_tasks: int) -> list[int]:
+    """`total // n_tasks` steps per task, the remainder to the last one."""
+    each = total // n_tasks
+    return [each] * (n_tasks - 1) + [total - each * (n_tasks - 1)]
 
 
 class TaskSequence(Task):
@@ -109,25 +120,29 @@ class TaskSequence(Task):
 class SequentialTasksDataModule(L.LightningDataModule):
     """Task 1 for `steps_per_task` optimizer steps, then task 2, ...; see the module docstring.
 
+    `steps_per_task`: one number for every task, or a list with each task's steps.
     `tasks` / `probes`: lists of `TaskSpec` or dicts. `n_train` / `n_eval` are the defaults for specs that do
     not set their own. Records of a task repeat (reshuffled each pass) when its steps need more than it has.
     """
 
-    def __init__(self, tokenizer: Any, *, tasks: list, probes: list | None = None, steps_per_task: int,
+    def __init__(self, tokenizer: Any, *, tasks: list, probes: list | None = None, steps_per_task: int | list[int],
                  batch_size: int = 8, eval_batch_size: int | None = None, n_train: int | None = None,
                  n_eval: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
                  seed: int = 0, system_prompt: str | None = None) -> None:
         super().__init__()
-        self.specs = parse_specs([dict(vars(s)) if isinstance(s, TaskSpec) else s for s in tasks], "tasks")
-        self.probe_specs = parse_specs([dict(vars(s)) if isinstance(s, TaskSpec) else s for s in probes or []], "probes")
+        self.specs, self.probe_specs = parse_specs(_as_dicts(tasks), "tasks"), parse_specs(_as_dicts(probes), "probes")
         labels = [s.label for s in self.specs + self.probe_specs]
         if len(set(labels)) != len(labels):
             raise DataError(f"task labels must be unique, got {labels}; give each spec a label")
         if not self.specs:
             raise DataError("SequentialTasksDataModule needs at least one task")
-        if steps_per_task < 1:
-            raise DataError(f"steps_per_task={steps_per_task} must be at least 1")
-        self.tokenizer, self.steps_per_task, self.batch_size = tokenizer, steps_per_task, batch_size
+        steps = [steps_per_task] * len(self.specs) if isinstance(steps_per_task, int) else list(steps_per_task)
+        if len(steps) != len(self.specs) or min(steps) < 1:
+            raise DataError(f"steps_per_task={steps_per_task} must be a positive number, or one per task "
+                            f"({len(self.specs)} tasks)")
+        self.task_steps = [int(x) for x in steps]
+        self.boundaries = [sum(self.task_steps[: i + 1]) for i in range(len(self.task_steps))]  # global steps
+        self.tokenizer, self.batch_size = tokenizer, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.n_train, self.n_eval, self.seed = n_train, n_eval, seed
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
@@ -163,14 +178,14 @@ class SequentialTasksDataModule(L.LightningDataModule):
 
     def stage_of_step(self, global_step: int) -> int:
         """Index of the task trained at optimizer step `global_step` (0-based)."""
-        return min(global_step // self.steps_per_task, len(self.specs) - 1)
+        return next((i for i, end in enumerate(self.boundaries) if global_step < end), len(self.specs) - 1)
 
     def schedule(self, world_size: int = 1, rank: int = 0, accumulate: int = 1) -> list[dict]:
-        """This rank's train records in order: per task, `steps_per_task * accumulate` batches."""
+        """This rank's train records in order: per task, its steps x `accumulate` batches."""
         self.setup("fit")
         out: list[dict] = []
-        per_stage = self.steps_per_task * accumulate * self.batch_size * world_size
-        for spec in self.specs:
+        for spec, steps in zip(self.specs, self.task_steps):
+            per_stage = steps * accumulate * self.batch_size * world_size
             pool = self.stages[spec.label].train_records
             stream: list[dict] = []
             npass = 0
@@ -220,4 +235,5 @@ class SequentialTasksDataModule(L.LightningDataModule):
             self._resume = int(state_dict["batches_done"])
 
 
-__all__ = ["SEQUENCE_TASK", "TaskSpec", "TaskSequence", "SequentialTasksDataModule", "parse_specs", "check_sequence"]
+__all__ = ["SEQUENCE_TASK", "TaskSpec", "TaskSequence", "SequentialTasksDataModule", "parse_specs", "check_sequence",
+           "split_steps"]

@@ -1,0 +1,64 @@
+"""GRPO: group-normalized scalar-reward policy gradient (the RL baseline), and its mix with SDPO.
+
+For each prompt, G rollouts get rewards `r`; the advantage of rollout i is
+`A_i = (r_i - mean(r)) / (std(r) + eps)` over its group (sample standard deviation, as TRL and the
+DeepSeekMath code; rollouts whose verifier failed are left out of the statistics and of the loss).
+Every completion token t of rollout i gets the per-token loss
+
+    -A_i * w_t * log S(y_t),      w_t = min(exp(log S(y_t) - log S_sampler(y_t)), is_clip)  (detached)
+
+so the gradient is the importance-weighted policy gradient `-A_i w_t grad log S(y_t)`; the loss is
+reduced by a token mean like the distillation losses.
+
+Mixing with SDPO (`loss=rl_feedback loss.lam=...`): the loss is `lam * GRPO + (1 - lam) * SDPO`. With the
+sampled-token SDPO estimator (`support=sampled`, reverse KL) SDPO's per-token gradient is
+`-(log T(y_t) - log S(y_t)) grad log S(y_t)`, so mixing the losses is exactly mixing the advantages
+`A = lam * A_GRPO + (1 - lam) * A_SDPO` of the paper; with full or top-k support it is the analogous
+mix of the two gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lightning_sd.losses import importance_weight
+
+GRPO_EPS = 1e-4
+
+
+def group_advantages(rewards: Sequence[float | None] | torch.Tensor, group_size: int,
+                     eps: float = GRPO_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[R]` rewards (rows of one prompt adjacent, `None`/NaN = verifier failed) -> `([R]` advantages,
+    `[R]` bool has-a-reward). A group with fewer than two rewards gives advantage 0."""
+    if isinstance(rewards, torch.Tensor):
+        r = rewards.detach().double().cpu()
+    else:
+        r = torch.tensor([float("nan") if x is None else float(x) for x in rewards], dtype=torch.float64)
+    if group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of generation.n={group_size}")
+    g = r.view(-1, group_size)
+    valid = ~torch.isnan(g)
+    count = valid.sum(-1, keepdim=True)
+    zero = torch.zeros((), dtype=g.dtype)
+    mean = torch.where(valid, g, zero).sum(-1, keepdim=True) / count.clamp(min=1)
+    var = torch.where(valid, (g - mean) ** 2, zero).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+    adv = torch.where(valid & (count >= 2), (g - mean) / (var.sqrt() + eps), zero)
+    return adv.view(-1).float(), valid.view(-1)
+
+
+def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor, sampler_logprobs: torch.Tensor | None = None,
+                          is_clip: float | None = None) -> torch.Tensor:
+    """Per-token GRPO loss `[R, C]`: `-A_r * w_t * log S(y_t)`.
+
+    `logp`: `[R, C]` student log-probs of the completion tokens (with grad); `advantages`: `[R]`;
+    `sampler_logprobs`: `[R, C]` log-probs under the sampler (None for dataset completions: no weight).
+    """
+    adv = advantages.to(device=logp.device, dtype=logp.dtype)[:, None]
+    if is_clip is not None and sampler_logprobs is not None:
+        adv = adv * importance_weight(logp, sampler_logprobs, is_clip)
+    return -adv * logp
+
+
+__all__ = ["GRPO_EPS", "group_advantages", "policy_gradient_terms"]
