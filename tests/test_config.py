@@ -138,6 +138,8 @@ def test_sweep_style_override_of_a_loss_key_on_every_variant():
             overrides = TINY + [f"loss={option}", f"loss.beta={beta}"]
             if option in ("on_policy_kd", "grpo"):
                 overrides.append("loss.support=full")
+            if option == "on_policy_kd":
+                overrides.append("teacher.model.name_or_path=/some/folder")
             typed = validate_config(compose_cfg(overrides))
             assert typed["loss"].beta == float(beta) and typed["loss"].name == option
 
@@ -155,3 +157,12 @@ def test_train_py_runs_as_a_subprocess(tmp_path):
     assert metrics["eval_before"]["n"] == 4 and "teacher_accuracy" in metrics["eval_after"]
     assert metrics["config"]["model"]["name"] == "tiny"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("loss,kind,rate", [("self_critique", "frozen", None), ("continual", "ema", 0.01),
+                                            ("rl_feedback", "ema", 0.05), ("sft", "frozen", None)])
+def test_each_loss_selects_its_methods_teacher_and_the_command_line_wins(loss, kind, rate):
+    typed = validate_config(compose_cfg(TINY + [f"loss={loss}"]))
+    assert (typed["teacher"].kind, typed["teacher"].rate) == (kind, rate)
+    typed = validate_config(compose_cfg(TINY + [f"loss={loss}", "teacher=live"]))
+    assert typed["teacher"].kind == "live"

@@ -90,7 +90,8 @@ def test_every_loss_key_can_be_overridden_on_every_variant(name):
     values = override_values(name)
     assert set(values) | {"name"} == {f.name for f in fields(LossConfig)}  # a new key must be added here too
     overrides = [f"loss.{k}={v}" for k, v in values.items() if k != "extra"] + ["+loss.extra.note=x"]
-    typed = validate_config(composed(f"loss={name}", "data=arithmetic", "generation.n=2", *overrides))
+    teacher = ["teacher.model.name_or_path=/some/folder"] if name == "on_policy_kd" else []
+    typed = validate_config(composed(f"loss={name}", "data=arithmetic", "generation.n=2", *teacher, *overrides))
     loss = typed["loss"]
     assert loss.name == name
     for key, value in values.items():
@@ -99,7 +100,8 @@ def test_every_loss_key_can_be_overridden_on_every_variant(name):
 
 def test_a_bad_loss_override_names_the_key():
     with pytest.raises(ConfigError, match="loss.beta"):
-        validate_config(composed("loss=on_policy_kd", "loss.beta=0.5"))  # sampled support is reverse KL only
+        validate_config(composed("loss=on_policy_kd", "loss.beta=0.5",  # sampled support is reverse KL only
+                                 "teacher.model.name_or_path=/some/folder"))
     with pytest.raises(ConfigError, match="bta"):
         validate_config(composed("loss=continual", "+loss.bta=0.5"))
 
