@@ -69,7 +69,7 @@ def test_get_task_errors_and_split_check():
 
 def test_arithmetic_difficulty_knobs_and_solution_shape():
     one = ArithmeticTask(n_steps=1, max_operand=9).records("train", 30)
-    assert all(r["solution"].count("=") == 1 and r["prompt"].endswith("Give the final answer as 'The answer is N.'")
+    assert all(r["solution"].count("=") == 1 and r["prompt"].endswith("Think step by step, then finish with the sentence 'The answer is' followed by the number.")
                for r in one)
     four = ArithmeticTask(n_steps=4).records("train", 30)
     assert all(r["solution"].count("=") == 4 for r in four)

@@ -1,7 +1,7 @@
 """Multi-step arithmetic word problems with worked solutions; difficulty = number of steps, operand size.
 
 "Tom has 7 apples. He buys 5 more. Then he gives away 3. How many apples does Tom have now? Give the final
-answer as 'The answer is N.'" with solution "7 + 5 = 12. 12 - 3 = 9. The answer is 9." and answer "9".
+answer with "The answer is" + the number" with solution "7 + 5 = 12. 12 - 3 = 9. The answer is 9." and answer "9".
 Intermediate values never go below zero. A problem's split is a stable hash of its numbers, so eval
 problems differ from every train problem in their numbers, not only in names and objects.
 """
@@ -38,7 +38,7 @@ class ArithmeticTask(Task):
 
     def __init__(self, n_steps: int = 2, max_operand: int = 20, ops: tuple[str, ...] = ("+", "-"),
                  eval_share: float = 0.2,
-                 instruction: str = "Give the final answer as 'The answer is N.'") -> None:
+                 instruction: str = "Think step by step, then finish with the sentence 'The answer is' followed by the number.") -> None:
         if n_steps < 1:
             raise DataError(f"arithmetic: n_steps={n_steps} must be at least 1")
         if max_operand < 2:
