@@ -4,7 +4,12 @@ Sign convention everywhere: `beta=0` is the forward KL(T||S) = sum_v T(v) (log T
 `beta=1` the reverse KL(S||T); the teacher T is always a stop-gradient target.
 """
 
+from lightning_sd.callbacks import AtomicCheckpointIO, RngState, SampleTable, TokenView, TrainingProgressBar
+from lightning_sd.continual import ContinualEvaluation, continual_metrics
 from lightning_sd.contexts import TEMPLATES, RowView, template_context
+from lightning_sd.data.datamodule import PromptDataModule
+from lightning_sd.data.sequence import SequentialTasksDataModule
+from lightning_sd.data.tasks import get_task
 from lightning_sd.evaluation import EvalResult, evaluate
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.losses import (
@@ -14,6 +19,7 @@ from lightning_sd.losses import (
     per_token_divergence,
     reduce_loss,
 )
+from lightning_sd.lora import apply_lora
 from lightning_sd.models import load_model
 from lightning_sd.module import SelfDistillationModule, completion_hidden, completion_logits
 from lightning_sd.objectives import LossConfig
@@ -35,5 +41,7 @@ __all__ = [
     "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
     "build_teacher", "per_token_divergence", "chunked_divergence", "reduce_loss", "completion_mask_skip_first",
     "importance_weight", "completion_logits", "completion_hidden", "load_model", "evaluate", "EvalResult",
-    "TEMPLATES", "RowView", "template_context",
+    "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
+    "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
+    "TrainingProgressBar", "apply_lora",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
@@ -18,14 +17,6 @@ TASKS = [{"task": "fictional_facts", "task_kwargs": {"n_facts": 4, "world_seed":
          {"task": "fictional_facts", "task_kwargs": {"n_facts": 4, "world_seed": 2}, "label": "facts_b"}]
 PROBES = [{"task": "real_capitals", "task_kwargs": {"n_facts": 4}, "n_eval": 4, "label": "capitals"}]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two threads spin (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sequence(tok, steps=2, batch_size=2, **kw) -> SequentialTasksDataModule:

@@ -27,13 +27,6 @@ QUICK = TINY + ["trainer.max_steps=2", "eval.before=false", "eval.after=false", 
                 "callbacks.token_view_every=null"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def jsonl(path: Path, lines: list) -> Path:
     path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))

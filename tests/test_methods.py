@@ -26,15 +26,6 @@ from lightning_sd.sampling import Rollout
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads spin against
-    the other processes (measured 10-20x slower sampling); restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def loss_option(name: str, **overrides) -> LossConfig:
     """The shipped defaults of `conf/loss/<name>.yaml`, with overrides."""

@@ -29,14 +29,6 @@ from lightning_sd.sampling import SamplingConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread is ~10x faster than two fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Probe(Callback):
     """Per training batch: the record ids, one draw from each global generator (so that a wrong restore

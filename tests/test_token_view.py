@@ -19,13 +19,6 @@ from lightning_sd.sampling import SamplingConfig
 from lightning_sd.token_view import TokenRow, colour, render_html, teacher_topk, token_pieces
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Spans(HTMLParser):
     """Collects every `<span class="tok ...">`: its attributes and text, grouped by row."""

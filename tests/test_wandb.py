@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -22,14 +21,6 @@ CONF = ROOT / "conf"
 TINY = ["model=tiny", "data.batch_size=2", "data.n_train=8", "data.n_eval=2", "data.eval_batch_size=2",
         "generation.max_new_tokens=6", "eval.max_new_tokens=6", "trainer.enable_progress_bar=false"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared, busy CPU: one intra-op thread is ~10x faster than two fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compose_config(overrides: list[str], with_hydra: bool = False):

@@ -1,0 +1,161 @@
+"""Smoke and unit tests of the benchmark scripts (experiments/benchmarks), on the tiny model, so they cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+
+
+def _load(name: str):
+    """Import a benchmark script as a module (the scripts import each other by file name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name in sys.modules and Path(getattr(sys.modules[name], "__file__", "")).parent == BENCH:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+floor = _load("floor")
+step = _load("step")
+
+
+def _shape(**kw):
+    base = dict(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=32, n_params=1000)
+    return floor.ModelShape(**{**base, **kw})
+
+
+def test_forward_flops_hand_count():
+    s = _shape()
+    # per layer: q 8x8, k 8x4, v 8x4, o 8x8, mlp 3 x 8x16
+    assert s.layer_params == 64 + 32 + 32 + 64 + 384
+    rows, length, logits = 3, 5, 2
+    dense = 2 * 576 * 2 * rows * length
+    attn = 4 * 2 * 4 * 2 * rows * (length * (length + 1) / 2)  # causal: 1 + 2 + ... + 5 keys
+    head = 2 * 8 * 32 * rows * logits
+    assert s.forward_flops(rows, length, logits) == dense + attn + head
+    # with a cache of 10 tokens every new token attends to 10 more keys
+    extra = 4 * 2 * 4 * 2 * rows * length * 10
+    assert s.forward_flops(rows, length, logits, past=10) == dense + attn + head + extra
+
+
+def test_step_floor_phases_add_up_and_scale():
+    s = _shape(n_params=10_000)
+    rates = floor.MachineRates(flops=1e9, bandwidth=1e9, device="cpu", threads=1, matmul_n=1, copy_bytes=1)
+    work = floor.StepWork(rows=4, prompt=10, teacher_prompt=20, completion=6)
+    phases = floor.step_floor(s, work, rates)
+    assert set(phases) == {"generation", "teacher_forward", "student_fwd_bwd", "optimizer", "total"}
+    assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"))
+    assert phases["optimizer"] == pytest.approx(28 * 10_000 / 1e9)
+    # the student does 3x the forward work on its (shorter) sequence, plus the loss passes
+    expected = 3 * s.forward_flops(4, 16, 6) / 1e9 + 5 * 4 * 6 * 32 * 4 / 1e9
+    assert phases["student_fwd_bwd"] == pytest.approx(expected)
+    slower = floor.step_floor(s, work, floor.MachineRates(0.5e9, 0.5e9, "cpu", 1, 1, 1))
+    assert slower["total"] == pytest.approx(2 * phases["total"])
+    no_decode = floor.step_floor(s, work, rates, decode=False)
+    assert no_decode["generation"] == 0.0
+    assert no_decode["total"] == pytest.approx(phases["total"] - phases["generation"])
+
+
+def test_decode_floor_is_memory_bound_for_big_weights():
+    s = _shape(hidden=512, heads=8, kv_heads=8, head_dim=64, intermediate=2048, vocab=1000, layers=4)
+    fast_compute = floor.MachineRates(flops=1e15, bandwidth=1e9, device="cpu", threads=1, matmul_n=1, copy_bytes=1)
+    work = floor.StepWork(rows=1, prompt=1, teacher_prompt=1, completion=3)
+    gen = floor.step_floor(s, work, fast_compute)["generation"]
+    weights = (s.layer_params * s.layers + s.hidden * s.vocab) * 4
+    assert gen >= 2 * weights / 1e9  # two decode steps, each reads every weight once
+
+
+def test_measure_rates_small():
+    r = floor.measure_rates("cpu", matmul_n=64, copy_mib=4, repeats=2)
+    assert r.flops > 0 and math.isfinite(r.flops)
+    assert r.bandwidth > 0 and math.isfinite(r.bandwidth)
+    assert r.copy_bytes == 4 * 2**20
+
+
+def test_fit_prompt_exact_length(tiny):
+    from lightning_sd.data.prompts import format_prompt
+
+    _, tok = tiny
+    for n in (40, 57, 90):
+        text = step.fit_prompt(tok, "What is 2 + 3?", n)
+        assert len(tok(format_prompt(tok, text), add_special_tokens=False)["input_ids"]) == n
+    with pytest.raises(ValueError, match="prompt-len"):
+        step.fit_prompt(tok, "What is 2 + 3?", 3)
+
+
+def test_chunk_sizes_and_worker_argv():
+    assert step.chunk_sizes("none,512, 0") == [None, 512, None]
+    args = step.parse_args(["--model", "tiny", "--chunk-size", "none,8", "--steps", "2"])
+    argv = step.worker_argv(args, 8)
+    assert argv[-2:] == ["--chunk-size", "8"] and argv.count("--chunk-size") == 1
+    assert step.parse_args(["--worker", "--out", "x", *argv]).chunk_size == "8"
+
+
+def _tiny_args(*extra: str):
+    return step.parse_args(["--model", "tiny", "--batch", "2", "--completion-len", "6", "--steps", "2",
+                            "--warmup", "0", "--prompt-len", "48", *extra])
+
+
+def test_worker_runs_fixed_work_and_reports_phases():
+    torch.manual_seed(0)
+    result = step.run_worker(_tiny_args())
+    assert len(result["steps"]) == 2
+    for s in result["steps"]:
+        assert s["rows"] == 2 and s["completion_width"] == 6 and s["prompt_width"] == 48
+        assert s["teacher_prompt_width"] > 48  # the teacher also sees the solution
+        for k in step.PHASES:
+            assert s[k] >= 0.0 or k == "other"
+        assert s["step"] >= s["generation"] + s["teacher_forward"] + s["backward"]
+    assert all(math.isfinite(v) for v in result["losses"])
+    assert result["work"] == {"rows": 2, "prompt": 48, "teacher_prompt": result["steps"][0]["teacher_prompt_width"],
+                              "completion": 6}
+    assert result["floor"]["total"] > 0 and result["peak_rss"] > 0
+    table = step.format_table(result)
+    for word in ("generation", "teacher_forward", "student fwd+bwd", "optimizer", "x floor", "peak RSS",
+                 "generated tokens/s", "trained tokens/s"):
+        assert word in table
+
+
+def test_chunked_loss_matches_naive_loss():
+    """The memory-bounded path computes the same loss on the same (seeded) rollouts."""
+    naive = step.run_worker(_tiny_args("--steps", "1"))
+    chunked = step.run_worker(_tiny_args("--steps", "1", "--chunk-size", "4"))
+    assert chunked["losses"][0] == pytest.approx(naive["losses"][0], rel=1e-4, abs=1e-7)
+    assert "chunk_size" in step.format_comparison([naive, chunked])
+
+
+def test_random_rollouts_train_on_full_length_without_decoding():
+    result = step.run_worker(_tiny_args("--steps", "1", "--rollouts", "random"))
+    s = result["steps"][0]
+    assert s["completion_width"] == 6 and s["trained_tokens"] == 2 * 6  # no stop token ends the mask
+    assert "rollouts random" in step.format_table(result)
+
+
+def test_cli_prints_table_from_a_fresh_process():
+    proc = subprocess.run([sys.executable, str(BENCH / "step.py"), "--model", "tiny", "--batch", "2",
+                           "--completion-len", "4", "--steps", "1", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x floor" in proc.stdout and "step / floor" in proc.stdout
+
+
+def test_vs_trl_report_ratio_line():
+    vs = _load("vs_trl")
+    ours = step.run_worker(_tiny_args("--steps", "1"))
+    trl = {"steps": [{**{k: 2 * v for k, v in ours["steps"][0].items() if k in (*step.PHASES, "step")}}],
+           "losses": [ours["losses"][0]], "peak_rss": ours["peak_rss"], "load": ours["load"], "trl": "x",
+           "rates": ours["rates"]}
+    report = vs.format_report([ours], [trl])
+    assert report.splitlines()[-1] == "ratio: 0.500"

@@ -1,0 +1,119 @@
+"""The speed-motivated changes of the hot path keep every value: completion-only logits/hidden states and the
+rows-first output head used while decoding on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_sd.module import completion_hidden, completion_logits
+from lightning_sd.sampling import SamplingConfig, _rows_first_output_head, position_ids_from_mask, sample
+
+
+def _batch(rows=3, p=9, c=5, seed=0, vocab=250):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(10, vocab, (rows, p), generator=g)
+    pmask = torch.ones(rows, p, dtype=torch.long)
+    pmask[0, :4] = 0  # left padding
+    pmask[1, :1] = 0
+    comp = torch.randint(10, vocab, (rows, c), generator=g)
+    cmask = torch.ones(rows, c, dtype=torch.long)
+    cmask[2, c - 2:] = 0  # right padding after a stop token
+    return prompt, pmask, comp, cmask
+
+
+def _reference_logits(model, prompt, pmask, comp, cmask):
+    ids, mask = torch.cat([prompt, comp], 1), torch.cat([pmask, cmask], 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    p, c = prompt.size(1), comp.size(1)
+    return out.logits[:, p - 1 : p + c - 1], out
+
+
+@pytest.mark.parametrize("c", [1, 5])
+def test_completion_logits_match_full_forward(tiny, c):
+    model, _ = tiny
+    model.eval()
+    prompt, pmask, comp, cmask = _batch(c=c)
+    with torch.no_grad():
+        ref, _ = _reference_logits(model, prompt, pmask, comp, cmask)
+        got = completion_logits(model, prompt, pmask, comp, cmask)
+    assert got.shape == (3, c, model.config.vocab_size)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_completion_hidden_match_full_forward(tiny):
+    model, _ = tiny
+    model.eval()
+    prompt, pmask, comp, cmask = _batch(c=4)
+    with torch.no_grad():
+        ids, mask = torch.cat([prompt, comp], 1), torch.cat([pmask, cmask], 1)
+        full = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                   use_cache=False).last_hidden_state
+        got = completion_hidden(model, prompt, pmask, comp, cmask)
+    p = prompt.size(1)
+    torch.testing.assert_close(got, full[:, p - 1 : p + 3], rtol=1e-5, atol=1e-5)
+    # and the output embedding of these states gives completion_logits
+    with torch.no_grad():
+        logits = completion_logits(model, prompt, pmask, comp, cmask)
+    torch.testing.assert_close(model.get_output_embeddings()(got), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_completion_logits_gradient_unchanged(tiny):
+    """Dropping the unused last token changes no gradient."""
+    model, _ = tiny
+    model.train()
+    prompt, pmask, comp, cmask = _batch(c=4)
+    ref, _ = _reference_logits(model, prompt, pmask, comp, cmask)
+    g_ref = torch.autograd.grad(ref.float().log_softmax(-1).mean(), list(model.parameters()), allow_unused=True)
+    got = completion_logits(model, prompt, pmask, comp, cmask)
+    g_got = torch.autograd.grad(got.float().log_softmax(-1).mean(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_ref, g_got):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 65])
+def test_rows_first_head_same_logits_and_restored(tiny, rows):
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    x = torch.randn(rows, 1, model.config.hidden_size)
+    with torch.no_grad():
+        ref = head(x)
+        with _rows_first_output_head(model):
+            assert "forward" in vars(head)
+            got = head(x)
+    assert "forward" not in vars(head)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_first_head_restored_on_error_and_skipped_for_other_dtypes(tiny):
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    with pytest.raises(RuntimeError, match="boom"):
+        with _rows_first_output_head(model):
+            raise RuntimeError("boom")
+    assert "forward" not in vars(head)
+    model.to(torch.float64)
+    with _rows_first_output_head(model):
+        assert "forward" not in vars(head)  # only fp32 heads are swapped
+
+
+def test_sampler_logprobs_agree_with_trainer_logits(tiny):
+    """Greedy rollouts decoded with the KV cache and the rows-first head: the sampler's log-probs equal the
+    training-side log-probs of the same tokens, and every token is the trainer's argmax."""
+    model, tok = tiny
+    model.eval()
+    prompt, pmask, _, _ = _batch(rows=4, p=7)
+    ro = sample(model, prompt, pmask, SamplingConfig(do_sample=False, max_new_tokens=6, fixed_length=True),
+                pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id])
+    with torch.no_grad():
+        logits = completion_logits(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    logp = logits.float().log_softmax(-1)
+    picked = logp.gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    valid = ro.completion_mask.bool()
+    torch.testing.assert_close(picked[valid], ro.logprobs[valid], rtol=1e-4, atol=1e-4)
+    assert torch.equal(logp.argmax(-1)[valid], ro.completion_ids[valid])
