@@ -1,0 +1,183 @@
+"""The floor of one on-policy self-distillation step: counted FLOPs and bytes of each phase divided by the
+machine's measured rates.
+
+- `measure_rates()` times a square fp32 matmul (FLOP/s) and a large tensor copy (bytes/s, read + write
+  counted) on this machine, the same way every time, and keeps the best of a few repeats.
+- `ModelShape.from_config(config)` reads a Llama-style decoder's sizes from a Hugging Face config.
+- `step_floor(shape, work, rates)` returns the lower bound of each phase in seconds:
+
+| phase | work counted | bound |
+|---|---|---|
+| generation | prefill of R x P prompt tokens (logits at the last position only), then C decode steps: every weight read once per step, KV cache read, R tokens of matmuls | prefill: FLOPs; each decode step: max(FLOPs, bytes) |
+| teacher_forward | R x (P' + C) tokens forward, logits at the C completion positions | FLOPs |
+| student_fwd_bwd | 3 x the forward FLOPs of R x (P + C) tokens (backward = 2 x forward), plus the full-vocabulary loss: 5 passes over `[R, C, V]` fp32 logits | FLOPs + loss bytes |
+| optimizer | AdamW: read param, grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq (7 x 4 bytes a parameter) | bytes |
+
+Attention FLOPs count the causal half of the score matrix. Embedding lookups, norms, activations and
+rotary embeddings are left out (each well under 1% here), so the floor is a true lower bound of the
+counted work, not a prediction.
+
+Usage: `python experiments/benchmarks/floor.py` prints this machine's rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class MachineRates:
+    """Measured peak-ish rates: `flops` fp32 matmul FLOP/s, `bandwidth` copy bytes/s (read + write)."""
+
+    flops: float
+    bandwidth: float
+    device: str
+    threads: int
+    matmul_n: int
+    copy_bytes: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(device: str | torch.device = "cpu", *, matmul_n: int | None = None, copy_mib: int | None = None,
+                  repeats: int = 5, dtype: torch.dtype = torch.float32) -> MachineRates:
+    """Time `[n, n] @ [n, n]` (2 n^3 FLOPs) and `dst.copy_(src)` of `copy_mib` MiB (2 x size bytes moved).
+
+    Defaults: n = 1024 and 256 MiB on CPU (larger than any cache), n = 8192 and 2 GiB on CUDA. The best of
+    `repeats` is kept: the floor wants the machine's attainable rate, not its average under load."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = matmul_n or (8192 if cuda else 1024)
+    mib = copy_mib or (2048 if cuda else 256)
+    if cuda:
+        # TF32 would inflate the "fp32" rate; the models here run true fp32 unless the user sets it
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        t_mm = _best_seconds(lambda: torch.mm(a, b, out=out), device, repeats)
+        del a, b, out
+        numel = mib * 2**20 // 4
+        src = torch.ones(numel, device=device, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        t_cp = _best_seconds(lambda: dst.copy_(src), device, repeats)
+        del src, dst
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return MachineRates(flops=2 * n**3 / t_mm, bandwidth=2 * numel * 4 / t_cp, device=str(device),
+                        threads=torch.get_num_threads(), matmul_n=n, copy_bytes=numel * 4)
+
+
+@dataclass
+class ModelShape:
+    """Sizes of a Llama-style decoder (q/k/v/o projections, gated MLP, LM head)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    n_params: int  # all parameters (tied embeddings counted once)
+    bytes_per_param: int = 4
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "ModelShape":
+        c = model.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        params = list(model.parameters())
+        return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   intermediate=c.intermediate_size, vocab=c.vocab_size, n_params=sum(p.numel() for p in params),
+                   bytes_per_param=params[0].element_size())
+
+    @property
+    def layer_params(self) -> int:
+        """Matmul weights of one decoder layer (norm weights left out)."""
+        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
+        return attn + 3 * self.hidden * self.intermediate
+
+    def forward_flops(self, rows: int, length: int, logits: int, past: int = 0) -> float:
+        """FLOPs of a forward over `rows` sequences of `length` new tokens after `past` cached ones, with
+        logits at `logits` positions per row."""
+        dense = 2 * self.layer_params * self.layers * rows * length
+        # causal attention: token i attends to past + i + 1 keys; QK^T and AV each 2 * heads * head_dim FLOPs a key
+        keys = length * past + length * (length + 1) / 2
+        attn = 4 * self.heads * self.head_dim * self.layers * rows * keys
+        head = 2 * self.hidden * self.vocab * rows * logits
+        return dense + attn + head
+
+
+@dataclass
+class StepWork:
+    """Token counts of one step: R rows, student prompt P, teacher prompt P' (padded widths), C new tokens."""
+
+    rows: int
+    prompt: int
+    teacher_prompt: int
+    completion: int
+
+
+def step_floor(shape: ModelShape, work: StepWork, rates: MachineRates, *, decode: bool = True) -> dict[str, float]:
+    """Lower bound in seconds of each phase (see the module docstring) and their `total`; `decode=False` for
+    steps whose completions are not generated (generation floor 0)."""
+    r, p, tp, c = work.rows, work.prompt, work.teacher_prompt, work.completion
+    bpp = shape.bytes_per_param
+    flops, bw = rates.flops, rates.bandwidth
+    # generation: prefill, then C - 1 decode steps (the first token comes from the prefill logits)
+    gen = shape.forward_flops(r, p, 1) / flops
+    weight_bytes = (shape.layer_params * shape.layers + shape.hidden * shape.vocab) * bpp
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * bpp
+    for t in range(1, c):
+        ctx = p + t
+        step_flops = shape.forward_flops(r, 1, 1, past=ctx - 1)
+        step_bytes = weight_bytes + kv_per_token * r * ctx
+        gen += max(step_flops / flops, step_bytes / bw)
+    teacher = shape.forward_flops(r, tp + c, c) / flops
+    loss_bytes = 5 * r * c * shape.vocab * 4
+    student = 3 * shape.forward_flops(r, p + c, c) / flops + loss_bytes / bw
+    optimizer = 7 * 4 * shape.n_params / bw
+    phases = {"generation": gen if decode else 0.0, "teacher_forward": teacher, "student_fwd_bwd": student, "optimizer": optimizer}
+    phases["total"] = sum(phases.values())
+    return phases
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description="Measure this machine's fp32 matmul and memory-copy rates.")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rates = measure_rates(args.device)
+    print(f"fp32 matmul: {rates.flops / 1e9:.0f} GFLOP/s (n={rates.matmul_n}), "
+          f"copy: {rates.bandwidth / 1e9:.1f} GB/s (read+write, {rates.copy_bytes / 2**20:.0f} MiB), "
+          f"device {rates.device}, {rates.threads} threads")
+    print(asdict(rates))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,273 @@
+"""Our module against TRL's `SDFTTrainer` on the same work, alternating in one invocation.
+
+Both sides get the same model weights, the same prompts (the chat template applied by the same tokenizer),
+the same teacher text (`"{prompt}\\n\\n{solution}"`, TRL's default `teacher_prompt_template` with the
+solution as `privileged_context`), a frozen copy of the initial model as teacher, the same loss (full-vocabulary
+forward KL(T||S), per-sequence mean then batch mean, no importance weights, no skipped tokens), the same
+sampling (temperature 1, no top-k / top-p, one rollout per prompt) and the same lengths: every rollout is
+decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length=True)`; TRL:
+`min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
+Neither side clips gradients; both use AdamW at the same learning rate.
+
+Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
+that both see the same machine state. Medians are over all measured steps of all runs of a side.
+
+Run it with the interpreter that has TRL (`.venv-bench`, see README.md):
+
+    .venv-bench/bin/python experiments/benchmarks/vs_trl.py           # the acceptance configuration
+    .venv-bench/bin/python experiments/benchmarks/vs_trl.py --rounds 1 --steps 2
+
+The last line printed is `ratio: <our median step time / TRL's>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import step as ours  # noqa: E402
+
+PHASES = ours.PHASES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2_135m")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--completion-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=3, help="measured steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps at the start of each run")
+    p.add_argument("--rounds", type=int, default=2, help="runs per side (alternating)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _ours_argv(args: argparse.Namespace) -> list[str]:
+    keys = ("model", "tokenizer", "dtype", "device", "threads", "batch", "prompt_len", "completion_len", "lr",
+            "steps", "warmup", "seed")
+    out = []
+    for k in keys:
+        if getattr(args, k) is not None:
+            out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
+                  "--chunk-size", "none"]
+
+
+# ---------------------------------------------------------------------------------------------- TRL worker
+def _model_path(args: argparse.Namespace, model, tmp: str) -> str:
+    """TRL builds its frozen teacher from `config._name_or_path`: give it a folder holding these weights."""
+    path = getattr(model.config, "_name_or_path", "")
+    if path and os.path.isdir(path):
+        return path
+    model.save_pretrained(tmp)
+    return tmp
+
+
+def run_trl_worker(args: argparse.Namespace) -> dict:
+    """One TRL `SDFTTrainer` run with per-phase timestamps (its methods wrapped, not changed)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    from lightning_sd.models import load_model, resolve_dtype
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rates = ours.measure_rates(device)
+    model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed)
+    records = ours.benchmark_records(tokenizer, args.batch, args.prompt_len, args.seed)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["solution"]}
+                              for r in records])
+    total = args.warmup + args.steps
+    tmp = tempfile.mkdtemp(prefix="vs_trl_")
+    path = _model_path(args, model, tmp)
+    del model
+    config = SDFTConfig(
+        output_dir=tmp, max_steps=total, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        num_generations=1, max_completion_length=args.completion_len, max_prompt_length=None,
+        temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": args.completion_len},
+        distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
+        num_loss_tokens_to_skip=0, teacher_model_kind="base", learning_rate=args.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0, seed=args.seed,
+        shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=False, fp16=False, report_to="none",
+        save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": resolve_dtype(args.dtype)},
+    )
+    steps: list[dict] = []
+    cur: dict = {}
+    marks: dict = {}
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            cur.clear()
+            marks["start"] = now()
+
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            marks["optimizer"] = now()
+
+        def on_step_end(self, a, state, control, **kw):
+            end = now()
+            cur["optimizer"] = end - marks["optimizer"]
+            cur["step"] = end - marks["start"]
+            cur["other"] = cur["step"] - sum(cur.get(k, 0.0) for k in PHASES if k != "other")
+            steps.append(dict(cur))
+
+    trainer = SDFTTrainer(model=path, args=config, train_dataset=data, processing_class=tokenizer,
+                          callbacks=[Clock()])
+
+    def span(name, fn):
+        def wrapped(*a, **kw):
+            t0 = now()
+            out = fn(*a, **kw)
+            cur[name] = cur.get(name, 0.0) + now() - t0
+            return out
+        return wrapped
+
+    trainer.sample_rollouts = span("generation", trainer.sample_rollouts)
+    trainer.teacher_context_builder.build = span("teacher_prompts", trainer.teacher_context_builder.build)
+    forward_logits = trainer._forward_logits
+
+    def _forward_logits(*a, **kw):
+        name = "student_forward" if torch.is_grad_enabled() else "teacher_forward"
+        return span(name, forward_logits)(*a, **kw)
+
+    trainer._forward_logits = _forward_logits
+    loss_fn = trainer._compute_self_distillation_loss
+
+    def _loss(*a, **kw):
+        out = span("student_forward", loss_fn)(*a, **kw)
+        cur["loss"] = float(out)
+        return out
+
+    trainer._compute_self_distillation_loss = _loss
+    trainer.accelerator.backward = span("backward", trainer.accelerator.backward)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train()
+    return {
+        "steps": steps[args.warmup:],
+        "losses": [s.get("loss") for s in steps],
+        "rates": vars(rates),
+        "peak_rss": ours.peak_rss_bytes(),
+        "peak_gpu": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "load": os.getloadavg(),
+        "trl": __import__("trl").__version__,
+    }
+
+
+def _run_trl_subprocess(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        argv = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", out]
+        for k, v in vars(args).items():
+            if k in ("trl_worker", "out", "json", "rounds") or v is None:
+                continue
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"TRL worker failed (exit {proc.returncode}): {' '.join(argv)}\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _medians(runs: list[dict]) -> dict:
+    steps = [s for r in runs for s in r["steps"]]
+    return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in (*PHASES, "step")}
+
+
+def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
+    mo, mt = _medians(ours_runs), _medians(trl_runs)
+    first = ours_runs[0]
+    c, w = first["config"], first["work"]
+    rss_o = max(r["peak_rss"] for r in ours_runs)
+    rss_t = max(r["peak_rss"] for r in trl_runs)
+    floor = first["floor"]
+    loads = [r["load"][0] for r in ours_runs + trl_runs]
+    lines = [
+        f"model {c['model']}, {first['device_name']}, threads {c['threads']}, torch {first['torch']}, "
+        f"TRL {trl_runs[0]['trl']}; load average (1 min) during runs {min(loads):.2f}-{max(loads):.2f}",
+        f"batch {w['rows']} x {w['completion']} new tokens, prompt {w['prompt']} / teacher prompt {w['teacher_prompt']} "
+        f"tokens, full-vocabulary forward KL, frozen teacher; {len(ours_runs)} runs per side x "
+        f"{len(first['steps'])} measured steps (after {c['warmup']} warm-up)",
+        "",
+        f"{'phase (median s)':<20}{'ours':>9}{'TRL':>9}{'ours/TRL':>10}",
+    ]
+    for k in (*PHASES, "step"):
+        ratio = mo[k] / mt[k] if mt[k] > 0 else float("nan")
+        lines.append(f"{k:<20}{mo[k]:>9.3f}{mt[k]:>9.3f}{ratio:>10.2f}")
+    lines += [
+        f"{'peak RSS GiB':<20}{rss_o / 2**30:>9.2f}{rss_t / 2**30:>9.2f}{rss_o / rss_t:>10.2f}",
+        f"{'loss (step 1)':<20}{ours_runs[0]['losses'][0]:>9.4f}{trl_runs[0]['losses'][0]:>9.4f}",
+        "",
+        f"floor of this step (ours' rates: {first['rates']['flops'] / 1e9:.0f} GFLOP/s, "
+        f"{first['rates']['bandwidth'] / 1e9:.1f} GB/s): {floor['total']:.2f} s; ours {mo['step'] / floor['total']:.2f}"
+        f" x floor, TRL {mt['step'] / floor['total']:.2f} x floor",
+        f"ratio: {mo['step'] / mt['step']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.trl_worker:
+        result = run_trl_worker(args)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        return
+    ours_runs, trl_runs = [], []
+    for r in range(args.rounds):
+        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
+        for side in order:
+            t0 = time.perf_counter()
+            if side == "ours":
+                ours_runs.append(ours.run_subprocess(_ours_argv(args)))
+                res = ours_runs[-1]
+            else:
+                trl_runs.append(_run_trl_subprocess(args))
+                res = trl_runs[-1]
+            med = statistics.median(s["step"] for s in res["steps"])
+            print(f"round {r + 1}/{args.rounds} {side:>4}: median step {med:.2f} s, peak RSS "
+                  f"{res['peak_rss'] / 2**30:.2f} GiB, load {res['load'][0]:.2f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ours": ours_runs, "trl": trl_runs}, f, indent=1)
+    print(format_report(ours_runs, trl_runs))
+
+
+if __name__ == "__main__":
+    main()
