@@ -30,6 +30,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def loss_option(name: str, **overrides) -> LossConfig:
     """The shipped defaults of `conf/loss/<name>.yaml`, with overrides."""
     values = OmegaConf.to_container(OmegaConf.load(CONF / "loss" / f"{name}.yaml"))
+    values.pop("defaults", None)  # the Hydra defaults list (the method's teacher), not a loss key
     return LossConfig.from_dict({**values, **overrides})
 
 
