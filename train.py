@@ -91,6 +91,8 @@ def main(cfg: DictConfig) -> dict:
     if e.after:
         run_eval("after")
     metrics["total_seconds"] = time.perf_counter() - t_start
+    if trainer.global_rank != 0:  # under DDP every rank runs this script; rank 0 writes the results
+        return metrics
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=str)
     print(f"[done] {metrics['total_seconds']:.0f} s; metrics in {os.path.join(run_dir, 'metrics.json')}", flush=True)
