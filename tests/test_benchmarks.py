@@ -59,7 +59,7 @@ def test_step_floor_phases_add_up_and_scale():
     assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"))
     assert phases["optimizer"] == pytest.approx(28 * 10_000 / 1e9)
     # the student does 3x the forward work on its (shorter) sequence, plus the loss passes
-    expected = 3 * s.forward_flops(4, 16, 6) / 1e9 + 5 * 4 * 6 * 32 * 4 / 1e9
+    expected = 3 * s.forward_flops(4, 15, 6) / 1e9 + 5 * 4 * 6 * 32 * 4 / 1e9  # last token not fed
     assert phases["student_fwd_bwd"] == pytest.approx(expected)
     slower = floor.step_floor(s, work, floor.MachineRates(0.5e9, 0.5e9, "cpu", 1, 1, 1))
     assert slower["total"] == pytest.approx(2 * phases["total"])
@@ -108,9 +108,15 @@ def _tiny_args(*extra: str):
                             "--warmup", "0", "--prompt-len", "48", *extra])
 
 
-def test_worker_runs_fixed_work_and_reports_phases():
+@pytest.fixture(scope="module")
+def tiny_result():
+    """One in-process worker run on the tiny model (2 steps), shared by the tests that read a result."""
     torch.manual_seed(0)
-    result = step.run_worker(_tiny_args())
+    return step.run_worker(_tiny_args())
+
+
+def test_worker_runs_fixed_work_and_reports_phases(tiny_result):
+    result = tiny_result
     assert len(result["steps"]) == 2
     for s in result["steps"]:
         assert s["rows"] == 2 and s["completion_width"] == 6 and s["prompt_width"] == 48
@@ -151,9 +157,9 @@ def test_cli_prints_table_from_a_fresh_process():
     assert "x floor" in proc.stdout and "step / floor" in proc.stdout
 
 
-def test_vs_trl_report_ratio_line():
+def test_vs_trl_report_ratio_line(tiny_result):
     vs = _load("vs_trl")
-    ours = step.run_worker(_tiny_args("--steps", "1"))
+    ours = {**tiny_result, "steps": tiny_result["steps"][:1]}
     trl = {"steps": [{**{k: 2 * v for k, v in ours["steps"][0].items() if k in (*step.PHASES, "step")}}],
            "losses": [ours["losses"][0]], "peak_rss": ours["peak_rss"], "load": ours["load"], "trl": "x",
            "rates": ours["rates"]}

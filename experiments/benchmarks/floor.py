@@ -9,8 +9,8 @@ machine's measured rates.
 | phase | work counted | bound |
 |---|---|---|
 | generation | prefill of R x P prompt tokens (logits at the last position only), then C decode steps: every weight read once per step, KV cache read, R tokens of matmuls | prefill: FLOPs; each decode step: max(FLOPs, bytes) |
-| teacher_forward | R x (P' + C) tokens forward, logits at the C completion positions | FLOPs |
-| student_fwd_bwd | 3 x the forward FLOPs of R x (P + C) tokens (backward = 2 x forward), plus the full-vocabulary loss: 5 passes over `[R, C, V]` fp32 logits | FLOPs + loss bytes |
+| teacher_forward | R x (P' + C - 1) tokens forward (the last token is not fed), logits at the C completion positions | FLOPs |
+| student_fwd_bwd | 3 x the forward FLOPs of R x (P + C - 1) tokens (backward = 2 x forward), plus the full-vocabulary loss: 5 passes over `[R, C, V]` fp32 logits | FLOPs + loss bytes |
 | optimizer | AdamW: read param, grad, exp_avg, exp_avg_sq, write param, exp_avg, exp_avg_sq (7 x 4 bytes a parameter) | bytes |
 
 Attention FLOPs count the causal half of the score matrix. Embedding lookups, norms, activations and
@@ -157,9 +157,10 @@ def step_floor(shape: ModelShape, work: StepWork, rates: MachineRates, *, decode
         step_flops = shape.forward_flops(r, 1, 1, past=ctx - 1)
         step_bytes = weight_bytes + kv_per_token * r * ctx
         gen += max(step_flops / flops, step_bytes / bw)
-    teacher = shape.forward_flops(r, tp + c, c) / flops
+    # the last completion token scores nothing and is not fed (`completion_logits`)
+    teacher = shape.forward_flops(r, tp + c - 1, c) / flops
     loss_bytes = 5 * r * c * shape.vocab * 4
-    student = 3 * shape.forward_flops(r, p + c, c) / flops + loss_bytes / bw
+    student = 3 * shape.forward_flops(r, p + c - 1, c) / flops + loss_bytes / bw
     optimizer = 7 * 4 * shape.n_params / bw
     phases = {"generation": gen if decode else 0.0, "teacher_forward": teacher, "student_fwd_bwd": student, "optimizer": optimizer}
     phases["total"] = sum(phases.values())

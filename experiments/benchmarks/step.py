@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on GPU")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the student's activations in backward (less memory, ~one more forward)")
     p.add_argument("--batch", type=int, default=8, help="prompts per step (one rollout each)")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="exact student prompt length in tokens (chat template included); default: the task's prompts")
@@ -279,6 +281,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     rates = measure_rates(device)
     extra = {"name_or_path": args.name_or_path} if args.name_or_path else {}
     student, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed, **extra)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     records = benchmark_records(tokenizer, args.batch, args.prompt_len, args.seed)
     batch = make_batch(tokenizer, records)
     chunk = chunk_sizes(args.chunk_size)[0]
@@ -378,7 +382,8 @@ def format_table(result: dict) -> str:
         f"{result['device_name']}, threads {c['threads']}, torch {result['torch']}, load {result['load'][0]:.2f}",
         f"batch {w['rows']} x completion {w['completion']} tokens, prompt {w['prompt']} / teacher prompt "
         f"{w['teacher_prompt']} tokens, loss beta={c['beta']} support={c['support']} chunk_size={c['chunk_size']}, "
-        f"teacher {c['teacher']}, rollouts {c.get('rollouts', 'sample')}, {len(result['steps'])} measured steps after "
+        f"teacher {c['teacher']}, rollouts {c.get('rollouts', 'sample')}, precision {c['precision']}, gradient "
+        f"checkpointing {'on' if c.get('gradient_checkpointing') else 'off'}, {len(result['steps'])} measured steps after "
         f"{c['warmup']} warm-up",
         f"machine rates: fp32 matmul {r['flops'] / 1e9:.0f} GFLOP/s, copy {r['bandwidth'] / 1e9:.1f} GB/s",
         "",
@@ -419,9 +424,9 @@ def worker_argv(args: argparse.Namespace, chunk: int | None) -> list[str]:
     """The command line of one worker: every option of `args`, with one `--chunk-size`."""
     out = []
     for key, value in vars(args).items():
-        if key in ("worker", "out", "json", "chunk_size") or value is None:
+        if key in ("worker", "out", "json", "chunk_size") or value is None or value is False:
             continue
-        out += [f"--{key.replace('_', '-')}", str(value)]
+        out += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
     return out + ["--chunk-size", "none" if chunk is None else str(chunk)]
 
 

@@ -7,7 +7,9 @@ forward KL(T||S), per-sequence mean then batch mean, no importance weights, no s
 sampling (temperature 1, no top-k / top-p, one rollout per prompt) and the same lengths: every rollout is
 decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length=True)`; TRL:
 `min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
-Neither side clips gradients; both use AdamW at the same learning rate.
+Neither side clips gradients; both use AdamW at the same learning rate. Precision and gradient checkpointing
+are the same on both sides: fp32 and checkpointing on (TRL's default) unless `--bf16` /
+`--no-gradient-checkpointing`.
 
 Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
 that both see the same machine state. Medians are over all measured steps of all runs of a side.
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps at the start of each run")
     p.add_argument("--rounds", type=int, default=2, help="runs per side (alternating)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="both sides keep activations (default: both recompute them, TRL's default)")
+    p.add_argument("--bf16", action="store_true", help="both sides in bf16 mixed precision (default fp32)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -72,6 +77,8 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
     for k in keys:
         if getattr(args, k) is not None:
             out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    out += ["--precision", "bf16-mixed" if args.bf16 else "32-true"]
+    out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
                   "--chunk-size", "none"]
 
@@ -115,7 +122,8 @@ def run_trl_worker(args: argparse.Namespace) -> dict:
         distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
         num_loss_tokens_to_skip=0, teacher_model_kind="base", learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0, seed=args.seed,
-        shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=False, fp16=False, report_to="none",
+        shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=args.bf16, fp16=False, report_to="none",
+        gradient_checkpointing=not args.no_gradient_checkpointing,
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
         model_init_kwargs={"dtype": resolve_dtype(args.dtype)},
     )
@@ -191,9 +199,9 @@ def _run_trl_subprocess(args: argparse.Namespace) -> dict:
         out = os.path.join(tmp, "result.json")
         argv = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", out]
         for k, v in vars(args).items():
-            if k in ("trl_worker", "out", "json", "rounds") or v is None:
+            if k in ("trl_worker", "out", "json", "rounds") or v is None or v is False:
                 continue
-            argv += [f"--{k.replace('_', '-')}", str(v)]
+            argv += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"TRL worker failed (exit {proc.returncode}): {' '.join(argv)}\n"
@@ -220,7 +228,8 @@ def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
         f"model {c['model']}, {first['device_name']}, threads {c['threads']}, torch {first['torch']}, "
         f"TRL {trl_runs[0]['trl']}; load average (1 min) during runs {min(loads):.2f}-{max(loads):.2f}",
         f"batch {w['rows']} x {w['completion']} new tokens, prompt {w['prompt']} / teacher prompt {w['teacher_prompt']} "
-        f"tokens, full-vocabulary forward KL, frozen teacher; {len(ours_runs)} runs per side x "
+        f"tokens, full-vocabulary forward KL, frozen teacher, precision {c['precision']}, gradient checkpointing "
+        f"{'on' if c.get('gradient_checkpointing') else 'off'} (both sides); {len(ours_runs)} runs per side x "
         f"{len(first['steps'])} measured steps (after {c['warmup']} warm-up)",
         "",
         f"{'phase (median s)':<20}{'ours':>9}{'TRL':>9}{'ours/TRL':>10}",
