@@ -103,3 +103,49 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
     return EvalResult(student_accuracy=student_acc, teacher_accuracy=teacher_acc,
                       gap=None if teacher_acc is None else teacher_acc - student_acc,
                       mean_completion_tokens=sum(lengths) / max(len(lengths), 1), n=n, samples=samples)
+
+
+GENERAL_PROMPTS: tuple[str, ...] = (
+    "Write a short poem about the sea.", "Explain what photosynthesis is in two sentences.",
+    "Give me three tips for sleeping better.", "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.", "How do I boil an egg?",
+    "Why is the sky blue?", "Write a friendly email inviting a colleague to lunch.",
+    "What are the primary colors?", "Summarize the story of Little Red Riding Hood.",
+    "Name three benefits of regular exercise.", "What does a librarian do?",
+    "How many days are there in a leap year, and why?", "Suggest a name for a small bakery.",
+    "What is a prime number? Give an example.", "Translate 'good morning' into French and Spanish.",
+)
+
+
+@torch.no_grad()
+def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[str, ...] = GENERAL_PROMPTS, *,
+                      max_new_tokens: int = 48, pad_token_id: int | None = None, system_prompt: str | None = None,
+                      batch_size: int = 16) -> dict:
+    """How far `model` has drifted from `reference` (e.g. the base model) on general prompts: `model` writes
+    greedy completions of the chat-formatted `prompts`, and the per-token KL(model || reference) =
+    sum_v M(v) (log M(v) - log R(v)) is averaged over all completion tokens (mean) and per prompt.
+
+    Returns `{"kl_mean": float, "kl_per_prompt": [float], "tokens": int}`; 0 when the two models are equal."""
+    from lightning_sd.generation import stop_ids
+    from lightning_sd.losses import per_token_divergence
+    from lightning_sd.module import completion_logits
+
+    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    device, ref_device = next(model.parameters()).device, next(reference.parameters()).device
+    per_prompt, total, count = [], 0.0, 0
+    with sampling_mode(model), sampling_mode(reference):
+        for i in range(0, len(prompts), batch_size):
+            texts = [format_prompt(tokenizer, p, system=system_prompt) for p in prompts[i:i + batch_size]]
+            enc = encode_prompts(tokenizer, texts, max_length=None, truncation="left", pad_token_id=pad)
+            ids, mask = enc.ids.to(device), enc.mask.to(device)
+            roll = sample(model, ids, mask, SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens),
+                          pad_token_id=pad, stop_token_ids=stop_ids(tokenizer))
+            m_logits = completion_logits(model, ids, mask, roll.completion_ids, roll.completion_mask).double()
+            r_logits = completion_logits(reference, ids.to(ref_device), mask.to(ref_device),
+                                         roll.completion_ids.to(ref_device), roll.completion_mask.to(ref_device))
+            kl = per_token_divergence(m_logits, r_logits.double().to(device), beta=1.0)  # S=model, T=reference
+            cmask = roll.completion_mask.to(kl.dtype)
+            per_prompt += [float((kl[r] * cmask[r]).sum() / cmask[r].sum().clamp(min=1.0)) for r in range(kl.size(0))]
+            total += float((kl * cmask).sum())
+            count += int(cmask.sum())
+    return {"kl_mean": total / max(count, 1), "kl_per_prompt": per_prompt, "tokens": count}

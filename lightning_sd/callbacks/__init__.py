@@ -1,6 +1,7 @@
 """Callbacks and plugins for reliable, inspectable runs: atomic checkpoints (`AtomicCheckpointIO`), random
 states in checkpoints (`RngState`), per-token HTML views (`TokenView`), sample tables (`SampleTable`), a
-progress bar over optimizer steps (`TrainingProgressBar`) and verifier-failure counts (`FailureCounters`).
+progress bar over optimizer steps (`TrainingProgressBar`) and verifier-failure counts (`FailureCounters`) and learning curves
+(`PeriodicEvaluation`).
 
 `build_callbacks(...)` turns the `callbacks` config group (plus `logger.log_samples_every`) into them."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from lightning_sd.callbacks.counters import FailureCounters
+from lightning_sd.callbacks.periodic_eval import PeriodicEvaluation
 from lightning_sd.callbacks.progress import TrainingProgressBar
 from lightning_sd.callbacks.rng import RngState
 from lightning_sd.callbacks.samples import SampleTable
@@ -35,5 +37,5 @@ def build_callbacks(c, log_samples_every: int | None = None,
     return first, last, plugins
 
 
-__all__ = ["AtomicCheckpointIO", "FailureCounters", "RngState", "SampleTable", "TokenView", "TrainingProgressBar",
+__all__ = ["AtomicCheckpointIO", "FailureCounters", "PeriodicEvaluation", "RngState", "SampleTable", "TokenView", "TrainingProgressBar",
            "atomic_torch_save", "build_callbacks"]

@@ -1,0 +1,401 @@
+"""Shared machinery of the evidence experiments (`knowledge_injection.py`, `self_critique_arithmetic.py`,
+`rl_feedback_vs_grpo.py`): compose each arm's training config from `conf/` with Hydra, run every (arm, seed)
+in its own process, measure, and write the results folder.
+
+An experiment config (`experiments/conf/<name>.yaml`, Hydra-composed; any key can be overridden on the command
+line, e.g. `seeds=[0] parallel=1`) holds:
+
+    name, out_dir (results: JSON, CSV, PNG, one result.json per run), work_dir (run folders: checkpoints, logs),
+    seeds, parallel (runs at once, each a separate process; 0 = in this process, one after another),
+    threads (torch threads per run), common (overrides of conf/train.yaml for every arm), extra (appended last),
+    arms: {name: {train, overrides}}, measure: what to measure.
+
+Command line: `python experiments/<name>.py [experiment overrides] [-- train overrides for every arm]`, e.g.
+`python experiments/knowledge_injection.py seeds=[0] parallel=0 -- model=tiny trainer.max_steps=2`.
+
+Per run (seed k: `seed=k data.seed=k generation.seed=k`, so the train order, the held-out problems and the
+samples all change with the seed, and arms with the same seed see the same problems):
+
+- before training: the student's greedy accuracy and, if `measure.teacher_before`, the teacher's accuracy with
+  its privileged context on the same held-out prompts (the gap is what self-distillation can transfer);
+- during training: `PeriodicEvaluation` (greedy accuracy every `measure.curve_every` steps, else at the start
+  and the end) against the rollouts and tokens generated for training so far;
+- after training: greedy accuracy, sampled accuracy (`measure.sampled_n` samples per prompt at
+  `measure.sampled_temperature`), mean completion length, for sequences of tasks the accuracy matrix
+  (`continual.json`), and if `measure.drift` the per-token KL(trained || base) on general prompts.
+
+Resumable at two levels: a run whose `result.json` exists is skipped; an interrupted run restarts from its
+`last.ckpt` (written every `trainer.checkpoint_every_n_steps`; deleted once the run's result is written).
+Each `result.json` records the resolved config, seed, git commit, machine and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def compose_experiment(name: str, overrides: list[str]):
+    """The experiment's config `experiments/conf/<name>.yaml` with command-line `overrides`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "experiments" / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def compose_train(overrides: list[str]):
+    """`conf/train.yaml` with `overrides` (what `python train.py <overrides>` would run)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_overrides(exp, arm: str, seed: int) -> list[str]:
+    arm_cfg = exp.arms[arm]
+    return ([*exp.common, *arm_cfg.overrides, *exp.extra] +
+            [f"seed={seed}", f"data.seed={seed}", f"generation.seed={seed}"])
+
+
+def check_experiment(exp) -> None:
+    """Clear errors before anything runs: every arm composes and validates."""
+    from lightning_sd.config import validate_config
+
+    if not exp.seeds:
+        raise ValueError(f"{exp.name}: seeds is empty; give at least one, e.g. seeds=[0]")
+    if not exp.arms:
+        raise ValueError(f"{exp.name}: arms is empty")
+    for arm in exp.arms:
+        try:
+            validate_config(compose_train(run_overrides(exp, arm, exp.seeds[0])))
+        except Exception as err:  # name the arm: the config error itself names the key
+            raise ValueError(f"{exp.name}: arm {arm!r} does not compose: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------- facts
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg": os.getloadavg()}
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run_one(spec: dict) -> dict:
+    """Train and measure one (arm, seed); write `<result_dir>/result.json` and return it."""
+    import torch
+    from lightning.pytorch import Trainer, seed_everything
+    from omegaconf import OmegaConf
+
+    from lightning_sd.build import build_logger, build_run, check_data
+    from lightning_sd.callbacks import PeriodicEvaluation
+    from lightning_sd.evaluation import evaluate, kl_from_reference
+    from lightning_sd.models import load_model
+    from lightning_sd.sampling import SamplingConfig
+
+    torch.set_num_threads(int(spec["threads"]))
+    t_start = time.perf_counter()
+    run_dir, result_dir, measure = spec["run_dir"], spec["result_dir"], spec["measure"]
+    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(result_dir, exist_ok=True)
+    cfg = compose_train(spec["overrides"])
+    seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run = build_run(cfg, run_dir=run_dir)
+    module, dm = run.module, run.datamodule
+    dm.setup("fit")
+    check_data(run)
+    result: dict[str, Any] = {
+        "experiment": spec["experiment"], "arm": spec["arm"], "seed": spec["seed"], "train": spec["train"],
+        "overrides": spec["overrides"], "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git_commit(), "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def eval_batches():
+        return dm.val_dataloader()
+
+    # before training (kept in the run folder so that a resumed run does not measure it again)
+    before_path = os.path.join(run_dir, "before.json")
+    if os.path.isfile(before_path):
+        before = json.load(open(before_path))
+    else:
+        t0 = time.perf_counter()
+        r = evaluate(module, eval_batches(), with_teacher=bool(measure.get("teacher_before")), keep_samples=4)
+        before = {**r.as_dict(), "seconds": time.perf_counter() - t0}
+        if hasattr(dm, "task_labels"):  # a sequence of tasks: student and teacher-with-context per task and probe
+            before["by_task"] = {
+                label: evaluate(module, dm.eval_dataloader(label), with_teacher=bool(measure.get("teacher_before")),
+                                keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
+        json.dump(before, open(before_path, "w"), indent=2)
+    result["before"] = before
+
+    curve = None
+    if spec["train"]:
+        steps = int(cfg.trainer.max_steps)
+        curve = PeriodicEvaluation(int(measure.get("curve_every") or steps), eval_batches)
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        ckpt = last if os.path.isfile(last) else None
+        if ckpt is None:  # the step-0 point is the greedy "before" evaluation: not measured twice
+            curve.points = [{"step": 0, "samples": 0, "tokens": 0, "accuracy": before["student_accuracy"],
+                             "mean_completion_tokens": before["mean_completion_tokens"]}]
+        logger = build_logger(run.typed["logger"], run_dir, resume=ckpt is not None)
+        trainer = Trainer(**run.trainer_kwargs, callbacks=[*run.callbacks, curve], logger=logger,
+                          default_root_dir=run_dir)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        result["train_seconds"] = time.perf_counter() - t0
+        result["resumed_from"] = ckpt
+        result["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        result["curve"] = curve.points
+        result["generated_samples"], result["generated_tokens"] = curve.samples, curve.tokens
+        cont = os.path.join(run_dir, "continual.json")
+        if os.path.isfile(cont):
+            result["continual"] = json.load(open(cont))
+            shutil.copy(os.path.join(run_dir, "continual.png"), os.path.join(result_dir, "continual.png"))
+    else:
+        result["train_seconds"], result["generated_samples"], result["generated_tokens"] = 0.0, 0, 0
+
+    t0 = time.perf_counter()
+    after = evaluate(module, eval_batches(), with_teacher=False, keep_samples=4)
+    result["after"] = {**after.as_dict(), "seconds": time.perf_counter() - t0}
+    n = int(measure.get("sampled_n") or 0)
+    if n:
+        sampling = SamplingConfig(n=n, do_sample=True, temperature=float(measure.get("sampled_temperature", 1.0)),
+                                  max_new_tokens=module.eval_sampling.max_new_tokens, seed=1000 + int(spec["seed"]))
+        s = evaluate(module, eval_batches(), sampling, with_teacher=False, keep_samples=0)
+        result["after_sampled"] = {"accuracy": s.student_accuracy, "n_samples": s.n,
+                                   "mean_completion_tokens": s.mean_completion_tokens,
+                                   "temperature": sampling.temperature}
+    if measure.get("drift"):
+        from dataclasses import asdict
+
+        m = run.typed["model"]
+        base, _ = load_model(**{k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")})
+        base.to(next(module.student.parameters()).device)
+        result["drift"] = kl_from_reference(module.student, base, module.tokenizer,
+                                            max_new_tokens=int(measure.get("drift_max_new_tokens") or 48),
+                                            system_prompt=module.system_prompt)
+        del base
+    result["seconds"] = time.perf_counter() - t_start
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    tmp = os.path.join(result_dir, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(result_dir, "result.json"))
+    if not spec.get("keep_checkpoints"):
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- all runs
+def plan(exp) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    out_dir, work_dir = Path(exp.out_dir), Path(exp.work_dir)
+    specs = []
+    for seed in exp.seeds:  # seed-major: a partial result already has every arm of the first seeds
+        for arm in exp.arms:
+            specs.append({
+                "experiment": exp.name, "arm": arm, "seed": int(seed), "train": bool(exp.arms[arm].train),
+                "overrides": run_overrides(exp, arm, int(seed)), "threads": int(exp.threads),
+                "run_dir": str(work_dir / arm / f"seed{seed}"), "result_dir": str(out_dir / "runs" / arm / f"seed{seed}"),
+                "measure": OmegaConf.to_container(exp.measure, resolve=True),
+                "keep_checkpoints": bool(exp.get("keep_checkpoints", False))})
+    return specs
+
+
+def _done(spec: dict) -> bool:
+    return os.path.isfile(os.path.join(spec["result_dir"], "result.json"))
+
+
+def run_all(exp) -> list[dict]:
+    """Run every (arm, seed) that has no result yet, `exp.parallel` at a time; return all results."""
+    specs = plan(exp)
+    todo = [s for s in specs if not _done(s)]
+    total = len(specs)
+    print(f"[{exp.name}] {total} runs ({len(exp.arms)} arms x {len(exp.seeds)} seeds), {total - len(todo)} already "
+          f"done; results in {exp.out_dir}", flush=True)
+    t_all = time.perf_counter()
+    finished = total - len(todo)
+    if int(exp.parallel) <= 0:
+        for spec in todo:
+            res = run_one(spec)
+            finished += 1
+            print(_progress_line(exp.name, finished, total, spec, res, t_all), flush=True)
+    else:
+        running: list[tuple[dict, subprocess.Popen, Any]] = []
+        queue = list(todo)
+        failed = []
+        while queue or running:
+            while queue and len(running) < int(exp.parallel):
+                spec = queue.pop(0)
+                os.makedirs(spec["run_dir"], exist_ok=True)
+                spec_path = os.path.join(spec["run_dir"], "spec.json")
+                json.dump(spec, open(spec_path, "w"), indent=2)
+                log = open(os.path.join(spec["run_dir"], "log.txt"), "a")
+                env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+                proc = subprocess.Popen([sys.executable, __file__, "--run-one", spec_path], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running.append((spec, proc, log))
+            time.sleep(1.0)
+            for item in list(running):
+                spec, proc, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                finished += 1
+                if proc.returncode != 0 or not _done(spec):
+                    failed.append(spec)
+                    print(f"[{exp.name}] run {spec['arm']} seed {spec['seed']} FAILED (exit {proc.returncode}); "
+                          f"log: {os.path.join(spec['run_dir'], 'log.txt')}", flush=True)
+                    continue
+                res = json.load(open(os.path.join(spec["result_dir"], "result.json")))
+                print(_progress_line(exp.name, finished, total, spec, res, t_all), flush=True)
+        if failed:
+            raise RuntimeError(f"{exp.name}: {len(failed)} run(s) failed: " +
+                               ", ".join(f"{s['arm']}/seed{s['seed']}" for s in failed) +
+                               "; see their log.txt; rerun the same command to retry (finished runs are kept)")
+    return [json.load(open(os.path.join(s["result_dir"], "result.json"))) for s in specs]
+
+
+def _progress_line(name: str, k: int, total: int, spec: dict, res: dict, t_all: float) -> str:
+    return (f"[{name}] {k}/{total} {spec['arm']} seed {spec['seed']}: accuracy {res['before']['student_accuracy']:.3f}"
+            f" -> {res['after']['student_accuracy']:.3f} in {res['seconds']:.0f} s "
+            f"(elapsed {time.perf_counter() - t_all:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+def mean_spread(values: list[float | None]) -> dict:
+    """Mean, sample standard deviation, min, max and n over the non-missing values."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize(exp, results: list[dict], row: Callable[[dict], dict]) -> dict:
+    """Per-run rows (`row(result)`: flat metrics) and, per arm and metric, mean and spread over seeds."""
+    rows = [{"arm": r["arm"], "seed": r["seed"], **row(r)} for r in results]
+    arms: dict[str, dict] = {}
+    for arm in exp.arms:
+        mine = [x for x in rows if x["arm"] == arm]
+        keys = [k for k in (mine[0] if mine else {}) if k not in ("arm", "seed")]
+        arms[arm] = {k: mean_spread([x.get(k) for x in mine]) for k in keys}
+    return {"rows": rows, "arms": arms}
+
+
+def write_results(exp, results: list[dict], summary: dict, wall_seconds: float) -> Path:
+    """`results.json` (experiment config, every run's result, the summary), `results.csv` (one row per run)
+    and `summary.md` (mean +- std per arm) in `exp.out_dir`."""
+    import csv
+
+    from omegaconf import OmegaConf
+
+    out = Path(exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"experiment": OmegaConf.to_container(exp, resolve=True), "git_commit": git_commit(),
+               "machine": machine(), "wall_seconds_this_invocation": wall_seconds,
+               "run_seconds_total": sum(r.get("seconds", 0.0) for r in results),
+               "summary": summary["arms"], "rows": summary["rows"], "runs": results}
+    with open(out / "results.json", "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    keys = list(dict.fromkeys(k for r in summary["rows"] for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(summary["rows"])
+    lines = [f"| arm | metric | mean | std | min | max | n |", "|---|---|---|---|---|---|---|"]
+    for arm, metrics in summary["arms"].items():
+        for k, s in metrics.items():
+            if s["n"]:
+                lines.append(f"| {arm} | {k} | {s['mean']:.4g} | {s['std']:.3g} | {s['min']:.4g} | {s['max']:.4g} | "
+                             f"{s['n']} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def bar_panel(ax, summary: dict, arms: list[str], metrics: list[tuple[str, str]], ylabel: str) -> None:
+    """Grouped bars (mean over seeds) with every seed as a dot and a min-max whisker."""
+    import numpy as np
+
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(metrics))
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B2"]
+    for i, arm in enumerate(arms):
+        means = [summary["arms"][arm].get(key, {}).get("mean") for key, _ in metrics]
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, [m if m is not None else 0.0 for m in means], width * 0.9, label=arm, color=colors[i % 5],
+               alpha=0.85)
+        for j, (key, _) in enumerate(metrics):
+            vals = [r.get(key) for r in summary["rows"] if r["arm"] == arm and r.get(key) is not None]
+            if vals:
+                ax.scatter([pos[j]] * len(vals), vals, color="black", s=10, zorder=3)
+                ax.plot([pos[j], pos[j]], [min(vals), max(vals)], color="black", lw=1, zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels([label for _, label in metrics], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def open_dict_(cfg):
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def main(name: str, row: Callable[[dict], dict], plot: Callable[[Any, dict, list[dict], Path], None],
+         argv: list[str] | None = None) -> dict:
+    """The body of each experiment script: compose, check, run what is missing, summarize, plot."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_overrides: list[str] = []
+    if "--" in argv:  # `<experiment overrides> -- <train overrides for every arm>`
+        cut = argv.index("--")
+        argv, train_overrides = argv[:cut], argv[cut + 1:]
+    exp = compose_experiment(name, argv)
+    if train_overrides:
+        with open_dict_(exp):
+            exp.extra = [*exp.extra, *train_overrides]
+    check_experiment(exp)
+    t0 = time.perf_counter()
+    results = run_all(exp)
+    summary = summarize(exp, results, row)
+    out = write_results(exp, results, summary, time.perf_counter() - t0)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot(exp, summary, results, out)
+    print((out / "summary.md").read_text())
+    print(f"[{exp.name}] done in {time.perf_counter() - t0:.0f} s: {out}/results.json, results.csv, *.png", flush=True)
+    return summary
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--run-one":
+    run_one(json.load(open(sys.argv[2])))

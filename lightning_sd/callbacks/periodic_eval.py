@@ -1,0 +1,72 @@
+"""`PeriodicEvaluation`: the student's held-out accuracy every `every_n_steps` optimizer steps, against the
+number of rollouts and tokens generated for training so far (the learning curve at a given generation budget).
+
+Each point is `{"step", "samples", "tokens", "accuracy", "mean_completion_tokens"}`; `points` survives a
+checkpoint-resume. Points are logged as `curve/accuracy` and `curve/samples`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from lightning.pytorch import Callback
+
+
+class PeriodicEvaluation(Callback):
+    """Args:
+        every_n_steps: optimizer steps between evaluations (the step-0 point is taken at train start).
+        batches: a callable returning the eval batches (e.g. `datamodule.val_dataloader`), called each time.
+        sampling: evaluation `SamplingConfig` (default: the module's greedy `eval_sampling`).
+    """
+
+    def __init__(self, every_n_steps: int, batches: Any, sampling: Any = None) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"PeriodicEvaluation: every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.batches = batches
+        self.sampling = sampling
+        self.points: list[dict] = []
+        self.samples = 0  # rollouts generated for training so far (completions of dataset rows are not counted)
+        self.tokens = 0
+        self._last_step = -1
+
+    def _measure(self, trainer, pl_module) -> None:
+        from lightning_sd.evaluation import evaluate
+
+        loader: Iterable = self.batches() if callable(self.batches) else self.batches
+        res = evaluate(pl_module, loader, self.sampling, with_teacher=False, keep_samples=0)
+        point = {"step": int(trainer.global_step), "samples": self.samples, "tokens": self.tokens,
+                 "accuracy": res.student_accuracy, "mean_completion_tokens": res.mean_completion_tokens}
+        self.points.append(point)
+        if trainer.logger:
+            trainer.logger.log_metrics({"curve/accuracy": point["accuracy"], "curve/samples": float(self.samples)},
+                                       step=point["step"])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self.points:
+            self._measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rollout = batch.get("rollout") if isinstance(batch, dict) else None
+        if rollout is not None and batch.get("on_policy", False):
+            self.samples += int(rollout.completion_ids.size(0))
+            self.tokens += int(rollout.completion_mask.sum())
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.every_n_steps == 0 or step == trainer.max_steps:
+            if not self.points or self.points[-1]["step"] != step:
+                self._measure(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"points": self.points, "samples": self.samples, "tokens": self.tokens, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points = list(state_dict.get("points", []))
+        self.samples = int(state_dict.get("samples", 0))
+        self.tokens = int(state_dict.get("tokens", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
+
+
+__all__ = ["PeriodicEvaluation"]

@@ -1,0 +1,147 @@
+"""The evidence experiments (experiments/*.py) in miniature: `model=tiny`, one seed, a few steps, so the scripts
+cannot rot. Also the pieces they rely on: `PeriodicEvaluation` and `kl_from_reference`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+TINY = ["model=tiny", "data.n_train=8", "data.n_eval=4", "data.batch_size=4", "trainer.max_steps=2",
+        "generation.max_new_tokens=8", "eval.max_new_tokens=8"]
+
+
+def _run(name: str, tmp_path: Path, extra: list[str], more: list[str] = ()) -> tuple[dict, Path]:
+    import importlib
+
+    import evidence
+
+    script = importlib.import_module(name)
+    out = tmp_path / "results"
+    argv = [f"out_dir={out}", f"work_dir={tmp_path / 'work'}", "seeds=[0]", "parallel=0", *more, "--", *extra]
+    summary = evidence.main(name, script.row, script.plot, argv=argv)
+    return summary, out
+
+
+def _check_outputs(name: str, out: Path, arms: list[str]) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == set(arms)
+    assert len(res["runs"]) == len(arms)
+    for run in res["runs"]:  # each result records config, seed, commit and machine
+        assert run["seed"] == 0 and run["config"]["seed"] == 0 and run["config"]["data"]["seed"] == 0
+        assert "git_commit" in run and run["machine"]["cpu_count"] >= 1
+        assert (out / "runs" / run["arm"] / "seed0" / "result.json").is_file()
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["arm"] for r in rows) == sorted(arms)
+    assert (out / f"{name}.png").stat().st_size > 10_000
+    assert "| arm | metric |" in (out / "summary.md").read_text()
+    return res
+
+
+def test_knowledge_injection_tiny(tmp_path):
+    _, out = _run("knowledge_injection", tmp_path, TINY)
+    res = _check_outputs("knowledge_injection", out, ["sft", "continual"])
+    for run in res["runs"]:
+        c = run["continual"]
+        assert c["tasks"] == ["facts_a", "facts_b"] and len(c["matrix"]) == 2  # the accuracy matrix
+        assert run["drift"]["tokens"] > 0 and run["drift"]["kl_mean"] >= 0
+        by_task = run["before"]["by_task"]
+        assert set(by_task) == {"facts_a", "facts_b", "real_capitals"}
+        assert all(v["teacher_accuracy"] is not None for v in by_task.values())
+    row = res["rows"][0]
+    for key in ("facts_a_after_facts_a", "facts_a_after_facts_b", "facts_b_after_facts_b",
+                "real_capitals_after_facts_b", "forgetting", "bwt", "drift_kl"):
+        assert key in row
+
+
+def test_self_critique_arithmetic_tiny_and_resume_skips_finished_runs(tmp_path):
+    _, out = _run("self_critique_arithmetic", tmp_path, TINY)
+    res = _check_outputs("self_critique_arithmetic", out, ["base", "sft", "self_critique"])
+    by_arm = {r["arm"]: r for r in res["runs"]}
+    assert by_arm["base"]["generated_tokens"] == 0 and by_arm["sft"]["generated_tokens"] == 0  # SFT samples nothing
+    assert by_arm["self_critique"]["generated_samples"] == 2 * 4  # 2 steps x 4 prompts x n=1
+    assert by_arm["self_critique"]["after_sampled"]["n_samples"] == 2 * 4  # 2 samples per held-out prompt
+    assert by_arm["self_critique"]["before"]["teacher_accuracy"] is not None
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/result.json")}
+    _run("self_critique_arithmetic", tmp_path, TINY)  # again: every run is already done, nothing reruns
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/result.json")} == stamps
+
+
+def test_rl_feedback_vs_grpo_tiny_in_subprocesses(tmp_path):
+    extra = [*TINY, "data.batch_size=1", "generation.n=4"]
+    _, out = _run("rl_feedback_vs_grpo", tmp_path, extra, ["parallel=2", "measure.curve_every=1"])
+    res = _check_outputs("rl_feedback_vs_grpo", out, ["grpo", "rl_feedback"])
+    for run in res["runs"]:  # equal generation budget: 2 steps x 1 prompt x 4 rollouts
+        assert [p["samples"] for p in run["curve"]] == [0, 4, 8]
+        assert [p["step"] for p in run["curve"]] == [0, 1, 2]
+        assert run["generated_samples"] == 8
+        assert not (tmp_path / "work" / run["arm"] / "seed0" / "checkpoints").exists()  # removed once done
+
+
+def test_a_bad_arm_is_named_before_anything_runs(tmp_path):
+    import evidence
+
+    exp = evidence.compose_experiment("rl_feedback_vs_grpo", [f"out_dir={tmp_path}", "arms.grpo.overrides=['loss=nope']"])
+    with pytest.raises(ValueError, match="arm 'grpo'"):
+        evidence.check_experiment(exp)
+
+
+def test_kl_from_reference_is_zero_for_the_same_model_and_positive_after_a_change(tiny):
+    from lightning_sd.evaluation import kl_from_reference
+    from lightning_sd.models import load_model
+
+    model, tok = tiny
+    same = kl_from_reference(model, model, tok, ["Hello there", "What is 2 + 2?"], max_new_tokens=6)
+    assert same["tokens"] > 0 and same["kl_mean"] == 0.0
+    other, _ = load_model("tiny", seed=0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = kl_from_reference(model, other, tok, ["Hello there", "What is 2 + 2?"], max_new_tokens=6)
+    assert moved["kl_mean"] > 1e-4 and len(moved["kl_per_prompt"]) == 2
+
+
+def test_kl_from_reference_matches_a_float64_loop(tiny):
+    """The mean over completion tokens of sum_v M(v) (log M(v) - log R(v)), recomputed by hand from full
+    forward passes of the prompt + greedy completion."""
+    from lightning_sd.data.prompts import encode_prompts, format_prompt
+    from lightning_sd.evaluation import kl_from_reference
+    from lightning_sd.models import load_model
+    from lightning_sd.sampling import SamplingConfig, sample
+
+    model, tok = tiny
+    ref, _ = load_model("tiny", seed=1)
+    res = kl_from_reference(model, ref, tok, ["Name a color."], max_new_tokens=5)
+    enc = encode_prompts(tok, [format_prompt(tok, "Name a color.")])
+    model.eval()
+    roll = sample(model, enc.ids, enc.mask, SamplingConfig(do_sample=False, max_new_tokens=5),
+                  pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id])
+    n = int(roll.completion_mask.sum())
+    full = torch.cat([enc.ids, roll.completion_ids[:, :n]], 1)
+    with torch.no_grad():
+        lm = model(full).logits[0].double().log_softmax(-1)
+        lr = ref(full).logits[0].double().log_softmax(-1)
+    p = enc.ids.size(1)
+    kls = [float((lm[t].exp() * (lm[t] - lr[t])).sum()) for t in range(p - 1, p - 1 + n)]
+    assert res["tokens"] == n
+    assert abs(res["kl_mean"] - sum(kls) / n) < 1e-5
+
+
+def test_periodic_evaluation_counts_rollouts_and_survives_a_resume():
+    from lightning_sd.callbacks import PeriodicEvaluation
+
+    cb = PeriodicEvaluation(3, batches=[])
+    cb.points, cb.samples, cb.tokens, cb._last_step = [{"step": 3, "samples": 24}], 24, 300, 3
+    again = PeriodicEvaluation(3, batches=[])
+    again.load_state_dict(cb.state_dict())
+    assert (again.points, again.samples, again.tokens, again._last_step) == (cb.points, 24, 300, 3)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        PeriodicEvaluation(0, batches=[])
