@@ -393,6 +393,13 @@ class SelfDistillationModule(LightningModule):
             self.log(f"train/{k}", m[k], on_step=True, on_epoch=False, prog_bar=k in ("loss", "divergence", "reward"),
                      batch_size=rollout.completion_ids.size(0))
 
+    def on_train_start(self) -> None:
+        """The student trains in train mode. Lightning keeps each submodule's mode as it finds it, and a model
+        from `from_pretrained` is in eval mode: it would train without dropout and, since Hugging Face models
+        checkpoint activations only in train mode, with gradient checkpointing silently off. Teacher copies
+        stay in eval mode."""
+        self.student.train()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if "rollout" in batch and self._t_train_start:
             seconds = time.perf_counter() - self._t_train_start

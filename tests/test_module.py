@@ -219,3 +219,23 @@ def test_gradient_checkpointing_is_off_during_sampling_and_restored(tiny, record
     rollout_on(None, module, model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(max_new_tokens=3), 0)
     assert seen and all(s == (False, False, False) for s in seen)
     assert model.training and model.is_activation_checkpointing
+
+
+def test_a_student_loaded_in_eval_mode_trains_in_train_mode_and_the_teacher_copy_stays_in_eval(tiny, records):
+    """`from_pretrained` returns a model in eval mode and Lightning keeps submodule modes: without
+    `on_train_start` the student trained in eval mode, with Hugging Face's gradient checkpointing silently off
+    (found through peak memory, docs/performance.md)."""
+    model, tok = tiny
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()
+    module = SelfDistillationModule(model, tok, teacher="frozen", loss={"template": "student_prompt"})
+    modes = []
+
+    class Spy(Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            layer = pl_module.student.model.layers[0]
+            modes.append((pl_module.student.training, layer.training, layer.gradient_checkpointing,
+                          pl_module.teacher.model.training))
+
+    trainer(2, [OnPolicyGeneration(SamplingConfig(max_new_tokens=3)), Spy()]).fit(module, loader(tok, records, 2))
+    assert modes == [(True, True, True, False)] * 2
