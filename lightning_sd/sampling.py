@@ -134,6 +134,16 @@ def _rows_first_output_head(model) -> Iterator[None]:
         del head.forward
 
 
+def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from the distribution `exp(logp)`, `logp` `[R, V]` (normalized log-probs, -inf allowed)
+    -> `[R]` long. Inverse CDF with one uniform per row, in float64: `torch.multinomial` draws V exponentials per
+    row, ~8 ms for 8 x 49152 on the CPU dev machine (7% of a decode step), this ~1 ms. An entry of probability 0
+    is never drawn: u is in (0, 1], and the first index whose cumulative sum reaches u * total has mass > 0."""
+    cdf = logp.double().exp().cumsum(-1)
+    u = 1.0 - torch.rand(cdf.size(0), 1, generator=generator, dtype=torch.float64, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -193,7 +203,7 @@ def _decode(
     for step in range(config.max_new_tokens):
         if config.do_sample:
             logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
-            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            tok = sample_categorical(logp_all, generator)
         else:
             logp_all = logits.float().log_softmax(-1)
             tok = logp_all.argmax(-1)

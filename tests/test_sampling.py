@@ -147,3 +147,24 @@ def test_sampled_tokens_follow_the_distribution():
     expected = (torch.tensor([0.0, 1.0, 2.0, -1.0]) / 1.5).softmax(-1)
     assert torch.allclose(freq, expected, atol=0.03)
     assert math.isclose(float(out.logprobs[0, 0]), float(expected.log()[out.completion_ids[0, 0]]), rel_tol=1e-5)
+
+
+def test_sample_categorical_draws_each_entry_at_its_probability_and_never_a_zero_one():
+    from lightning_sd.sampling import filter_logits, sample_categorical
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    rows = 40_000
+    logp = probs.log().expand(rows, -1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_categorical(logp, g), minlength=5).double()
+    expected = probs.double() * rows
+    sigma = (rows * probs.double() * (1 - probs.double())).sqrt()
+    assert counts[4] == 0
+    assert ((counts[:4] - expected[:4]).abs() < 4 * sigma[:4]).all(), counts
+    # filtered entries (-inf after top-k) are never drawn; the same generator seed gives the same draws
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1))
+    lp = filter_logits(logits, 1.0, 5, 1.0).log_softmax(-1)
+    a = sample_categorical(lp, torch.Generator().manual_seed(3))
+    b = sample_categorical(lp, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert torch.isfinite(lp.gather(-1, a[:, None])).all()
