@@ -65,6 +65,12 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
+def has_teacher(result: dict) -> bool:
+    """Whether the run's loss shows a teacher a privileged context (not SFT, not GRPO)."""
+    loss = result["config"]["loss"]
+    return loss["name"] not in ("sft", "grpo") and not (loss["name"] == "rl_feedback" and loss["lam"] == 1.0)
+
+
 def run_overrides(exp, arm: str, seed: int) -> list[str]:
     arm_cfg = exp.arms[arm]
     return ([*exp.common, *arm_cfg.overrides, *exp.extra] +
@@ -144,11 +150,13 @@ def run_one(spec: dict) -> dict:
         before = json.load(open(before_path))
     else:
         t0 = time.perf_counter()
-        r = evaluate(module, eval_batches(), with_teacher=bool(measure.get("teacher_before")), keep_samples=4)
+        # arms without a teacher context (sft, grpo) have no teacher-with-context accuracy
+        with_teacher = bool(measure.get("teacher_before")) and bool(getattr(module, "needs_teacher", True))
+        r = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4)
         before = {**r.as_dict(), "seconds": time.perf_counter() - t0}
         if hasattr(dm, "task_labels"):  # a sequence of tasks: student and teacher-with-context per task and probe
             before["by_task"] = {
-                label: evaluate(module, dm.eval_dataloader(label), with_teacher=bool(measure.get("teacher_before")),
+                label: evaluate(module, dm.eval_dataloader(label), with_teacher=with_teacher,
                                 keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
         json.dump(before, open(before_path, "w"), indent=2)
     result["before"] = before

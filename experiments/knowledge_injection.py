@@ -24,7 +24,7 @@ def row(r: dict) -> dict:
     by_task = r["before"].get("by_task", {})
     for label, ev in by_task.items():
         out[f"before_{label}"] = ev["student_accuracy"]
-        out[f"teacher_before_{label}"] = ev["teacher_accuracy"]
+        out[f"teacher_before_{label}"] = ev["teacher_accuracy"] if evidence.has_teacher(r) else None
     for i, task in enumerate(tasks):  # row i: after training on task i
         for j, label in enumerate(tasks[: i + 1]):
             out[f"{label}_after_{task}"] = matrix[i][j] if i < len(matrix) else None
@@ -47,6 +47,7 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
     metrics: list[tuple[str, str]] = []
     if tasks:
         first, last = tasks[0], tasks[-1]
+        metrics += [(f"teacher_before_{t}", f"teacher with\nthe fact: {t}") for t in tasks]
         metrics += [(f"{first}_after_{first}", f"{first}\nafter {first}")]
         for t in tasks[1:]:
             metrics += [(f"{t}_after_{t}", f"{t}\nafter {t}")]

@@ -21,8 +21,10 @@ import evidence  # noqa: E402
 def row(r: dict) -> dict:
     before, after = r["before"], r["after"]
     sampled = r.get("after_sampled") or {}
-    return {"greedy_before": before["student_accuracy"], "teacher_with_context": before["teacher_accuracy"],
-            "gap_before": before["gap"], "greedy_after": after["student_accuracy"],
+    teacher = evidence.has_teacher(r)
+    return {"greedy_before": before["student_accuracy"],
+            "teacher_with_context": before["teacher_accuracy"] if teacher else None,
+            "gap_before": before["gap"] if teacher else None, "greedy_after": after["student_accuracy"],
             "sampled_after": sampled.get("accuracy"), "completion_tokens_greedy": after["mean_completion_tokens"],
             "completion_tokens_sampled": sampled.get("mean_completion_tokens"),
             "generated_tokens": r.get("generated_tokens"), "train_seconds": r.get("train_seconds")}

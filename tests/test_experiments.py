@@ -55,7 +55,8 @@ def test_knowledge_injection_tiny(tmp_path):
         assert run["drift"]["tokens"] > 0 and run["drift"]["kl_mean"] >= 0
         by_task = run["before"]["by_task"]
         assert set(by_task) == {"facts_a", "facts_b", "real_capitals"}
-        assert all(v["teacher_accuracy"] is not None for v in by_task.values())
+        # the teacher-with-context accuracy exists only where the loss shows a teacher a context (not SFT)
+        assert all((v["teacher_accuracy"] is not None) == (run["arm"] == "continual") for v in by_task.values())
     row = res["rows"][0]
     for key in ("facts_a_after_facts_a", "facts_a_after_facts_b", "facts_b_after_facts_b",
                 "real_capitals_after_facts_b", "forgetting", "bwt", "drift_kl"):
