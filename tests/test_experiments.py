@@ -71,6 +71,10 @@ def test_self_critique_arithmetic_tiny_and_resume_skips_finished_runs(tmp_path):
     assert by_arm["self_critique"]["generated_samples"] == 2 * 4  # 2 steps x 4 prompts x n=1
     assert by_arm["self_critique"]["after_sampled"]["n_samples"] == 2 * 4  # 2 samples per held-out prompt
     assert by_arm["self_critique"]["before"]["teacher_accuracy"] is not None
+    import report  # the docs/results.md table of this experiment, from results.json
+
+    text = report.table("self_critique_arithmetic", res)
+    assert "| self_critique |" in text and "| base |" in text and "seeds [0]" in text
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/result.json")}
     _run("self_critique_arithmetic", tmp_path, TINY)  # again: every run is already done, nothing reruns
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/result.json")} == stamps
@@ -80,6 +84,9 @@ def test_rl_feedback_vs_grpo_tiny_in_subprocesses(tmp_path):
     extra = [*TINY, "data.batch_size=1", "generation.n=4"]
     _, out = _run("rl_feedback_vs_grpo", tmp_path, extra, ["parallel=2", "measure.curve_every=1"])
     res = _check_outputs("rl_feedback_vs_grpo", out, ["grpo", "rl_feedback"])
+    import report
+
+    assert "accuracy after 8 samples" in report.table("rl_feedback_vs_grpo", res)
     for run in res["runs"]:  # equal generation budget: 2 steps x 1 prompt x 4 rollouts
         assert [p["samples"] for p in run["curve"]] == [0, 4, 8]
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]

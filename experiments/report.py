@@ -1,0 +1,114 @@
+"""Regenerate the tables of docs/results.md from experiments/results/<name>/results.json (no number in those
+tables is typed by hand): every block between `<!-- results:<name> -->` and `<!-- /results:<name> -->` is
+replaced by the table of that experiment, with the machine, the code version and the wall time of its runs.
+
+    python experiments/report.py                 # rewrite docs/results.md in place
+    python experiments/report.py --check         # exit 1 if docs/results.md is not up to date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "results.md"
+
+# experiment -> [(column title, metric key)]
+COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "knowledge_injection": [
+        ("teacher with the fact, A / B (before)", "teacher_before_facts_a|teacher_before_facts_b"),
+        ("facts A after A", "facts_a_after_facts_a"), ("facts B after B", "facts_b_after_facts_b"),
+        ("facts A after B", "facts_a_after_facts_b"), ("forgetting", "forgetting"),
+        ("real capitals before", "before_real_capitals"), ("real capitals after B", "real_capitals_after_facts_b"),
+        ("KL(trained \\|\\| base), nats/token", "drift_kl"), ("train s", "train_seconds")],
+    "knowledge_injection_pilot": [
+        ("teacher with the fact, A / B (before)", "teacher_before_facts_a|teacher_before_facts_b"),
+        ("facts A after A", "facts_a_after_facts_a"), ("facts B after B", "facts_b_after_facts_b"),
+        ("facts A after B", "facts_a_after_facts_b"), ("real capitals before", "before_real_capitals"),
+        ("real capitals after B", "real_capitals_after_facts_b"), ("KL(trained \\|\\| base)", "drift_kl")],
+    "self_critique_arithmetic": [
+        ("teacher with reference solution", "teacher_with_context"), ("greedy before", "greedy_before"),
+        ("greedy after", "greedy_after"), ("sampled after (T=1)", "sampled_after"),
+        ("answer tokens (greedy)", "completion_tokens_greedy"), ("tokens generated for training", "generated_tokens"),
+        ("train s", "train_seconds")],
+    "rl_feedback_vs_grpo": [],  # columns from the curve points (accuracy_at_<k>_samples)
+}
+
+
+def fmt(s: dict | None, digits: int = 2) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def _digits(key: str) -> int:
+    return 0 if key.endswith(("seconds", "tokens")) else 3 if key == "drift_kl" else 2
+
+
+def table(name: str, res: dict) -> str:
+    summary = res["summary"]
+    columns = COLUMNS.get(name)
+    if not columns:  # curve experiments: one column per number of generated samples
+        keys = sorted({k for arm in summary.values() for k in arm if k.startswith("accuracy_at_")},
+                      key=lambda k: int(re.findall(r"\d+", k)[0]))
+        columns = [(f"accuracy after {re.findall(r'[0-9]+', k)[0]} samples", k) for k in keys]
+        columns += [("answer tokens before", "completion_tokens_before"),
+                    ("answer tokens after", "completion_tokens_after"), ("train s", "train_seconds")]
+    lines = ["| arm | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for arm, metrics in summary.items():
+        cells = []
+        for _, key in columns:
+            parts = [fmt(metrics.get(k), _digits(k)) for k in key.split("|")]
+            cells.append(" / ".join(parts))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    runs = res["runs"]
+    started = min(datetime.strptime(r["started"], "%Y-%m-%d %H:%M:%S") for r in runs)
+    finished = max(datetime.strptime(r["finished"], "%Y-%m-%d %H:%M:%S") for r in runs)
+    commits = sorted({str(r.get("git_commit"))[:12] for r in runs})
+    m = runs[0]["machine"]
+    exp = res["experiment"]
+    seeds = sorted({r["seed"] for r in runs})
+    lines += ["", f"Mean ± sample std (min-max) over seeds {seeds}; {len(runs)} runs. Machine: {m['processor']}, "
+                  f"{m['cpu_count']} cores, torch {m['torch']}, {exp['parallel']} runs at once x {exp['threads']} "
+                  f"thread(s). Wall time {started:%Y-%m-%d %H:%M}-{finished:%H:%M} UTC "
+                  f"({(finished - started).total_seconds() / 60:.0f} min; {res['run_seconds_total'] / 60:.0f} "
+                  f"run-minutes). Code: {', '.join(commits)}. Per-run numbers: "
+                  f"[results.csv](../experiments/results/{name}/results.csv)."]
+    return "\n".join(lines)
+
+
+def render(doc: str) -> str:
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        path = ROOT / "experiments" / "results" / name / "results.json"
+        body = table(name, json.loads(path.read_text())) if path.is_file() else f"(no results yet: run `python experiments/{name}.py`)"
+        return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
+
+    return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", sub, doc, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    doc = DOC.read_text()
+    new = render(doc)
+    if args.check:
+        if new != doc:
+            print("docs/results.md is not up to date: run python experiments/report.py")
+            return 1
+        return 0
+    DOC.write_text(new)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
