@@ -153,3 +153,19 @@ def test_periodic_evaluation_counts_rollouts_and_survives_a_resume():
     assert (again.points, again.samples, again.tokens, again._last_step) == (cb.points, 24, 300, 3)
     with pytest.raises(ValueError, match="every_n_steps"):
         PeriodicEvaluation(0, batches=[])
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
+    """A run that stopped after its checkpoint but before its result continues from `last.ckpt`."""
+    extra = [*TINY, "data.batch_size=1", "generation.n=2", "trainer.checkpoint_every_n_steps=1"]
+    more = ["~arms.rl_feedback", "keep_checkpoints=true", "measure.curve_every=1"]
+    _, out = _run("rl_feedback_vs_grpo", tmp_path, extra, more)
+    result = out / "runs" / "grpo" / "seed0" / "result.json"
+    first = json.loads(result.read_text())
+    assert first["resumed_from"] is None and [p["step"] for p in first["curve"]] == [0, 1, 2]
+    result.unlink()  # as if the process died after the step-2 checkpoint, before writing its result
+    _, out = _run("rl_feedback_vs_grpo", tmp_path, [*extra, "trainer.max_steps=3"], more)
+    again = json.loads(result.read_text())
+    assert again["resumed_from"] and again["resumed_from"].endswith("last.ckpt")
+    assert [p["step"] for p in again["curve"]] == [0, 1, 2, 3]  # the curve so far came back with the checkpoint
+    assert again["generated_samples"] == 3 * 2 and again["before"] == first["before"]
