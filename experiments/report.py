@@ -49,7 +49,9 @@ def fmt(s: dict | None, digits: int = 2) -> str:
 
 
 def _digits(key: str) -> int:
-    return 0 if key.endswith(("seconds", "tokens")) else 3 if key == "drift_kl" else 2
+    if key.endswith("seconds") or key.startswith("generated"):
+        return 0
+    return 1 if "tokens" in key else 3 if key == "drift_kl" else 2
 
 
 def table(name: str, res: dict) -> str:
