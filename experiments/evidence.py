@@ -208,6 +208,7 @@ def run_one(spec: dict) -> dict:
                                             max_new_tokens=int(measure.get("drift_max_new_tokens") or 48),
                                             system_prompt=module.system_prompt)
         del base
+    result["history"] = train_history(run_dir)
     result["seconds"] = time.perf_counter() - t_start
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     result["machine"]["load_avg_end"] = os.getloadavg()
@@ -218,6 +219,39 @@ def run_one(spec: dict) -> dict:
     if not spec.get("keep_checkpoints"):
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     return result
+
+
+def train_history(run_dir: str) -> list[dict]:
+    """The per-step training metrics the CSV logger wrote (`<run_dir>/metrics*.csv`, resumed parts included):
+    one dict per optimizer step with the `train/*` values logged at it (reward, masked_rows, loss, ...)."""
+    import csv
+    import glob
+
+    by_step: dict[int, dict] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "metrics*.csv"))):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if not row.get("step"):
+                    continue
+                vals = {k[len("train/"):]: float(v) for k, v in row.items() if k.startswith("train/") and v not in ("", None)}
+                if vals:
+                    by_step.setdefault(int(row["step"]), {"step": int(row["step"])}).update(vals)
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def backfill_history(specs: list[dict]) -> None:
+    """Results written before `history` was recorded get it from their run folder's CSV, if still there."""
+    for spec in specs:
+        path = os.path.join(spec["result_dir"], "result.json")
+        if not os.path.isfile(path):
+            continue
+        res = json.load(open(path))
+        if "history" in res or not res.get("train") or not os.path.isdir(spec["run_dir"]):
+            continue
+        res["history"] = train_history(spec["run_dir"])
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------- all runs
@@ -289,6 +323,7 @@ def run_all(exp) -> list[dict]:
             raise RuntimeError(f"{exp.name}: {len(failed)} run(s) failed: " +
                                ", ".join(f"{s['arm']}/seed{s['seed']}" for s in failed) +
                                "; see their log.txt; rerun the same command to retry (finished runs are kept)")
+    backfill_history(specs)
     return [json.load(open(os.path.join(s["result_dir"], "result.json"))) for s in specs]
 
 

@@ -61,7 +61,8 @@ def table(name: str, res: dict) -> str:
         keys = sorted({k for arm in summary.values() for k in arm if k.startswith("accuracy_at_")},
                       key=lambda k: int(re.findall(r"\d+", k)[0]))
         columns = [(f"accuracy after {re.findall(r'[0-9]+', k)[0]} samples", k) for k in keys]
-        columns += [("answer tokens before", "completion_tokens_before"),
+        columns += [("steps with a success in the group (of 24)", "steps_with_a_success"),
+                    ("answer tokens before", "completion_tokens_before"),
                     ("answer tokens after", "completion_tokens_after"), ("train s", "train_seconds")]
     lines = ["| arm | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for arm, metrics in summary.items():

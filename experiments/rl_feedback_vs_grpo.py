@@ -23,6 +23,11 @@ def row(r: dict) -> dict:
            "completion_tokens_after": r["after"]["mean_completion_tokens"],
            "generated_samples": r.get("generated_samples"), "generated_tokens": r.get("generated_tokens"),
            "train_seconds": r.get("train_seconds")}
+    hist = [h for h in r.get("history") or [] if "reward" in h]
+    # steps whose group had a success: the only steps where SDPO's teacher has a sibling solution to show, and
+    # (with at least one failure too) where GRPO's advantages are non-zero
+    out["steps_with_a_success"] = sum(h["reward"] > 0 for h in hist) if hist else None
+    out["mean_train_reward"] = sum(h["reward"] for h in hist) / len(hist) if hist else None
     for p in r.get("curve") or []:
         out[f"accuracy_at_{p['samples']}_samples"] = p["accuracy"]
     return out

@@ -91,6 +91,7 @@ def test_rl_feedback_vs_grpo_tiny_in_subprocesses(tmp_path):
         assert [p["samples"] for p in run["curve"]] == [0, 4, 8]
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]
         assert run["generated_samples"] == 8
+        assert [h["step"] for h in run["history"]] == [0, 1] and all("reward" in h for h in run["history"])
         assert not (tmp_path / "work" / run["arm"] / "seed0" / "checkpoints").exists()  # removed once done
 
 
