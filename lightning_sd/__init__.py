@@ -4,13 +4,20 @@ Sign convention everywhere: `beta=0` is the forward KL(T||S) = sum_v T(v) (log T
 `beta=1` the reverse KL(S||T); the teacher T is always a stop-gradient target.
 """
 
-from lightning_sd.callbacks import AtomicCheckpointIO, RngState, SampleTable, TokenView, TrainingProgressBar
+from lightning_sd.callbacks import (
+    AtomicCheckpointIO,
+    PeriodicEvaluation,
+    RngState,
+    SampleTable,
+    TokenView,
+    TrainingProgressBar,
+)
 from lightning_sd.continual import ContinualEvaluation, continual_metrics
 from lightning_sd.contexts import TEMPLATES, RowView, template_context
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.sequence import SequentialTasksDataModule
 from lightning_sd.data.tasks import get_task
-from lightning_sd.evaluation import EvalResult, evaluate
+from lightning_sd.evaluation import EvalResult, evaluate, kl_from_reference
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.losses import (
     chunked_divergence,
@@ -43,5 +50,5 @@ __all__ = [
     "importance_weight", "completion_logits", "completion_hidden", "load_model", "evaluate", "EvalResult",
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
-    "TrainingProgressBar", "apply_lora",
+    "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference",
 ]
