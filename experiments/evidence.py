@@ -66,9 +66,10 @@ def compose_train(overrides: list[str]):
 
 
 def has_teacher(result: dict) -> bool:
-    """Whether the run's loss shows a teacher a privileged context (not SFT, not GRPO)."""
-    loss = result["config"]["loss"]
-    return loss["name"] not in ("sft", "grpo") and not (loss["name"] == "rl_feedback" and loss["lam"] == 1.0)
+    """Whether the run's loss shows a teacher a privileged context (`LossConfig.needs_teacher`)."""
+    from lightning_sd.objectives import LossConfig
+
+    return LossConfig(**result["config"]["loss"]).needs_teacher
 
 
 def run_overrides(exp, arm: str, seed: int) -> list[str]:
@@ -112,6 +113,21 @@ def machine() -> dict:
             "load_avg": os.getloadavg()}
 
 
+def pooled(parts: list[dict]) -> dict:
+    """One evaluation over several disjoint prompt sets, from each set's `EvalResult.as_dict()` (weighted by n)."""
+    n = sum(p["n"] for p in parts)
+
+    def mean(key: str) -> float | None:
+        vals = [(p[key], p["n"]) for p in parts if p[key] is not None]
+        return sum(v * k for v, k in vals) / sum(k for _, k in vals) if vals and n else None
+
+    student, teacher = mean("student_accuracy"), mean("teacher_accuracy")
+    return {"student_accuracy": student, "teacher_accuracy": teacher,
+            "gap": None if teacher is None else teacher - student,
+            "mean_completion_tokens": mean("mean_completion_tokens"), "n": n,
+            "samples": [x for p in parts for x in p["samples"]]}
+
+
 # ---------------------------------------------------------------------------------------------- one run
 def run_one(spec: dict) -> dict:
     """Train and measure one (arm, seed); write `<result_dir>/result.json` and return it."""
@@ -152,12 +168,13 @@ def run_one(spec: dict) -> dict:
         t0 = time.perf_counter()
         # arms without a teacher context (sft, grpo) have no teacher-with-context accuracy
         with_teacher = bool(measure.get("teacher_before")) and bool(getattr(module, "needs_teacher", True))
-        r = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4)
-        before = {**r.as_dict(), "seconds": time.perf_counter() - t0}
         if hasattr(dm, "task_labels"):  # a sequence of tasks: student and teacher-with-context per task and probe
-            before["by_task"] = {
-                label: evaluate(module, dm.eval_dataloader(label), with_teacher=with_teacher,
-                                keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
+            by_task = {label: evaluate(module, dm.eval_dataloader(label), with_teacher=with_teacher,
+                                       keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
+            before = {**pooled(list(by_task.values())), "by_task": by_task}
+        else:
+            before = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4).as_dict()
+        before["seconds"] = time.perf_counter() - t0
         json.dump(before, open(before_path, "w"), indent=2)
     result["before"] = before
 
@@ -408,10 +425,14 @@ def bar_panel(ax, summary: dict, arms: list[str], metrics: list[tuple[str, str]]
     ax.grid(axis="y", alpha=0.3)
 
 
-def open_dict_(cfg):
-    from omegaconf import open_dict
+def save_figure(fig, exp, out: Path, note: str) -> None:
+    """Title the figure with the experiment and its seeds, save it as `<out>/<name>.png`, close it."""
+    import matplotlib.pyplot as plt
 
-    return open_dict(cfg)
+    fig.suptitle(f"{exp.name}: {note}; seeds {list(exp.seeds)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{exp.name}.png", dpi=110)
+    plt.close(fig)
 
 
 def main(name: str, row: Callable[[dict], dict], plot: Callable[[Any, dict, list[dict], Path], None],
@@ -424,7 +445,9 @@ def main(name: str, row: Callable[[dict], dict], plot: Callable[[Any, dict, list
         argv, train_overrides = argv[:cut], argv[cut + 1:]
     exp = compose_experiment(name, argv)
     if train_overrides:
-        with open_dict_(exp):
+        from omegaconf import open_dict
+
+        with open_dict(exp):
             exp.extra = [*exp.extra, *train_overrides]
     check_experiment(exp)
     t0 = time.perf_counter()

@@ -62,10 +62,7 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
     evidence.bar_panel(axes[1], summary, arms, [("drift_kl", "KL(trained || base)\ngeneral prompts")],
                        "nats per token")
     axes[1].set_title("Drift from the base model", fontsize=10)
-    fig.suptitle(f"{exp.name}: bars = mean over seeds {list(exp.seeds)}, dots = seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"{exp.name}.png", dpi=110)
-    plt.close(fig)
+    evidence.save_figure(fig, exp, out, "bars = mean, dots = each seed")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,7 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
         ax.set_xlabel("rollouts generated for training")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{exp.name}: thick = mean over seeds {list(exp.seeds)}, thin = each seed", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"{exp.name}.png", dpi=110)
-    plt.close(fig)
+    evidence.save_figure(fig, exp, out, "thick = mean, thin = each seed")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,7 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
     axes[1].set_title("Generation spent", fontsize=10)
     evidence.bar_panel(axes[2], summary, arms, [("completion_tokens_greedy", "greedy answer")], "tokens")
     axes[2].set_title("Answer length", fontsize=10)
-    fig.suptitle(f"{exp.name}: bars = mean over seeds {list(exp.seeds)}, dots = seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"{exp.name}.png", dpi=110)
-    plt.close(fig)
+    evidence.save_figure(fig, exp, out, "bars = mean, dots = each seed")
 
 
 if __name__ == "__main__":

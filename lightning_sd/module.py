@@ -139,8 +139,7 @@ class SelfDistillationModule(LightningModule):
     @property
     def needs_teacher(self) -> bool:
         """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher forward is run."""
-        cfg = self.loss_cfg
-        return not (cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam == 1.0))
+        return self.loss_cfg.needs_teacher
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
         """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration`). With

@@ -61,6 +61,11 @@ class LossConfig:
     nonfinite: str = "skip"
     extra: dict = field(default_factory=dict)
 
+    @property
+    def needs_teacher(self) -> bool:
+        """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher context, no teacher forward."""
+        return not (self.name in ("sft", "grpo") or (self.name == "rl_feedback" and self.lam == 1.0))
+
     def validate(self) -> None:
         """Reject impossible combinations with a message naming the option."""
         if self.name not in LOSS_NAMES:
