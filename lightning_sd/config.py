@@ -84,6 +84,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    fused: Optional[bool] = None  # null: a fused update kernel where torch has one and no strategy shards params
 
 
 @dataclass

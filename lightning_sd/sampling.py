@@ -11,11 +11,12 @@ Conventions: prompts are LEFT-padded `[R, P]`; completions are RIGHT-padded `[R,
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from lightning_sd.cpu_linear import onednn_linears
 
 
 @dataclass
@@ -103,37 +104,6 @@ def _make_cache(model):
         return DynamicCache()
 
 
-@contextmanager
-def _rows_first_output_head(model) -> Iterator[None]:
-    """While decoding on CPU, compute a plain fp32 `nn.Linear` output layer as `(W @ x^T)^T` for few rows.
-
-    MKL's fp32 GEMM for `x @ W^T` with few rows and a wide `[V, H]` weight is slow: on the 2-core dev machine,
-    8 rows through SmolLM2's 49152 x 576 head took 22 ms (1 thread) / 62 ms (2 threads) as `F.linear` and
-    14 / 20 ms as `W @ x^T` (see docs/performance.md). The model's own forward (softcapping, scaling) is kept:
-    only the head module's `forward` is swapped, and restored afterwards."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32
-            or head.weight.dim() != 2 or "forward" in vars(head)):  # dim: FSDP's flattened/sharded views
-        yield
-        return
-    weight, bias = head.weight, head.bias
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
-        if rows > 64 or x.dtype != weight.dtype:
-            return torch.nn.functional.linear(x, weight, bias)
-        out = torch.mm(weight, x.reshape(rows, x.size(-1)).t()).t().contiguous()
-        if bias is not None:
-            out = out + bias
-        return out.view(*x.shape[:-1], weight.size(0))
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row from the distribution `exp(logp)`, `logp` `[R, V]` (normalized log-probs, -inf allowed)
     -> `[R]` long. Inverse CDF with one uniform per row (cumulative sums in float64): `torch.multinomial` draws
@@ -164,7 +134,7 @@ def sample(
     the "all rows finished" flag across ranks (all ranks must run the same number of forward passes under
     FSDP / ZeRO-3); it is called every `sync_every` steps. Returns a `Rollout` with R = B * n rows.
     """
-    with _rows_first_output_head(model):
+    with onednn_linears(model, rows_hint=prompt_ids.size(0) * config.n):
         return _decode(model, prompt_ids, prompt_mask, config, pad_token_id=pad_token_id,
                        stop_token_ids=stop_token_ids, generator=generator, keep_going=keep_going,
                        sync_every=sync_every)

@@ -1,5 +1,5 @@
 """The speed-motivated changes of the hot path keep every value: completion-only logits/hidden states and the
-rows-first output head used while decoding on CPU."""
+oneDNN packed linears used while decoding on CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lightning_sd.module import completion_hidden, completion_logits
-from lightning_sd.sampling import SamplingConfig, _rows_first_output_head, position_ids_from_mask, sample
+from lightning_sd.cpu_linear import onednn_available, onednn_linears
+from lightning_sd.sampling import SamplingConfig, position_ids_from_mask, sample
 
 
 def _batch(rows=3, p=9, c=5, seed=0, vocab=250):
@@ -75,35 +76,67 @@ def test_completion_logits_gradient_unchanged(tiny):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+def _linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@needs_onednn
 @pytest.mark.parametrize("rows", [1, 8, 65])
-def test_rows_first_head_same_logits_and_restored(tiny, rows):
+def test_onednn_linears_same_outputs_and_restored(tiny, rows):
+    """Every fp32 Linear (head included) is swapped inside the context and gives F.linear's values to fp32
+    rounding, for decode-sized and prefill-sized inputs; the module forwards are restored afterwards."""
     model, _ = tiny
-    head = model.get_output_embeddings()
-    x = torch.randn(rows, 1, model.config.hidden_size)
+    model.eval()
+    linears = _linears(model)
+    ids = torch.randint(0, model.config.vocab_size, (rows, 3))
     with torch.no_grad():
-        ref = head(x)
-        with _rows_first_output_head(model):
-            assert "forward" in vars(head)
-            got = head(x)
-    assert "forward" not in vars(head)
-    assert got.shape == ref.shape and got.is_contiguous()
+        ref = model(input_ids=ids).logits
+        x = torch.randn(rows, 1, linears[0].in_features)
+        ref_x = linears[0](x)
+        with onednn_linears(model) as swapped:
+            assert swapped == len(linears) and all("forward" in vars(m) for m in linears)
+            got = model(input_ids=ids).logits
+            got_x = linears[0](x)
+    assert all("forward" not in vars(m) for m in linears)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got_x.shape == ref_x.shape
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_first_head_restored_on_error_and_skipped_for_other_dtypes(tiny):
+@needs_onednn
+def test_onednn_linears_fall_back_with_grad_and_follow_bias(tiny):
+    """With grad enabled the swapped forward is F.linear (gradients flow); a Linear with a bias keeps it."""
     model, _ = tiny
-    head = model.get_output_embeddings()
+    lin = torch.nn.Linear(8, 5)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = lin(x)
+    with onednn_linears(lin) as swapped:
+        assert swapped == 1
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-6)
+        out = lin(x)
+        out.sum().backward()
+    assert lin.weight.grad is not None and torch.allclose(lin.weight.grad, x.sum(0).expand(5, 8))
+
+
+def test_onednn_linears_restored_on_error_and_skipped_for_other_dtypes(tiny):
+    model, _ = tiny
+    linears = _linears(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with _rows_first_output_head(model):
+        with onednn_linears(model):
             raise RuntimeError("boom")
-    assert "forward" not in vars(head)
+    assert all("forward" not in vars(m) for m in linears)
     model.to(torch.float64)
-    with _rows_first_output_head(model):
-        assert "forward" not in vars(head)  # only fp32 heads are swapped
+    with onednn_linears(model) as swapped:
+        assert swapped == 0 and all("forward" not in vars(m) for m in linears)  # only fp32 weights are packed
 
 
 def test_sampler_logprobs_agree_with_trainer_logits(tiny):
-    """Greedy rollouts decoded with the KV cache and the rows-first head: the sampler's log-probs equal the
+    """Greedy rollouts decoded with the KV cache and the oneDNN linears: the sampler's log-probs equal the
     training-side log-probs of the same tokens, and every token is the trainer's argmax."""
     model, tok = tiny
     model.eval()

@@ -83,6 +83,33 @@ def test_optimizer_holds_student_parameters_only(tiny):
     assert not in_opt & {id(p) for p in module.teacher.parameters()}
 
 
+def test_optimizer_is_fused_by_default_on_one_device_and_can_be_switched_off(tiny):
+    model, tok = tiny
+    for cfg, expected in (({}, True), ({"fused": False}, False), ({"name": "sgd", "lr": 0.1}, True)):
+        module = SelfDistillationModule(model, tok, teacher="frozen", optimizer=cfg)
+        module.trainer = trainer(1)
+        opt = module.configure_optimizers()["optimizer"]
+        assert bool(opt.defaults["fused"]) is expected, cfg
+
+
+def test_gradients_are_dropped_right_after_the_optimizer_step(tiny, records):
+    """Lightning would zero them only inside the next step's closure, after its rollout and forwards: the
+    previous step's gradients would sit through the memory peak. With accumulation they live until the step."""
+    model, tok = tiny
+    seen = []
+
+    class Grads(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sum(p.grad is not None for p in pl_module.student.parameters()))
+
+    module = SelfDistillationModule(model, tok, teacher="frozen", optimizer={"lr": 1e-3})
+    trainer(2, [Grads(), OnPolicyGeneration(SamplingConfig(max_new_tokens=4))],
+            accumulate_grad_batches=2).fit(module, loader(tok, records, 4))
+    n = sum(1 for _ in model.parameters())
+    assert seen == [0, n, 0, n]  # kept between the micro-batches of one step, gone after each step
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_ema_teacher_equals_hand_computed_update(tiny, records):
     model, tok = tiny
     rate = 0.25

@@ -182,12 +182,20 @@ def timed_module_class():
             self._cur[name] = self._cur.get(name, 0.0) + self._now() - t0
             return out
 
+        def _memory(self, phase: str) -> None:
+            """Peak RSS of the phase that just ended (VmHWM since the previous mark), then reset the mark."""
+            peak = phase_peak_rss()
+            if peak is not None:
+                self._cur[f"rss_{phase}"] = peak
+
         def mark_start(self) -> None:
             self._cur = {}
+            phase_peak_rss()
             self._marks = {"start": self._now()}
 
         def on_train_batch_start(self, batch, batch_idx):
             self._cur["generation"] = self._now() - self._marks["start"]
+            self._memory("generation")
             return super().on_train_batch_start(batch, batch_idx)
 
         def build_teacher_inputs(self, batch):
@@ -196,7 +204,9 @@ def timed_module_class():
             return out
 
         def teacher_forward(self, batch, teacher_inputs):
-            return self._span("teacher_forward", super().teacher_forward, batch, teacher_inputs)
+            out = self._span("teacher_forward", super().teacher_forward, batch, teacher_inputs)
+            self._memory("teacher_forward")
+            return out
 
         def student_forward(self, batch):
             t0 = self._now()
@@ -207,6 +217,7 @@ def timed_module_class():
             out = super().compute_loss(*a)
             self._cur["student_forward"] = self._now() - self._marks["student"]
             self._cur["loss"] = float(out["value"])
+            self._memory("student_forward")
             return out
 
         def on_before_backward(self, loss):
@@ -217,12 +228,14 @@ def timed_module_class():
             super().on_after_backward()
             self._marks["after_backward"] = self._now()
             self._cur["backward"] = self._marks["after_backward"] - self._marks["backward"]
+            self._memory("backward")
 
         def on_train_batch_end(self, outputs, batch, batch_idx):
             super().on_train_batch_end(outputs, batch, batch_idx)
             end = self._now()
             cur = self._cur
             cur["optimizer"] = end - self._marks["after_backward"]
+            self._memory("optimizer")
             cur["step"] = end - self._marks["start"]
             cur["other"] = cur["step"] - sum(cur.get(k, 0.0) for k in PHASES if k != "other")
             rollout = batch["rollout"]
@@ -258,6 +271,19 @@ def timed_module_class():
             batch["completion_text"] = pl_module.tokenizer.batch_decode(comp.tolist(), skip_special_tokens=True)
 
     return TimedModule, StepStart, RandomRollouts
+
+
+def phase_peak_rss() -> int | None:
+    """Linux: the peak RSS (bytes) since the previous call, then reset that peak (`/proc/self/clear_refs` 5);
+    None where /proc is unavailable. Gives the per-phase memory column of the table."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def peak_rss_bytes() -> int:
@@ -387,17 +413,19 @@ def format_table(result: dict) -> str:
         f"{c['warmup']} warm-up",
         f"machine rates: fp32 matmul {r['flops'] / 1e9:.0f} GFLOP/s, copy {r['bandwidth'] / 1e9:.1f} GB/s",
         "",
-        f"{'phase':<18}{'median s':>10}{'floor s':>10}{'x floor':>9}",
+        f"{'phase':<18}{'median s':>10}{'floor s':>10}{'x floor':>9}{'peak RSS GiB':>14}",
     ]
+    rss = {k: max(st.get(f"rss_{k}", 0) for st in result["steps"]) for k in PHASES}
     pairs = [("generation", "generation"), ("teacher_prompts", None), ("teacher_forward", "teacher_forward"),
              ("student_forward", None), ("backward", None), ("student fwd+bwd", "student_fwd_bwd"),
              ("optimizer", "optimizer"), ("other", None), ("step", "total")]
     for name, fkey in pairs:
         value = med["student_forward"] + med["backward"] if name == "student fwd+bwd" else med[name]
+        mem = f"{rss[name] / 2**30:>14.2f}" if rss.get(name) else ""
         if fkey is None or not fl[fkey]:
-            lines.append(f"{name:<18}{value:>10.3f}{'':>10}{'':>9}")
+            lines.append(f"{name:<18}{value:>10.3f}{'':>10}{'':>9}{mem}")
         else:
-            lines.append(f"{name:<18}{value:>10.3f}{fl[fkey]:>10.3f}{value / fl[fkey]:>9.2f}")
+            lines.append(f"{name:<18}{value:>10.3f}{fl[fkey]:>10.3f}{value / fl[fkey]:>9.2f}{mem}")
     lines += [
         "",
         f"generated tokens/s {s['gen_tokens_per_s']:.1f}   trained tokens/s {s['trained_tokens_per_s']:.1f}   "

@@ -1,0 +1,70 @@
+"""`onednn_linears`: while a rollout decodes on CPU, run every fp32 `nn.Linear` of the model through oneDNN with
+its weight reordered once into oneDNN's blocked layout.
+
+Why: a decode step multiplies a few rows (one new token per sequence) by every weight matrix, so it is bound by
+reading the weights. MKL's fp32 GEMM, which `F.linear` calls, reads them at ~9 GB/s for 8 rows on the 2-core
+dev machine; oneDNN's packed kernel at ~14 GB/s (30 layers of SmolLM2-135M: 48 -> 31 ms; its 49152 x 576
+output layer: 19 -> 5 ms; docs/performance.md). The weights stay fixed during one rollout, so the reorder
+(~0.26 s for 135M parameters) is paid once per rollout, not per token. The packed copies are dropped when the
+context exits; the module's own `forward` is restored.
+
+Only exact `nn.Linear` modules with a plain 2-D fp32 CPU weight are swapped (sharded FSDP/DTensor views, other
+dtypes and subclasses keep their own forward), and each call falls back to `F.linear` when grad is enabled,
+under CPU autocast, or for a non-fp32 input. Results are fp32 matmuls with a different summation order:
+they match `F.linear` to fp32 rounding (~1e-6 relative), not bit for bit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (x86 and most ARM CPU wheels do)."""
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packable(module: nn.Module) -> bool:
+    if type(module) is not nn.Linear or "forward" in vars(module):
+        return False
+    w = module.weight
+    return (type(w) is nn.Parameter and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+            and w.is_contiguous() and (module.bias is None or module.bias.dtype == torch.float32))
+
+
+def _packed_forward(module: nn.Linear, packed: torch.Tensor):
+    weight, bias = module.weight, module.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return nn.functional.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+    return forward
+
+
+@contextmanager
+def onednn_linears(model: nn.Module, rows_hint: int = 8) -> Iterator[int]:
+    """Swap the `forward` of every packable `nn.Linear` in `model` for oneDNN's packed kernel; yields how many
+    were swapped (0 where oneDNN is missing or nothing qualifies). Weights must not change inside the context
+    (call it around one rollout, under `torch.no_grad()`). `rows_hint`: the expected rows per call."""
+    if not onednn_available():
+        yield 0
+        return
+    swapped: list[nn.Linear] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if _packable(module):
+                    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
+                    module.forward = _packed_forward(module, packed)
+                    swapped.append(module)
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            del module.forward
