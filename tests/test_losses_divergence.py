@@ -453,3 +453,50 @@ def test_sampled_tokens_shape_checked():
     s = torch.randn(2, 3, 5)
     with pytest.raises(ValueError, match="tokens"):
         per_token_divergence(s, s, beta=1.0, support="sampled", tokens=torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- fused full-vocabulary KL
+def _composed(s, t, beta, temperature):
+    """The composed path (prepare -> log_softmax -> entry_terms -> sum) that fused_full_kl replaces."""
+    from lightning_sd.losses import entry_terms
+    from lightning_sd.losses.support import compute_dtype, prepare_logits
+
+    dtype = compute_dtype(s, t)
+    log_s = prepare_logits(s, dtype, temperature).log_softmax(-1)
+    log_t = prepare_logits(t.detach(), dtype, temperature).log_softmax(-1)
+    return entry_terms(log_s, log_t, beta).sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_full_kl_equals_composed_path_over_several_row_chunks(beta, temperature, dtype, monkeypatch):
+    """Value and gradient of fused_full_kl equal the composed path's, with masked (-inf) entries in either
+    model, across row-chunk boundaries (chunks of 3 rows here)."""
+    import lightning_sd.losses.fused as fused
+
+    monkeypatch.setattr(fused, "CHUNK_ENTRIES", 3 * 11)
+    g = torch.Generator().manual_seed(5)
+    s0 = (torch.randn(2, 5, 11, generator=g, dtype=torch.float64) * 2).to(dtype)
+    t = (torch.randn(2, 5, 11, generator=g, dtype=torch.float64) * 2).to(dtype)
+    s0[0, 1, 3] = NEG_INF
+    t[1, 4, 0] = NEG_INF
+    s0[1, 2, 7] = NEG_INF
+    t[1, 2, 7] = NEG_INF
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    s1, s2 = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    got = fused.fused_full_kl(s1, t, beta, temperature)
+    ref = _composed(s2, t, beta, temperature)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert got.dtype == ref.dtype and got.shape == (2, 5)
+    torch.testing.assert_close(got, ref, **tol)
+    (got * w.to(got.dtype)).sum().backward()
+    (ref * w.to(ref.dtype)).sum().backward()
+    assert s1.grad.dtype == dtype
+    torch.testing.assert_close(s1.grad, s2.grad, **tol)
+
+
+def test_fused_full_kl_of_identical_logits_is_exactly_zero():
+    x = torch.randn(4, 9, 50)
+    for beta in (0.0, 1.0):
+        assert torch.count_nonzero(per_token_divergence(x, x.clone(), beta=beta)) == 0

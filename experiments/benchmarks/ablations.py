@@ -2,8 +2,8 @@
 
 | ablation | compares |
 |---|---|
-| head | one decode step's output layer, 8 rows x 576 -> 49152: `F.linear` vs rows-first `W @ x^T` (what `sample` uses on CPU) |
-| decode | C new tokens for R rows: our `sample` vs the same loop with `F.linear` head vs `model.generate` (what TRL runs) vs a static-cache loop (optionally `torch.compile`d) |
+| head | one decode step's output layer, 8 rows x 576 -> 49152: `F.linear` (MKL) vs rows-first `W @ x^T` vs oneDNN with the weight packed once (what `sample` uses on CPU) |
+| decode | C new tokens for R rows: our `sample` (oneDNN linears) vs the same loop with `F.linear` vs `model.generate` (what TRL runs) vs a static-cache loop with `F.linear` or oneDNN linears (optionally `torch.compile`d) |
 | logits | student forward+backward: logits for every position vs `logits_to_keep=C+1` vs completion-only input (`completion_logits`) |
 | teacher | teacher forward under `no_grad` vs `inference_mode` |
 | loss | full-vocabulary forward KL, forward+backward: from `[R, C, V]` logits vs chunked from hidden states |
@@ -85,6 +85,11 @@ def ablate_head(model, args) -> None:
     x = torch.randn(args.batch, w.size(1))
     fns = {"F.linear(x, W)": lambda: torch.nn.functional.linear(x, w),
            "rows-first (W @ x^T)^T": lambda: torch.mm(w, x.t()).t().contiguous()}
+    from lightning_sd.cpu_linear import onednn_available
+
+    if onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, args.batch)
+        fns["oneDNN, packed once"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     report(f"head: {args.batch} rows x {tuple(w.shape)} output layer", interleave(fns, max(args.reps, 10)), 1e3, "ms")
 
 
@@ -126,14 +131,19 @@ def ablate_decode(model, tok, args) -> None:
         sampling.sample(model, ids, mask, cfg, pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
                         generator=torch.Generator().manual_seed(0))
 
-    def ours_linear_head():
-        with _patched(sampling, "_rows_first_output_head", lambda m: contextlib.nullcontext()):
+    def ours_f_linear():
+        with _patched(sampling, "onednn_linears", lambda m, rows_hint=8: contextlib.nullcontext()):
             ours()
 
-    fns = {"ours (sample, rows-first head)": ours, "ours with F.linear head": ours_linear_head,
+    def static_onednn():
+        with sampling.onednn_linears(model, rows_hint=args.batch):
+            _static_decode(model, ids, mask, c)
+
+    fns = {"ours (sample, oneDNN linears)": ours, "ours with F.linear": ours_f_linear,
            "model.generate (as TRL)": lambda: _no_grad(model.generate, input_ids=ids, attention_mask=mask,
                                                           generation_config=gen_cfg),
-           "static-cache loop, F.linear head": lambda: _static_decode(model, ids, mask, c)}
+           "static-cache loop, F.linear": lambda: _static_decode(model, ids, mask, c),
+           "static-cache loop, oneDNN linears": static_onednn}
     if args.compile:
         compiled = torch.compile(model, dynamic=False)
         t0 = time.perf_counter()

@@ -273,12 +273,17 @@ def timed_module_class():
     return TimedModule, StepStart, RandomRollouts
 
 
+_PEAK_SEEN = 0  # the largest per-phase peak so far: resetting VmHWM also resets getrusage's ru_maxrss
+
+
 def phase_peak_rss() -> int | None:
     """Linux: the peak RSS (bytes) since the previous call, then reset that peak (`/proc/self/clear_refs` 5);
     None where /proc is unavailable. Gives the per-phase memory column of the table."""
+    global _PEAK_SEEN
     try:
         with open("/proc/self/status") as f:
             peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        _PEAK_SEEN = max(_PEAK_SEEN, peak)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return peak
@@ -287,8 +292,9 @@ def phase_peak_rss() -> int | None:
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS of this process so far (bytes), including phases whose peak `phase_peak_rss` has reset."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return max(peak if sys.platform == "darwin" else peak * 1024, _PEAK_SEEN)
 
 
 def run_worker(args: argparse.Namespace) -> dict:

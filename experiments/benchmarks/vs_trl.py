@@ -7,7 +7,8 @@ forward KL(T||S), per-sequence mean then batch mean, no importance weights, no s
 sampling (temperature 1, no top-k / top-p, one rollout per prompt) and the same lengths: every rollout is
 decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length=True)`; TRL:
 `min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
-Neither side clips gradients; both use AdamW at the same learning rate. Precision and gradient checkpointing
+Neither side clips gradients; both use torch's fused AdamW at the same learning rate (TRL's default
+`adamw_torch_fused`; ours `optimizer.fused=null`, which fuses on one device). Precision and gradient checkpointing
 are the same on both sides: fp32 and checkpointing on (TRL's default) unless `--bf16` /
 `--no-gradient-checkpointing`.
 
@@ -121,7 +122,7 @@ def run_trl_worker(args: argparse.Namespace) -> dict:
         temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": args.completion_len},
         distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
         num_loss_tokens_to_skip=0, teacher_model_kind="base", learning_rate=args.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0, seed=args.seed,
+        warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=0.0, seed=args.seed,
         shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=args.bf16, fp16=False, report_to="none",
         gradient_checkpointing=not args.no_gradient_checkpointing,
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,

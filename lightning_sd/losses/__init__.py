@@ -7,12 +7,14 @@ receives gradient. See ``docs/losses.md``.
 
 from .chunked import DEFAULT_CHUNK_SIZE, chunked_divergence
 from .divergence import Support, TopkFrom, entry_terms, per_token_divergence
+from .fused import fused_full_kl
 from .reduction import ReduceMode, completion_mask_skip_first, importance_weight, reduce_loss
 from .support import MASKED_LOGIT
 
 __all__ = [
     "per_token_divergence",
     "chunked_divergence",
+    "fused_full_kl",
     "completion_mask_skip_first",
     "reduce_loss",
     "importance_weight",

@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from .fused import fused_full_kl
 from .support import (
     compute_dtype,
     full_support_logprobs,
@@ -171,6 +172,10 @@ def per_token_divergence(
             )
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+
+    if support == "full" and float(beta) in (0.0, 1.0) and entry_clip is None:
+        # same value and gradient, without the [.., V] temporaries of the composed path (fused.py)
+        return fused_full_kl(student_logits, teacher_logits, float(beta), temperature)
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = prepare_logits(student_logits, dtype, temperature)
