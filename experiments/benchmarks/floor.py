@@ -46,15 +46,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+def _best_seconds(fn, device: torch.device, repeats: int, min_seconds: float = 1.0) -> float:
+    """Best time of one call: after a warm-up, at least `repeats` calls and `min_seconds` of calls (a few
+    milliseconds right after start-up, with threads still waking, read as half the machine's rate)."""
     fn()  # warm-up
     _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < repeats or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         fn()
         _sync(device)
         best = min(best, time.perf_counter() - t0)
+        calls += 1
     return best
 
 
