@@ -22,6 +22,7 @@ from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.losses import (
     chunked_divergence,
     completion_mask_skip_first,
+    fused_full_kl,
     importance_weight,
     per_token_divergence,
     reduce_loss,
@@ -46,8 +47,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "SamplingConfig", "Rollout", "sample",
     "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
-    "build_teacher", "per_token_divergence", "chunked_divergence", "reduce_loss", "completion_mask_skip_first",
-    "importance_weight", "completion_logits", "completion_hidden", "load_model", "evaluate", "EvalResult",
+    "build_teacher", "per_token_divergence", "chunked_divergence", "fused_full_kl", "reduce_loss",
+    "completion_mask_skip_first", "importance_weight", "completion_logits", "completion_hidden", "load_model", "evaluate", "EvalResult",
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
     "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference",

@@ -132,6 +132,11 @@ def test_worker_runs_fixed_work_and_reports_phases(tiny_result):
     for word in ("generation", "teacher_forward", "student fwd+bwd", "optimizer", "x floor", "peak RSS",
                  "generated tokens/s", "trained tokens/s"):
         assert word in table
+    if sys.platform.startswith("linux"):  # per-phase peaks; the overall peak covers them (the reset lowers ru_maxrss)
+        phase_peaks = [s[f"rss_{k}"] for s in result["steps"]
+                       for k in ("generation", "teacher_forward", "student_forward", "backward", "optimizer")]
+        assert min(phase_peaks) > 0 and result["peak_rss"] >= max(phase_peaks)
+        assert "peak RSS GiB" in table
 
 
 def test_chunked_loss_matches_naive_loss():
