@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from lightning_sd.config import validate_config
 from lightning_sd.generation import OnPolicyGeneration
-from lightning_sd.models import load_model
+from lightning_sd.models import enable_activation_checkpointing, load_model
 from lightning_sd.sampling import SamplingConfig
 
 
@@ -126,8 +126,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     student, tokenizer = load_model(**model_kwargs)
     tr = typed["trainer"]
     if m.gradient_checkpointing or tr.gradient_checkpointing:
-        # non-reentrant checkpointing works under DDP, FSDP and with frozen inputs (LoRA)
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     if m.lora:
         from lightning_sd.lora import apply_lora
 

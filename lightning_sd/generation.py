@@ -32,17 +32,18 @@ def derive_seed(*parts: int) -> int:
 def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, no grad, gradient checkpointing off; previous modes restored afterwards (also on error)."""
     was_training = model.training
-    checkpointing = bool(getattr(model, "is_activation_checkpointing",
-                                 getattr(model, "is_gradient_checkpointing", False)))
+    # transformers >= 5.2x renamed gradient_* to activation_*; the old names warn on every call
+    prefix = "activation" if hasattr(type(model), "is_activation_checkpointing") else "gradient"
+    checkpointing = bool(getattr(model, f"is_{prefix}_checkpointing", False))
     try:
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            getattr(model, f"{prefix}_checkpointing_disable")()
         model.eval()
         with torch.no_grad():
             yield model
     finally:
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, f"{prefix}_checkpointing_enable")()
         model.train(was_training)
 
 

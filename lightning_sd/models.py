@@ -181,3 +181,14 @@ def load_model(
             "(this machine may not reach the Hugging Face Hub)."
         ) from err
     return model, tok
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing, which works under DDP, FSDP and with frozen inputs
+    (LoRA), called by the name this transformers version uses: `activation_checkpointing_enable` (5.2x on;
+    the old name warns) or `gradient_checkpointing_enable` (before)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
