@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
+from lightning_sd.models import checkpointing_prefix
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
 
 
@@ -32,8 +33,7 @@ def derive_seed(*parts: int) -> int:
 def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, no grad, gradient checkpointing off; previous modes restored afterwards (also on error)."""
     was_training = model.training
-    # transformers >= 5.2x renamed gradient_* to activation_*; the old names warn on every call
-    prefix = "activation" if hasattr(type(model), "is_activation_checkpointing") else "gradient"
+    prefix = checkpointing_prefix(model)
     checkpointing = bool(getattr(model, f"is_{prefix}_checkpointing", False))
     try:
         if checkpointing:

@@ -183,12 +183,15 @@ def load_model(
     return model, tok
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant activation (gradient) checkpointing, which works under DDP, FSDP and with frozen inputs
-    (LoRA), called by the name this transformers version uses: `activation_checkpointing_enable` (5.2x on;
-    the old name warns) or `gradient_checkpointing_enable` (before)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(type(model), "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def checkpointing_prefix(model) -> str:
+    """`"activation"` where transformers names it `activation_checkpointing_*` (5.2x on; the old
+    `gradient_checkpointing_*` names warn on every call), else `"gradient"`."""
+    return "activation" if hasattr(type(model), "is_activation_checkpointing") else "gradient"
+
+
+def enable_activation_checkpointing(model, use_reentrant: bool | None = False) -> None:
+    """Activation (gradient) checkpointing by the name this transformers version uses. Non-reentrant by default,
+    which works under DDP, FSDP and with frozen inputs (LoRA); `use_reentrant=None` keeps transformers' default."""
+    prefix = checkpointing_prefix(model)
+    kwargs = {} if use_reentrant is None else {f"{prefix}_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
+    getattr(model, f"{prefix}_checkpointing_enable")(**kwargs)

@@ -314,8 +314,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     extra = {"name_or_path": args.name_or_path} if args.name_or_path else {}
     student, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed, **extra)
     if args.gradient_checkpointing:
-        # transformers' defaults, as TRL gets them (the old name of this method warns in transformers 5.2x)
-        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
+        from lightning_sd.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(student, use_reentrant=None)  # transformers' default, as TRL gets it
     records = benchmark_records(tokenizer, args.batch, args.prompt_len, args.seed)
     batch = make_batch(tokenizer, records)
     chunk = chunk_sizes(args.chunk_size)[0]

@@ -21,6 +21,7 @@ from torch import Tensor
 from .fused import fused_full_kl
 from .support import (
     compute_dtype,
+    entry_terms,
     full_support_logprobs,
     prepare_logits,
     token_logprobs,
@@ -71,23 +72,6 @@ def validate_options(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if entry_clip is not None and (not _is_real(entry_clip) or entry_clip <= 0):
         raise ValueError(f"entry_clip must be None or a finite number > 0, got {entry_clip!r}")
-
-
-def entry_terms(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
-    """Per-entry divergence terms ``[..., K]`` from finite log-probs ``[..., K]``.
-
-    Summing over the last dim gives forward KL(T||S) (beta=0), reverse KL(S||T) (beta=1)
-    or the generalized JSD; the JSD entry is
-    ``beta T (log T - log M) + (1 - beta) S (log S - log M)``. Inputs must be finite
-    (entries with zero probability at a large negative finite log-prob), so
-    ``0 * log 0`` evaluates as ``0 * finite = 0``.
-    """
-    if beta == 0.0:
-        return torch.exp(log_t) * (log_t - log_s)
-    if beta == 1.0:
-        return torch.exp(log_s) * (log_s - log_t)
-    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
-    return beta * torch.exp(log_t) * (log_t - log_m) + (1.0 - beta) * torch.exp(log_s) * (log_s - log_m)
 
 
 def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .support import MASKED_LOGIT, compute_dtype, prepare_logits
+from .support import MASKED_LOGIT, compute_dtype, entry_terms, prepare_logits
 
 __all__ = ["fused_full_kl"]
 
@@ -42,10 +42,7 @@ class _FusedFullKL(torch.autograd.Function):
         for a, b in _row_chunks(s_flat.shape[0], vocab):
             log_s = torch.log_softmax(prepare_logits(s_flat[a:b], dtype, temperature), dim=-1)
             log_t = torch.log_softmax(prepare_logits(t_flat[a:b], dtype, temperature), dim=-1)
-            if beta == 0.0:
-                out[a:b] = (torch.exp(log_t) * (log_t - log_s)).sum(-1)
-            else:
-                out[a:b] = (torch.exp(log_s) * (log_s - log_t)).sum(-1)
+            out[a:b] = entry_terms(log_s, log_t, beta).sum(-1)
         ctx.save_for_backward(student, teacher, out)
         ctx.beta, ctx.temperature, ctx.dtype = beta, temperature, dtype
         return out.view(student.shape[:-1])

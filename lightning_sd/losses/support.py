@@ -10,6 +10,8 @@ gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -76,3 +78,20 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """``log softmax(logits)[..., tokens]``: ``[..., V], [...] -> [...]``."""
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entry_terms(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """Per-entry divergence terms ``[..., K]`` from finite log-probs ``[..., K]``.
+
+    Summing over the last dim gives forward KL(T||S) (beta=0), reverse KL(S||T) (beta=1)
+    or the generalized JSD; the JSD entry is
+    ``beta T (log T - log M) + (1 - beta) S (log S - log M)``. Inputs must be finite
+    (entries with zero probability at a large negative finite log-prob), so
+    ``0 * log 0`` evaluates as ``0 * finite = 0``.
+    """
+    if beta == 0.0:
+        return torch.exp(log_t) * (log_t - log_s)
+    if beta == 1.0:
+        return torch.exp(log_s) * (log_s - log_t)
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    return beta * torch.exp(log_t) * (log_t - log_m) + (1.0 - beta) * torch.exp(log_s) * (log_s - log_m)
