@@ -88,6 +88,7 @@ def main(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["train_diagnostics"] = module.diagnostics_summary()  # run means of the step diagnostics, skip counts
     if e.after:
         run_eval("after")
     metrics["total_seconds"] = time.perf_counter() - t_start

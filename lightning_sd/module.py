@@ -11,22 +11,32 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 import torchmetrics
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_sd.contexts import ContextBuilder, RowView, build_context, template_context  # noqa: F401
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
-from lightning_sd.losses import chunked_divergence, completion_mask_skip_first, reduce_loss
+from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first, importance_weight,
+                                 reduce_loss)
 from lightning_sd.methods import (generate_analyses, group_advantages, is_dataset_rollout, nll_terms, on_policy_batch,
                                   policy_gradient_terms, reference_rollout)
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
-from lightning_sd.sampling import Rollout, SamplingConfig, position_ids_from_mask
+from lightning_sd.sampling import Rollout, SamplingConfig, position_ids_from_mask, sampler_token_logprobs
 from lightning_sd.teachers import TeacherPolicy, build_teacher
+
+
+# step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>
+DIAGNOSTICS = ("no_signal_rows", "teacher_advantage", "teacher_advantage_std", "clipped_teacher_mass")
+# averaged over the run into metrics.json (`diagnostics_summary`)
+SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len") + DIAGNOSTICS
+PROGRESS_BAR = ("loss", "divergence", "reward", "truncated", "teacher_advantage")
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -121,11 +131,17 @@ class SelfDistillationModule(LightningModule):
         self.run_dir = run_dir
         self.strict_loading = False  # a frozen teacher is not saved; it is rebuilt from the initial model
         metric_names = ("loss", "divergence", "completion_len", "truncated", "reward", "gen_tokens_per_s",
-                        "train_tokens_per_s", "masked_rows", "on_policy")
+                        "train_tokens_per_s", "masked_rows", "on_policy") + DIAGNOSTICS
         self.train_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in metric_names})
         self.val_accuracy = torchmetrics.MeanMetric()
         self.nonfinite_steps = 0
+        self.empty_steps = 0  # optimizer steps skipped because no token of any micro-batch on any rank had signal
+        self.diagnostic_totals: dict[str, list[float]] = {}  # key -> [sum over steps, steps]: run means
         self._norm_count = 0.0  # valid tokens (or sequences) accumulated for the current optimizer step
+        self._signal_count = 0.0  # loss-bearing tokens accumulated for the current optimizer step
+        self._counted_batches = 0  # micro-batches of the current optimizer step that reached the loss
+        self._step_was_empty = False
+        self._warned_truncation = False
         self._last_step_seen = 0
         self._t_train_start = 0.0
 
@@ -213,11 +229,13 @@ class SelfDistillationModule(LightningModule):
     def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: dict,
                      teacher_inputs: dict) -> dict:
         """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
-        "mask": [R, C], "count": local normalizer}`.
+        "mask": [R, C], "count": local normalizer, "signal": [R, C] bool}`.
 
         `loss` is the *sum* of the per-token (or per-sequence) terms; `on_before_optimizer_step` divides the
         gradients by the global count of the optimizer step (all micro-batches, all ranks), so the update
-        does not depend on how the batch was split."""
+        does not depend on how the batch was split. `signal` marks the tokens whose term can carry a gradient
+        (a GRPO row with zero advantage counts in `mask` but not here); an optimizer step whose global count of
+        signal tokens is zero is skipped."""
         rollout: Rollout = batch["rollout"]
         cfg = self.loss_cfg
         if cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam > 0):
@@ -230,11 +248,33 @@ class SelfDistillationModule(LightningModule):
         if self.loss_cfg.chunk_size:
             return self._chunked_terms(student_out, teacher_out, rollout, mask)
         return distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, self.loss_cfg,
-                                  sampler_logprobs=self._sampler_logprobs(rollout))
+                                  is_weight=self.importance_weights(student_out, rollout))
 
-    def _sampler_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
-        """The sampler's log-probs for importance weights; None for dataset completions (not sampled)."""
-        return None if is_dataset_rollout(rollout) else rollout.logprobs
+    def importance_weights(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
+        """`[R, C]` detached token-level importance weights `min(exp(log S(y) - log S_sampler(y)), loss.is_clip)`,
+        or None when `loss.is_clip` is null or the completions were not sampled (dataset rows).
+
+        `log S(y)` is the trainer's log-prob of each sampled token under exactly the distribution the sampler
+        drew from (`rollout.sampling`: its temperature, top-k and top-p), so the weight is 1 when the sampler
+        ran the same weights, whatever the sampling settings. `student_out`: logits `[R, C, V]`, or final hidden
+        states `[R, C, H]` with `loss.chunk_size`. Padding positions get weight 1."""
+        cfg = self.loss_cfg
+        if cfg.is_clip is None or is_dataset_rollout(rollout):
+            return None
+        config = rollout.sampling if rollout.sampling is not None else SamplingConfig(do_sample=False)
+        keep = rollout.completion_mask.bool()
+        if cfg.chunk_size:
+            weight = self._output_weight(self.student).detach()
+            hidden, tokens = student_out.detach()[keep], rollout.completion_ids[keep]
+            values = torch.cat([sampler_token_logprobs(hidden[a:a + cfg.chunk_size] @ weight.T,
+                                                       tokens[a:a + cfg.chunk_size], config)
+                                for a in range(0, hidden.size(0), cfg.chunk_size)]
+                               or [hidden.new_zeros(0, dtype=torch.float32)])
+            logp = torch.zeros(keep.shape, dtype=torch.float32, device=values.device).masked_scatter(keep, values)
+        else:
+            logp = sampler_token_logprobs(student_out, rollout.completion_ids, config)
+        w = importance_weight(logp, rollout.logprobs, cfg.is_clip)
+        return torch.where(keep, w, torch.ones_like(w))
 
     def _student_logprobs(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """`[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad), from logits
@@ -266,21 +306,20 @@ class SelfDistillationModule(LightningModule):
                                "(data.task=..., or SelfDistillationModule(task=...)) and train with OnPolicyGeneration")
         n = rollout.completion_ids.size(0) // len(batch["records"])
         advantages, has_reward = group_advantages(batch["rewards"], n)
-        batch["advantages"] = advantages
         pg_mask = skip(base * has_reward.to(base.device, base.dtype)[:, None])
-        pg = policy_gradient_terms(logp, advantages, self._sampler_logprobs(rollout), cfg.is_clip)
+        pg_signal = pg_mask.bool() & (advantages != 0).to(base.device)[:, None]  # equal rewards: no signal
+        pg = policy_gradient_terms(logp, advantages, self.importance_weights(student_out, rollout))
         if cfg.name == "grpo" or cfg.lam == 1.0:
-            return self._reduce(pg, pg_mask)
+            return self._reduce(pg, pg_mask, signal=pg_signal)
         sd, sd_mask = self._distillation(student_out, teacher_out, rollout,
                                          base * teacher_inputs["row_mask"][:, None].to(base.dtype))
         zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
         per_token = (cfg.lam * torch.where(pg_mask.bool(), pg, zero)
                      + (1.0 - cfg.lam) * torch.where(sd_mask.bool(), sd.to(pg.dtype), zero))
-        return self._reduce(per_token, (pg_mask.bool() | sd_mask.bool()).to(base.dtype))
+        return self._reduce(per_token, (pg_mask.bool() | sd_mask.bool()).to(base.dtype),
+                            signal=pg_signal | sd_mask.bool())
 
     def _chunked_terms(self, student_h, teacher_h, rollout, mask):
-        from lightning_sd.losses import completion_mask_skip_first, importance_weight
-
         cfg = self.loss_cfg
         mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
         keep = mask.bool()
@@ -290,16 +329,14 @@ class SelfDistillationModule(LightningModule):
         values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
                                     chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
                                     **cfg.divergence_kwargs())
-        if cfg.is_clip is not None and not is_dataset_rollout(rollout):
-            with torch.no_grad():
-                logits = student_h[keep].detach() @ s_weight.detach().T
-                logp = logits.float().log_softmax(-1).gather(-1, rollout.completion_ids[keep][:, None]).squeeze(-1)
-            values = values * importance_weight(logp, rollout.logprobs[keep], cfg.is_clip)
+        weights = self.importance_weights(student_h, rollout)
+        if weights is not None:
+            values = values * weights[keep]
         per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
         per_token = per_token.masked_scatter(keep, values)
         return per_token, mask
 
-    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor) -> dict:
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> dict:
         reduction = self.loss_cfg.reduction
         mask_f = mask.to(per_token.dtype)
         if reduction == "sequence_mean":
@@ -311,7 +348,9 @@ class SelfDistillationModule(LightningModule):
         loss_sum = reduce_loss(per_token, mask_f, "sum" if reduction == "token_mean" else reduction,
                                **({"num_sequences": 1} if reduction == "sequence_mean" else {}))
         value = loss_sum.detach() / max(count, 1.0)
-        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count}
+        signal = mask.bool() if signal is None else signal.bool() & mask.bool()
+        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count,
+                "signal": signal}
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: dict, batch_idx: int):
@@ -332,6 +371,7 @@ class SelfDistillationModule(LightningModule):
         student_out = self.student_forward(batch)
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
+        batch["diagnostics"] = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
         if getattr(self, "keep_teacher_topk", 0) and teacher_out is not None:  # set by TokenView on the steps it shows
             from lightning_sd.token_view import teacher_topk
 
@@ -340,6 +380,8 @@ class SelfDistillationModule(LightningModule):
             return self._nonfinite(batch, out)
         if self.loss_cfg.reduction != "sum":
             self._norm_count += out["count"]
+        self._signal_count += float(out["signal"].sum())
+        self._counted_batches += 1
         self._log_step(batch, out, teacher_inputs)
         if self._trainer is not None and engine_owns_gradients(self._trainer.strategy) and self.loss_cfg.reduction != "sum":
             # DeepSpeed keeps gradients inside its engine: normalize the loss by this micro-batch's global count
@@ -370,15 +412,81 @@ class SelfDistillationModule(LightningModule):
                       "(loss.nonfinite=skip; set loss.nonfinite=stop to stop and save the batch)", stacklevel=2)
         return None  # Lightning skips backward and the optimizer step for this batch
 
+    @torch.no_grad()
+    def _sampled_logprobs(self, out: torch.Tensor, tokens: torch.Tensor, network: nn.Module | None,
+                          rows: int = 4) -> torch.Tensor:
+        """`[R, C]` log-probs at `loss.temperature` of `tokens` `[R, C]` from logits `[R, C, V]` (or, with
+        `loss.chunk_size`, final hidden states `[R, C, H]` through `network`'s output embedding), `rows` rows at
+        a time; no grad."""
+        weight = None
+        if self.loss_cfg.chunk_size:
+            with self.teacher.sampling_network(self.student) if network is None else nullcontext(network) as net:
+                weight = self._output_weight(net).detach()
+        parts = []
+        for a in range(0, out.size(0), rows):
+            block = out[a:a + rows].detach()
+            parts.append(token_logprobs(block @ weight.T if weight is not None else block, tokens[a:a + rows],
+                                        self.loss_cfg.temperature))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: dict, out: dict,
+                         teacher_inputs: dict) -> dict[str, float]:
+        """What this step teaches, as plain floats (logged as `train/<key>`, averaged into `metrics.json`):
+
+        - `no_signal_rows`: share of rollout rows with no loss-bearing token (masked: no context, no successful
+          sibling; GRPO: zero advantage; every token skipped).
+        - `teacher_advantage`, `teacher_advantage_std`: mean and spread over the trained positions of
+          `log T(y_t) - log S(y_t)` at `loss.temperature`, the teacher's per-token advantage of the sampled text
+          (> 0: the teacher likes the student's own tokens better than the student does).
+        - `clipped_teacher_mass` (with `loss.entry_clip`): the share of the teacher's probability mass on entries
+          the clip bounds, averaged over trained positions.
+        Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
+        rollout: Rollout = batch["rollout"]
+        cfg = self.loss_cfg
+        values = {"no_signal_rows": float((~out["signal"].any(-1)).float().mean())}
+        if teacher_out is None:
+            return values
+        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
+        keep = (completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask).bool()
+        if not keep.any():
+            return values
+        tokens = rollout.completion_ids
+        advantage = (self._sampled_logprobs(teacher_out, tokens, None)
+                     - self._sampled_logprobs(student_out, tokens, self.student))[keep]
+        values["teacher_advantage"] = float(advantage.mean())
+        values["teacher_advantage_std"] = float(advantage.std(unbiased=False))
+        if cfg.entry_clip is not None:
+            values["clipped_teacher_mass"] = float(self._clipped_mass(student_out, teacher_out, tokens)[keep].mean())
+        return values
+
+    @torch.no_grad()
+    def _clipped_mass(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
+                      rows: int = 4) -> torch.Tensor:
+        """`[R, C]` share of the teacher's mass on entries bounded by `loss.entry_clip` (`clipped_teacher_mass`)."""
+        cfg = self.loss_cfg
+        s_weight = t_weight = None
+        if cfg.chunk_size:
+            s_weight = self._output_weight(self.student).detach()
+            with self.teacher.sampling_network(self.student) as net:
+                t_weight = self._output_weight(net).detach()
+        parts = []
+        for a in range(0, student_out.size(0), rows):
+            s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
+            if s_weight is not None:
+                s, t = s @ s_weight.T, t @ t_weight.T
+            parts.append(clipped_teacher_mass(s, t, tokens=tokens[a:a + rows], **cfg.divergence_kwargs()))
+        return torch.cat(parts)
+
     def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
         rollout: Rollout = batch["rollout"]
         m = self.train_metrics
         valid = out["mask"]
         div = (out["per_token"].detach() * valid).sum() / valid.sum().clamp(min=1)
         lengths = rollout.completion_mask.sum(-1).float()
-        values = {"loss": out["value"], "divergence": div, "completion_len": lengths.mean(),
-                  "truncated": rollout.truncated.float().mean(),
-                  "masked_rows": (~teacher_inputs["row_mask"]).float().mean()}
+        truncated = float(rollout.truncated.float().mean())
+        values = {"loss": out["value"], "divergence": div, "completion_len": lengths.mean(), "truncated": truncated,
+                  "masked_rows": (~teacher_inputs["row_mask"]).float().mean(), **batch.get("diagnostics", {})}
         if batch.get("rewards") is not None:
             rewards = [r for r in batch["rewards"] if r is not None]
             if rewards:
@@ -387,10 +495,26 @@ class SelfDistillationModule(LightningModule):
             values["gen_tokens_per_s"] = lengths.sum() / batch["gen_seconds"]
         if self.loss_cfg.lmbda < 1.0:
             values["on_policy"] = float(not is_dataset_rollout(rollout))
+        if truncated > 0.5 and not is_dataset_rollout(rollout) and not self._warned_truncation:
+            self._warned_truncation = True
+            rank_zero_warn(f"{truncated:.0%} of this step's rollouts reached generation.max_new_tokens without a stop "
+                           "token: the teacher's signal on the answer is missing. Raise generation.max_new_tokens or "
+                           "ask for shorter answers (train/truncated shows the share every step)")
         for k, v in values.items():
-            m[k](v.detach().float().cpu() if torch.is_tensor(v) else float(v))
-            self.log(f"train/{k}", m[k], on_step=True, on_epoch=False, prog_bar=k in ("loss", "divergence", "reward"),
+            v = v.detach().float().cpu() if torch.is_tensor(v) else float(v)
+            m[k](v)
+            if k in SUMMARIZED:
+                total = self.diagnostic_totals.setdefault(k, [0.0, 0])
+                total[0] += float(v)
+                total[1] += 1
+            self.log(f"train/{k}", m[k], on_step=True, on_epoch=False, prog_bar=k in PROGRESS_BAR,
                      batch_size=rollout.completion_ids.size(0))
+
+    def diagnostics_summary(self) -> dict[str, float]:
+        """Run means of the step diagnostics (`SUMMARIZED`, one value per micro-batch on this rank), plus the
+        counts of skipped steps: `empty_steps` (no signal) and `nonfinite_steps`."""
+        summary = {k: total[0] / total[1] for k, total in sorted(self.diagnostic_totals.items()) if total[1]}
+        return {**summary, "empty_steps": self.empty_steps, "nonfinite_steps": self.nonfinite_steps}
 
     def on_train_start(self) -> None:
         """The student trains in train mode. Lightning keeps each submodule's mode as it finds it, and a model
@@ -408,7 +532,9 @@ class SelfDistillationModule(LightningModule):
                      on_epoch=False, batch_size=1)
         if self.trainer.global_step != self._last_step_seen:  # an optimizer step happened in this batch
             self._last_step_seen = self.trainer.global_step
-            self.teacher.after_optimizer_step(self.student)
+            if not self._step_was_empty:  # a step skipped for no signal: the teacher does not follow either
+                self.teacher.after_optimizer_step(self.student)
+        self.log("train/empty_steps", float(self.empty_steps), on_step=True, on_epoch=False, batch_size=1)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, then the gradients are dropped at once (`set_to_none`). Lightning itself zeroes them
@@ -418,24 +544,46 @@ class SelfDistillationModule(LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not engine_owns_gradients(self.trainer.strategy):
             optimizer.zero_grad(set_to_none=True)
+        if self._step_was_empty:  # nothing was learned (the teacher will not follow either): counted
+            self.empty_steps += 1
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The schedule advances with the optimizer steps that happened: not on a step skipped for no signal."""
+        if self._step_was_empty:
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Exact global normalization: gradients of the summed terms are divided by the total count of the
-        optimizer step over all micro-batches and ranks (Lightning divided each micro-batch loss by the
-        accumulation factor and DDP/FSDP average over ranks; both are undone here). Under FSDP the gradients are
-        this rank's shards (`use_orig_params=True`), scaled in place. Under DeepSpeed the engine owns the
-        gradients: the loss was normalized in `training_step` instead."""
-        if self.loss_cfg.reduction == "sum" or engine_owns_gradients(self.trainer.strategy):
+        """Exact global normalization, and no update without signal.
+
+        Gradients of the summed terms are divided by the total count of the optimizer step over all
+        micro-batches and ranks (Lightning divided each micro-batch loss by the accumulation factor and DDP/FSDP
+        average over ranks; both are undone here). Under FSDP the gradients are this rank's shards
+        (`use_orig_params=True`), scaled in place.
+
+        When no micro-batch on any rank had a loss-bearing token (every row masked, no successful sibling, equal
+        rewards in every group) the gradients are dropped (`None`): the optimizer then leaves the weights and
+        its state untouched (AdamW would otherwise keep moving on its momentum), the scheduler does not advance,
+        the teacher does not follow, and `train/empty_steps` counts the step. Under DeepSpeed the engine owns the
+        gradients and the step: the loss was normalized in `training_step` instead, and empty steps are not
+        skipped."""
+        if engine_owns_gradients(self.trainer.strategy):
             return
-        count = torch.tensor(self._norm_count, dtype=torch.float64, device=self.device)
-        world = self.trainer.world_size
-        if world > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="sum")
-        total = float(count)
-        self._norm_count = 0.0
-        if total <= 0:
+        counts = torch.tensor([self._norm_count, self._signal_count, self._counted_batches], dtype=torch.float64,
+                              device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        total, signal, counted = (float(c) for c in counts.cpu())
+        self._norm_count = self._signal_count = self._counted_batches = 0
+        # a step whose micro-batches were all skipped as non-finite has no gradients either; it is counted there
+        self._step_was_empty = signal <= 0 and counted > 0
+        if self._step_was_empty:
+            for p in self.student.parameters():
+                p.grad = None
             return
-        scale = self.trainer.accumulate_grad_batches * world / total
+        if self.loss_cfg.reduction == "sum" or total <= 0:
+            return
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
@@ -493,9 +641,11 @@ class SelfDistillationModule(LightningModule):
             # ModelCheckpoint saves in the callbacks' on_train_batch_end, which runs before this module's (where
             # the teacher follows the optimizer step): apply this step's teacher update now, once, so the
             # checkpoint holds it and a resumed run does not miss it (on_train_batch_end then sees it done).
-            # Sharded weights (FSDP, ZeRO-3) were gathered into the checkpoint already: left as they are there
+            # Sharded weights (FSDP, ZeRO-3) were gathered into the checkpoint already: left as they are there.
+            # A step skipped for no signal has no teacher update.
             self._last_step_seen = step
-            self.teacher.after_optimizer_step(self.student)
+            if not self._step_was_empty:
+                self.teacher.after_optimizer_step(self.student)
             if self.teacher.persistent:
                 for key, value in self.teacher.state_dict(prefix="teacher.").items():
                     if key in checkpoint["state_dict"]:
@@ -503,12 +653,17 @@ class SelfDistillationModule(LightningModule):
         if not self.teacher.persistent:  # frozen/external copies are rebuilt at start-up, not saved
             for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
                 del checkpoint["state_dict"][key]
-        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen}
+        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen,
+                                      "empty_steps": self.empty_steps, "warned_truncation": self._warned_truncation,
+                                      "diagnostic_totals": {k: list(v) for k, v in self.diagnostic_totals.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lightning_sd", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self._last_step_seen = state.get("last_step_seen", 0)
+        self.empty_steps = state.get("empty_steps", 0)
+        self._warned_truncation = state.get("warned_truncation", False)
+        self.diagnostic_totals = {k: list(v) for k, v in state.get("diagnostic_totals", {}).items()}
 
     def validation_step(self, batch: dict, batch_idx: int):
         from lightning_sd.evaluation import generate_and_verify

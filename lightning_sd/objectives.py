@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from lightning_sd.contexts import check_template
-from lightning_sd.losses import completion_mask_skip_first, importance_weight, per_token_divergence
+from lightning_sd.losses import completion_mask_skip_first, per_token_divergence
 
 LOSS_NAMES = ("distill", "self_critique", "continual", "rl_feedback", "on_policy_kd", "grpo", "sft")
 # losses whose whole signal is a teacher's divergence on the completion (they accept `lmbda`, `reason_first`)
@@ -26,7 +26,11 @@ class LossConfig:
     """All knobs of the objective.
 
     - divergence: `beta` (0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD), `support`,
-      `top_k`, `topk_from`, `tail`, `temperature` (divides both logits), `entry_clip` (OPSD per-entry clip).
+      `top_k`, `topk_from`, `tail`, `temperature` (divides both logits), `entry_clip` (per-entry clip `c`,
+      null = off) and `entry_clip_mode`: `gradient` (default) keeps the unclipped divergence as the loss and
+      clamps each entry of its gradient w.r.t. the scaled student logits to `[-c, c]`, so no entry is pushed
+      against the teacher's direction; `value` clamps each entry's term from above before the sum, as the
+      OPSD paper does (it can push the teacher's preferred entries down; see docs/losses.md).
     - tokens: `skip_first` completion tokens are not trained (SDFT: 3); `is_clip` caps the token-level
       importance weight between the trainer and the sampler (SDPO: 2; null = off).
     - `reduction`: `token_mean` / `sequence_mean` / `sum`, normalized by the *global* count of the optimizer
@@ -47,6 +51,7 @@ class LossConfig:
     tail: bool = True
     temperature: float = 1.0
     entry_clip: float | None = None
+    entry_clip_mode: str = "gradient"
     skip_first: int = 0
     reduction: str = "token_mean"
     is_clip: float | None = None
@@ -91,6 +96,9 @@ class LossConfig:
             raise ValueError(f"loss.skip_first must be >= 0, got {self.skip_first}")
         if self.entry_clip is not None and not self.entry_clip > 0:
             raise ValueError(f"loss.entry_clip must be > 0 or null, got {self.entry_clip}")
+        if self.entry_clip_mode not in ("value", "gradient"):
+            raise ValueError(f"loss.entry_clip_mode={self.entry_clip_mode!r} is not one of ('value', 'gradient') "
+                             "(gradient: clamp each entry's gradient; value: clamp each entry's term, as OPSD)")
         if self.is_clip is not None and not self.is_clip > 0:
             raise ValueError(f"loss.is_clip must be > 0 or null, got {self.is_clip}")
         if not 0.0 <= self.lam <= 1.0:
@@ -127,7 +135,8 @@ class LossConfig:
 
     def divergence_kwargs(self) -> dict:
         return dict(beta=self.beta, support=self.support, top_k=self.top_k, topk_from=self.topk_from,
-                    tail=self.tail, temperature=self.temperature, entry_clip=self.entry_clip)
+                    tail=self.tail, temperature=self.temperature, entry_clip=self.entry_clip,
+                    entry_clip_mode=self.entry_clip_mode)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -156,17 +165,16 @@ def distillation_terms(
     completion_ids: torch.Tensor,
     mask: torch.Tensor,
     cfg: LossConfig,
-    sampler_logprobs: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token distillation loss `[R, C]` and the mask `[R, C]` it counts on (after `skip_first`).
 
     `student_logits`, `teacher_logits`: `[R, C, V]`, aligned on the completion tokens `completion_ids` `[R, C]`
-    (position t predicts token t). With `cfg.is_clip`, each token's divergence is weighted by the detached
-    importance weight `min(exp(log S(y) - log S_sampler(y)), is_clip)`.
+    (position t predicts token t). `is_weight` `[R, C]` (detached importance weights, see
+    `SelfDistillationModule.importance_weights`) multiplies each token's divergence.
     """
     per_token = per_token_divergence(student_logits, teacher_logits, tokens=completion_ids, **cfg.divergence_kwargs())
     mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
-    if cfg.is_clip is not None and sampler_logprobs is not None:
-        logp = token_logprobs(student_logits.detach(), completion_ids)
-        per_token = per_token * importance_weight(logp, sampler_logprobs, cfg.is_clip)
+    if is_weight is not None:
+        per_token = per_token * is_weight.to(per_token.dtype)
     return per_token, mask

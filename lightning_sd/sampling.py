@@ -60,6 +60,7 @@ class Rollout:
     truncated: torch.Tensor  # [R] bool: no stop token within max_new_tokens
     prompt_index: torch.Tensor  # [R] long: index of the prompt in the batch
     extras: dict = field(default_factory=dict)
+    sampling: SamplingConfig | None = None  # the distribution `logprobs` come from; None: not sampled (dataset)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,24 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def sampler_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, config: SamplingConfig,
+                           chunk_rows: int = 64) -> torch.Tensor:
+    """Log-probs `[...]` of `tokens` `[...]` under exactly the distribution `sample` drew them from, given
+    logits `[..., V]` of the same weights: temperature, then top-k, then top-p (`filter_logits`); greedy
+    decoding records the untempered, unfiltered log-softmax, and so does this. A token outside the filtered
+    support gets -inf. No grad; float32; `chunk_rows` rows of `V` at a time (top-p sorts each row)."""
+    with torch.no_grad():
+        flat = logits.detach().reshape(-1, logits.size(-1))
+        ids = tokens.reshape(-1, 1)
+        out = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
+        for a in range(0, flat.size(0), chunk_rows):
+            block = flat[a:a + chunk_rows]
+            if config.do_sample:
+                block = filter_logits(block, config.temperature, config.top_k, config.top_p)
+            out[a:a + chunk_rows] = block.float().log_softmax(-1).gather(-1, ids[a:a + chunk_rows]).squeeze(-1)
+        return out.view(tokens.shape)
 
 
 def _cache_kwarg(model) -> str:
@@ -204,4 +223,4 @@ def _decode(
     completion = completion.masked_fill(completion_mask == 0, pad_token_id)
     logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
     return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
-                   logprobs=logprobs, truncated=truncated, prompt_index=prompt_index)
+                   logprobs=logprobs, truncated=truncated, prompt_index=prompt_index, sampling=config)

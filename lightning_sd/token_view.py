@@ -167,6 +167,18 @@ def render_html(rows: Sequence[TokenRow], title: str = "Per-token divergence", m
     return "\n".join(out)
 
 
+def describe_diagnostics(diagnostics: dict[str, float], truncated: float) -> str:
+    """One line for a page's header from `SelfDistillationModule.step_diagnostics` and the step's share of
+    truncated rollouts, e.g. `cut 62% · no-signal rows 0% · teacher advantage +0.120 ± 0.800 nats`."""
+    parts = [f"cut {truncated:.0%}", f"no-signal rows {diagnostics.get('no_signal_rows', 0.0):.0%}"]
+    if "teacher_advantage" in diagnostics:
+        parts.append(f"teacher advantage {diagnostics['teacher_advantage']:+.3f} ± "
+                     f"{diagnostics.get('teacher_advantage_std', 0.0):.3f} nats")
+    if "clipped_teacher_mass" in diagnostics:
+        parts.append(f"teacher mass on clipped entries {diagnostics['clipped_teacher_mass']:.1%}")
+    return " · ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------- from a batch
 
 @torch.no_grad()
@@ -220,4 +232,4 @@ def rows_from_batch(batch: dict, tokenizer: Any, rows: Sequence[int]) -> list[To
     return out
 
 
-__all__ = ["TokenRow", "colour", "render_html", "rows_from_batch", "teacher_topk", "token_pieces", "tooltip"]
+__all__ = ["TokenRow", "colour", "describe_diagnostics", "render_html", "rows_from_batch", "teacher_topk", "token_pieces", "tooltip"]

@@ -6,10 +6,22 @@ import os
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: one thread is faster than two (no OpenMP spin)
+
+
+class StopAfter(Callback):
+    """Ends the run after `n` optimizer steps, as a preemption would (the schedule still plans for max_steps)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.n is not None and trainer.global_step >= self.n:
+            trainer.should_stop = True
 
 
 def make_batch(tokenizer, records: list[dict]) -> dict:

@@ -117,6 +117,7 @@ def test_every_group_key_is_in_its_schema():
     ("loss.support=bogus", "loss.support"),
     ("loss.reduction=mean", "loss.reduction"),
     ("loss.beta=1.5", "loss.beta"),
+    ("loss.entry_clip_mode=both", "loss.entry_clip_mode"),
     ("teacher=ema teacher.rate=0", "teacher.rate"),
     ("generation.top_p=0", "generation.top_p"),
     ("trainer.precision=bf17", "trainer.precision"),
@@ -157,6 +158,11 @@ def test_train_py_runs_as_a_subprocess(tmp_path):
     assert metrics["eval_before"]["n"] == 4 and "teacher_accuracy" in metrics["eval_after"]
     assert metrics["config"]["model"]["name"] == "tiny"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    diagnostics = metrics["train_diagnostics"]  # run means of the step diagnostics, and the skip counts
+    for key in ("truncated", "no_signal_rows", "teacher_advantage", "teacher_advantage_std", "clipped_teacher_mass",
+                "empty_steps", "nonfinite_steps"):
+        assert key in diagnostics, key
+    assert "train/empty_steps" in metrics["train_metrics"]
 
 
 @pytest.mark.parametrize("loss,kind,rate", [("self_critique", "frozen", None), ("continual", "ema", 0.01),

@@ -5,6 +5,8 @@ script (`python tests/test_distributed_ddp.py MODE OUT_DIR`; Lightning re-runs i
   and both ranks must have decoded the same number of steps (lock-step).
 - grad: one optimizer step with fixed rollouts of uneven lengths; the gradient (SGD, lr=1: weight change) must
   be the same for batch 8 on one process, 2 accumulated micro-batches of 4, and 2 ranks x 4.
+- empty: rank 0's rows all have no teacher context (no signal), rank 1's do: both ranks must still step, by
+  rank 1's gradient alone (no rank may skip a step the other takes).
 """
 
 from __future__ import annotations
@@ -80,14 +82,19 @@ def _trainer(**kw):
                    num_sanity_val_steps=0, use_distributed_sampler=False, **kw)
 
 
-def one_step_weights(batches, accumulate: int = 1, **trainer_kw) -> tuple[dict, dict]:
+def hint_for_upper_half(record, row):
+    """A teacher context for records 4-7 only: rows of records 0-3 are masked (no signal)."""
+    return f"{record['prompt']} (answer: {record['answer']})" if int(record["id"]) >= 4 else None
+
+
+def one_step_weights(batches, accumulate: int = 1, context=None, **trainer_kw) -> tuple[dict, dict]:
     """(initial, after one optimizer step) student weights for fixed rollouts over `batches`."""
     from lightning.pytorch import Callback
 
     from lightning_sd.models import load_model
 
     student, tok = load_model("tiny", seed=0)
-    module = _module(student, tok)
+    module = _module(student, tok, **({"context": context} if context else {}))
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
     class Fixed(Callback):
@@ -111,6 +118,17 @@ def _worker_grad(out: Path) -> None:
     before, after = one_step_weights(batches, accelerator="cpu", devices=2, strategy="ddp")
     if rank == 0:
         torch.save({"before": before, "after": after}, out / "ddp_weights.pt")
+
+
+def _worker_empty(out: Path) -> None:
+    from lightning_sd.models import load_model
+
+    tok = load_model("tiny", seed=0)[1]
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    batches = [_batch(tok, RECORDS[4 * rank: 4 * rank + 4])]
+    before, after = one_step_weights(batches, context=hint_for_upper_half, accelerator="cpu", devices=2,
+                                     strategy="ddp")
+    torch.save({"before": before, "after": after}, out / f"empty_rank{rank}.pt")
 
 
 def _worker_uneven(out: Path) -> None:
@@ -201,7 +219,24 @@ def test_gradient_is_independent_of_batch_split(tmp_path):
     assert max(float((naive[k] - grad[k]).abs().max()) for k in before) > 1e-4
 
 
+def test_a_rank_without_signal_still_steps_with_the_other(tmp_path):
+    """Rank 0's rows carry no signal, rank 1's do: the step is empty only when the global count is zero, so both
+    ranks step, by exactly the single-process update on rank 1's batch (a rank-local skip would desynchronize
+    the replicas and hang or diverge)."""
+    from lightning_sd.models import load_model
+
+    tok = load_model("tiny", seed=0)[1]
+    before, after_upper = one_step_weights([_batch(tok, RECORDS[4:])], context=hint_for_upper_half,
+                                           accelerator="cpu", devices=1)
+    _launch("empty", tmp_path)
+    ranks = [torch.load(tmp_path / f"empty_rank{r}.pt") for r in (0, 1)]
+    assert max(float((before[k] - after_upper[k]).abs().max()) for k in before) > 1e-3  # a real update
+    for name in before:
+        for r in ranks:
+            torch.testing.assert_close(r["after"][name], after_upper[name], rtol=0, atol=1e-6, msg=name)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"grad": _worker_grad, "uneven": _worker_uneven}[mode](out_dir)
+    {"grad": _worker_grad, "uneven": _worker_uneven, "empty": _worker_empty}[mode](out_dir)

@@ -13,14 +13,20 @@ MODES = {
     "fkl": dict(beta=0.0),
     "rkl": dict(beta=1.0),
     "jsd": dict(beta=0.5),
-    "fkl-clip-temp": dict(beta=0.0, entry_clip=0.05, temperature=1.1),
+    "fkl-clip-temp": dict(beta=0.0, entry_clip=0.05, entry_clip_mode="value", temperature=1.1),
+    "fkl-gradclip-temp": dict(beta=0.0, entry_clip=0.05, entry_clip_mode="gradient", temperature=1.1),
+    "rkl-gradclip": dict(beta=1.0, entry_clip=0.02, entry_clip_mode="gradient"),
+    "jsd-topk-gradclip": dict(beta=0.5, support="topk", top_k=5, entry_clip=0.01, entry_clip_mode="gradient"),
     "jsd-topk-student-tail": dict(beta=0.5, support="topk", top_k=5),
     "rkl-topk-teacher-tail": dict(beta=1.0, support="topk", top_k=4, topk_from="teacher"),
-    "fkl-topk-notail-clip": dict(beta=0.0, support="topk", top_k=6, tail=False, entry_clip=0.05),
+    "fkl-topk-notail-clip": dict(beta=0.0, support="topk", top_k=6, tail=False, entry_clip=0.05,
+                                 entry_clip_mode="value"),  # fmt: skip
     "jsd-0.9-topk-teacher-notail-temp": dict(beta=0.9, support="topk", top_k=3, topk_from="teacher", tail=False,
                                              temperature=1.1),  # fmt: skip
     "sampled": dict(beta=1.0, support="sampled"),
-    "sampled-clip": dict(beta=1.0, support="sampled", entry_clip=0.05, temperature=1.1),
+    "sampled-clip": dict(beta=1.0, support="sampled", entry_clip=0.05, entry_clip_mode="value", temperature=1.1),
+    "sampled-gradclip": dict(beta=1.0, support="sampled", entry_clip=0.05, entry_clip_mode="gradient",
+                             temperature=1.1),  # fmt: skip
 }
 
 
@@ -146,6 +152,7 @@ def test_bfloat16_weights_finite():
         (dict(support="topk"), "top_k"),
         (dict(support="sampled"), "tokens"),
         (dict(support="sampled", beta=0.5), "beta"),
+        (dict(entry_clip=0.05, entry_clip_mode="values"), "entry_clip_mode"),
     ],
 )
 def test_validation(change, match):
@@ -160,7 +167,8 @@ def test_validation(change, match):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["fkl", "jsd-topk-student-tail", "fkl-clip-temp", "sampled"])
+@pytest.mark.parametrize("name", ["fkl", "jsd-topk-student-tail", "fkl-clip-temp", "fkl-gradclip-temp",
+                                  "jsd-topk-gradclip", "sampled"])
 def test_cuda_matches_naive_and_cpu(name):
     kw = dict(MODES[name])
     h0, w0, b0, th0, tw0, tb0, tokens = _inputs(dtype=torch.float64)

@@ -154,14 +154,17 @@ def test_matches_bruteforce_reference(beta, support, topk_from, tail, temperatur
     if support == "topk":
         call_kw.update(top_k=TOP_K, topk_from=topk_from, tail=tail)
     ref_kw = dict(call_kw, top_k=call_kw.get("top_k"), topk_from=topk_from, tail=tail)
-    _check_against_reference(s, t, call_kw, ref_kw)
+    # the reference clamps each entry's term: the published ("value") clip
+    _check_against_reference(s, t, dict(call_kw, entry_clip_mode="value"), ref_kw)
 
 
 def test_reference_without_masks_float32_input():
     g = torch.Generator().manual_seed(3)
     s = torch.randn(4, 5, 11, generator=g)
     t = torch.randn(4, 5, 11, generator=g)
-    out = per_token_divergence(s, t, beta=0.5, support="topk", top_k=4, temperature=1.1, entry_clip=0.05)
+    out = per_token_divergence(
+        s, t, beta=0.5, support="topk", top_k=4, temperature=1.1, entry_clip=0.05, entry_clip_mode="value"
+    )
     assert out.dtype == torch.float32
     for b, i in itertools.product(range(4), range(5)):
         ref = ref_token(
@@ -179,8 +182,9 @@ def test_sampled_matches_reference_and_surrogate_gradient(temperature, entry_cli
     t = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 1.5
     tokens = torch.randint(0, 7, (2, 3), generator=g)
     out = per_token_divergence(
-        s, t, beta=1.0, support="sampled", tokens=tokens, temperature=temperature, entry_clip=entry_clip
-    )
+        s, t, beta=1.0, support="sampled", tokens=tokens, temperature=temperature, entry_clip=entry_clip,
+        entry_clip_mode="value",
+    )  # fmt: skip
     for b, i in itertools.product(range(2), range(3)):
         y = tokens[b, i].item()
         ls = _ref_logprobs([x / temperature for x in s[b, i].tolist()])
@@ -262,7 +266,7 @@ def test_clipped_forward_kl_can_be_negative():
     # T = (0.9, 0.1), S = (0.1, 0.9): entries 0.9 ln 9 = 1.977 -> clipped to 0.05, 0.1 ln(1/9) = -0.2197
     t = torch.tensor([[math.log(0.9), math.log(0.1)]], dtype=torch.float64)
     s = torch.tensor([[math.log(0.1), math.log(0.9)]], dtype=torch.float64)
-    out = per_token_divergence(s, t, beta=0.0, entry_clip=0.05).item()
+    out = per_token_divergence(s, t, beta=0.0, entry_clip=0.05, entry_clip_mode="value").item()
     assert out == pytest.approx(0.05 + 0.1 * math.log(0.1 / 0.9), abs=1e-12)
 
 
@@ -303,13 +307,18 @@ MODES = [
     dict(beta=0.0),
     dict(beta=1.0),
     dict(beta=0.5),
-    dict(beta=0.1, entry_clip=0.05, temperature=1.1),
+    dict(beta=0.1, entry_clip=0.05, entry_clip_mode="value", temperature=1.1),
+    dict(beta=0.1, entry_clip=0.05, entry_clip_mode="gradient", temperature=1.1),
+    dict(beta=0.0, entry_clip=0.05, entry_clip_mode="gradient"),
+    dict(beta=1.0, entry_clip=0.05, entry_clip_mode="gradient", temperature=1.1),
     dict(beta=0.0, support="topk", top_k=3),
     dict(beta=1.0, support="topk", top_k=3, topk_from="teacher"),
     dict(beta=0.5, support="topk", top_k=3, tail=False),
     dict(beta=0.9, support="topk", top_k=16, tail=True),
-    dict(beta=0.0, support="topk", top_k=1, tail=True, entry_clip=0.05),
+    dict(beta=0.0, support="topk", top_k=1, tail=True, entry_clip=0.05, entry_clip_mode="value"),
+    dict(beta=0.5, support="topk", top_k=3, tail=False, entry_clip=0.05, entry_clip_mode="gradient"),
     dict(beta=1.0, support="sampled"),
+    dict(beta=1.0, support="sampled", entry_clip=0.05, entry_clip_mode="gradient"),
 ]
 
 
@@ -370,8 +379,9 @@ GRAD_MODES = {
     "topk-tail": dict(beta=0.5, support="topk", top_k=3, tail=True),
     "topk-notail": dict(beta=0.0, support="topk", top_k=3, tail=False),
     "topk-teacher-tail": dict(beta=1.0, support="topk", top_k=2, topk_from="teacher"),
-    "clip": dict(beta=0.0, entry_clip=0.05, temperature=1.1),
-    "jsd-clip-topk": dict(beta=0.7, entry_clip=0.02, support="topk", top_k=4),
+    # the value clip is a function of the logits; the gradient clip is not a gradient of its value
+    "clip": dict(beta=0.0, entry_clip=0.05, entry_clip_mode="value", temperature=1.1),
+    "jsd-clip-topk": dict(beta=0.7, entry_clip=0.02, entry_clip_mode="value", support="topk", top_k=4),
 }
 
 
@@ -408,7 +418,7 @@ def test_gradcheck_sampled_surrogate(entry_clip):
     s0 = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
     t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 6, (2, 3), generator=g)
-    kw = dict(beta=1.0, support="sampled", tokens=y, temperature=1.1, entry_clip=entry_clip)
+    kw = dict(beta=1.0, support="sampled", tokens=y, temperature=1.1, entry_clip=entry_clip, entry_clip_mode="value")
     adv0 = per_token_divergence(s0, t, **kw).detach()
 
     def ref_log_s_y(x):
@@ -435,6 +445,8 @@ def test_gradcheck_sampled_surrogate(entry_clip):
         (dict(beta=float("nan")), "beta"),
         (dict(temperature=0.0), "temperature"),
         (dict(entry_clip=-1.0), "entry_clip"),
+        (dict(entry_clip=0.05, entry_clip_mode="both"), r"entry_clip_mode.*'value', 'gradient'"),
+        (dict(entry_clip_mode=None), "entry_clip_mode"),
         (dict(beta=1.0, support="sampled"), "tokens"),
     ],
 )

@@ -31,6 +31,7 @@ def logit_pair(draw, min_v: int = 2, max_v: int = 10, masks: bool = True):
 
 betas = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
 clips = st.sampled_from([None, 0.05, 0.5])
+clip_modes = st.sampled_from(["value", "gradient"])
 temperatures = st.sampled_from([1.0, 1.1, 0.7])
 
 
@@ -48,11 +49,13 @@ def support_kwargs(draw, vocab: int):
 
 
 @SETTINGS
-@given(data=st.data(), pair=logit_pair(), beta=betas, clip=clips, temperature=temperatures)
-def test_divergence_of_identical_distributions_is_zero(data, pair, beta, clip, temperature):
+@given(data=st.data(), pair=logit_pair(), beta=betas, clip=clips, mode=clip_modes, temperature=temperatures)
+def test_divergence_of_identical_distributions_is_zero(data, pair, beta, clip, mode, temperature):
     s, _ = pair
     kw = data.draw(support_kwargs(s.shape[-1]))
-    out = per_token_divergence(s, s.clone(), beta=beta, entry_clip=clip, temperature=temperature, **kw)
+    out = per_token_divergence(
+        s, s.clone(), beta=beta, entry_clip=clip, entry_clip_mode=mode, temperature=temperature, **kw
+    )
     assert out.abs().max().item() < 1e-9
 
 
@@ -72,7 +75,7 @@ def test_clipped_jsd_non_negative(data, pair, beta, clip):
     # so clamping entries from above keeps the sum >= 0 and <= the unclipped JSD.
     s, t = pair
     kw = data.draw(support_kwargs(s.shape[-1]))
-    clipped = per_token_divergence(s, t, beta=beta, entry_clip=clip, **kw)
+    clipped = per_token_divergence(s, t, beta=beta, entry_clip=clip, entry_clip_mode="value", **kw)
     plain = per_token_divergence(s, t, beta=beta, **kw)
     assert clipped.min().item() >= -1e-9
     assert (clipped <= plain + 1e-9).all()
@@ -86,7 +89,7 @@ def test_clipped_kl_bounds(data, pair, beta, clip):
     # it is bounded by the unclipped KL above and by the sum of negative entries below.
     s, t = pair
     kw = data.draw(support_kwargs(s.shape[-1]))
-    clipped = per_token_divergence(s, t, beta=beta, entry_clip=clip, **kw)
+    clipped = per_token_divergence(s, t, beta=beta, entry_clip=clip, entry_clip_mode="value", **kw)
     plain = per_token_divergence(s, t, beta=beta, **kw)
     assert (clipped <= plain + 1e-9).all()
     assert (clipped >= -1.0 - 1e-9).all()  # sum_v min(p log(p/q), 0) >= -sum_v q  >= -1
@@ -97,13 +100,14 @@ def test_clipped_kl_bounds(data, pair, beta, clip):
     pair=logit_pair(),
     beta=betas,
     clip=clips,
+    mode=clip_modes,
     temperature=temperatures,
     tail=st.booleans(),
     topk_from=st.sampled_from(["student", "teacher"]),
 )
-def test_topk_with_k_equal_vocab_is_full(pair, beta, clip, temperature, tail, topk_from):
+def test_topk_with_k_equal_vocab_is_full(pair, beta, clip, mode, temperature, tail, topk_from):
     s, t = pair
-    common = dict(beta=beta, entry_clip=clip, temperature=temperature)
+    common = dict(beta=beta, entry_clip=clip, entry_clip_mode=mode, temperature=temperature)
     full = per_token_divergence(s, t, **common)
     topk = per_token_divergence(s, t, support="topk", top_k=s.shape[-1], tail=tail, topk_from=topk_from, **common)
     torch.testing.assert_close(topk, full, rtol=1e-9, atol=1e-9)

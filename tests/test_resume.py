@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import StopAfter
 
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.callbacks.rng import RngState
@@ -58,17 +59,6 @@ def build(n_records: int):
         model, tok, teacher="ema", teacher_kwargs={"rate": 0.3}, loss={"template": "answer_hint", "beta": 0.5},
         optimizer={"lr": 3e-3}, scheduler={"name": "linear", "warmup_steps": 2}, task=None)
     return module, dm
-
-
-class StopAfter(Callback):
-    """Ends the run after `n` optimizer steps, as a preemption would (the schedule still plans for max_steps)."""
-
-    def __init__(self, n: int | None):
-        self.n = n
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.n is not None and trainer.global_step >= self.n:
-            trainer.should_stop = True
 
 
 def fit(tmp: Path, n_records: int, stop_after: int | None = None, ckpt_path=None):

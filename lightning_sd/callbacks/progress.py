@@ -11,10 +11,13 @@ SHOWN = (  # (logged metric, label, format)
     ("train/loss", "loss", ".4f"),
     ("train/divergence", "div", ".4f"),
     ("train/reward", "reward", ".2f"),
+    ("train/truncated", "cut", ".0%"),  # share of rollouts that hit generation.max_new_tokens
+    ("train/teacher_advantage", "adv", "+.3f"),  # mean log T(y) - log S(y) of the sampled tokens
     ("train/gen_tokens_per_s", "gen tok/s", ".0f"),
     ("train/train_tokens_per_s", "train tok/s", ".0f"),
     ("val/accuracy", "val acc", ".3f"),
-    ("train/nonfinite_steps", "skipped (non-finite)", ".0f"),  # shown once something was skipped or failed
+    ("train/empty_steps", "skipped (no signal)", ".0f"),  # shown once something was skipped or failed
+    ("train/nonfinite_steps", "skipped (non-finite)", ".0f"),
     ("train/verifier_failures", "verifier failures", ".0f"),
 )
 
@@ -57,7 +60,7 @@ class TrainingProgressBar(RichProgressBar):
         for key, label, fmt in SHOWN:
             if key in logged:
                 value = float(logged[key])
-                if key in ("train/nonfinite_steps", "train/verifier_failures") and value == 0:
+                if key in ("train/empty_steps", "train/nonfinite_steps", "train/verifier_failures") and value == 0:
                     continue
                 out[label] = format(value, fmt) if math.isfinite(value) else str(value)
         return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 
 from lightning_sd.logging_utils import atomic_write_text, run_folder, wandb_run
-from lightning_sd.token_view import render_html, rows_from_batch
+from lightning_sd.token_view import describe_diagnostics, render_html, rows_from_batch
 
 
 class TokenView(Callback):
@@ -59,6 +59,9 @@ class TokenView(Callback):
                     f"teacher {pl_module.teacher.kind} · colour = per-token loss term (nats)")
         else:  # sft / grpo: no teacher, the colour is that method's own per-token term
             meta = f"step {step} · loss {cfg.name} (no teacher) · colour = per-token loss term"
+        diagnostics = batch.get("diagnostics", {})
+        if diagnostics:
+            meta += " · " + describe_diagnostics(diagnostics, float(rollout.truncated.float().mean()))
         html = render_html(rows, title=f"Per-token divergence, step {step}", meta=meta)
         folder = Path(self.folder or os.path.join(run_folder(trainer, pl_module), "token_views"))
         path = atomic_write_text(folder / f"step_{step:06d}.html", html)

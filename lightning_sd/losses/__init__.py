@@ -6,7 +6,8 @@ receives gradient. See ``docs/losses.md``.
 """
 
 from .chunked import DEFAULT_CHUNK_SIZE, chunked_divergence
-from .divergence import Support, TopkFrom, entry_terms, per_token_divergence
+from .diagnostics import clipped_teacher_mass
+from .divergence import ENTRY_CLIP_MODES, EntryClipMode, Support, TopkFrom, entry_terms, per_token_divergence
 from .fused import fused_full_kl
 from .reduction import ReduceMode, completion_mask_skip_first, importance_weight, reduce_loss
 from .support import MASKED_LOGIT
@@ -14,6 +15,7 @@ from .support import MASKED_LOGIT
 __all__ = [
     "per_token_divergence",
     "chunked_divergence",
+    "clipped_teacher_mass",
     "fused_full_kl",
     "completion_mask_skip_first",
     "reduce_loss",
@@ -23,5 +25,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "Support",
     "TopkFrom",
+    "EntryClipMode",
+    "ENTRY_CLIP_MODES",
     "ReduceMode",
 ]

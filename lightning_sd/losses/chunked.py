@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .divergence import Support, TopkFrom, per_token_divergence, validate_options
+from .divergence import EntryClipMode, Support, TopkFrom, per_token_divergence, validate_options
 from .support import compute_dtype
 
 __all__ = ["chunked_divergence", "DEFAULT_CHUNK_SIZE"]
@@ -109,6 +109,7 @@ def chunked_divergence(
     tail: bool = True,
     temperature: float = 1.0,
     entry_clip: Optional[float] = None,
+    entry_clip_mode: EntryClipMode = "gradient",
     tokens: Optional[Tensor] = None,
 ) -> Tensor:
     """Per-token divergence from hidden states, without materializing ``[N, V]`` logits.
@@ -130,7 +131,9 @@ def chunked_divergence(
         ``[N]`` (leading dims of ``student_hidden``), float32 or float64.
 
     Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` only; the
-    backward recomputes each chunk's logits from the saved inputs.
+    backward recomputes each chunk's logits from the saved inputs. With ``entry_clip`` in
+    ``"gradient"`` mode the clamped gradient is the one w.r.t. each chunk's (scaled) logits,
+    carried back through the LM head as in the unclipped case.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -173,6 +176,7 @@ def chunked_divergence(
         topk_from=topk_from,
         temperature=temperature,
         entry_clip=entry_clip,
+        entry_clip_mode=entry_clip_mode,
     )
     lead = student_hidden.shape[:-1]
     flat_tokens = None
@@ -190,6 +194,7 @@ def chunked_divergence(
         tail=tail,
         temperature=temperature,
         entry_clip=entry_clip,
+        entry_clip_mode=entry_clip_mode,
     )
     out = _ChunkedDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),

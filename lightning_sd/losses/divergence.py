@@ -28,13 +28,25 @@ from .support import (
     topk_support_logprobs,
 )
 
-__all__ = ["Support", "TopkFrom", "per_token_divergence", "entry_terms", "validate_options"]
+__all__ = [
+    "Support",
+    "TopkFrom",
+    "EntryClipMode",
+    "ENTRY_CLIP_MODES",
+    "per_token_divergence",
+    "entry_terms",
+    "validate_options",
+]
 
 Support = Literal["full", "topk", "sampled"]
 TopkFrom = Literal["student", "teacher"]
+EntryClipMode = Literal["value", "gradient"]
 
 _SUPPORTS = ("full", "topk", "sampled")
 _TOPK_FROM = ("student", "teacher")
+#: ``"value"``: clamp each entry's term from above (OPSD). ``"gradient"``: keep the value, clamp each entry
+#: of the gradient w.r.t. the scaled student logits to ``[-c, c]`` (never reverses an entry's direction).
+ENTRY_CLIP_MODES = ("value", "gradient")
 
 
 def _is_real(x: object) -> bool:
@@ -50,6 +62,7 @@ def validate_options(
     topk_from: str,
     temperature: float,
     entry_clip: Optional[float],
+    entry_clip_mode: str = "gradient",
 ) -> None:
     """Raise ``ValueError`` with a clear message for any invalid divergence option."""
     if not _is_real(beta) or not 0.0 <= beta <= 1.0:
@@ -72,6 +85,8 @@ def validate_options(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if entry_clip is not None and (not _is_real(entry_clip) or entry_clip <= 0):
         raise ValueError(f"entry_clip must be None or a finite number > 0, got {entry_clip!r}")
+    if not isinstance(entry_clip_mode, str) or entry_clip_mode not in ENTRY_CLIP_MODES:
+        raise ValueError(f"entry_clip_mode must be one of {ENTRY_CLIP_MODES}, got {entry_clip_mode!r}")
 
 
 def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) -> Tensor:
@@ -85,6 +100,55 @@ def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) 
     return surrogate - surrogate.detach() + advantage
 
 
+def _composed(
+    s: Tensor,
+    t: Tensor,
+    *,
+    beta: float,
+    support: str,
+    top_k: Optional[int],
+    topk_from: str,
+    tail: bool,
+    tokens: Optional[Tensor],
+    value_clip: Optional[float],
+) -> Tensor:
+    """Per-token divergence from prepared (scaled, clamped) logits; ``value_clip`` clamps each entry term."""
+    if support == "sampled":
+        return _sampled(s, t, tokens, value_clip)
+    if support == "full":
+        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
+    else:
+        source = s if topk_from == "student" else t
+        index = torch.topk(source.detach(), int(top_k), dim=-1, sorted=False).indices
+        log_s = topk_support_logprobs(s, index, tail)
+        log_t = topk_support_logprobs(t, index, tail)
+
+    terms = entry_terms(log_s, log_t, beta)
+    if value_clip is not None:
+        terms = terms.clamp(max=value_clip)
+    return terms.sum(dim=-1)
+
+
+def _gradient_clipped(s: Tensor, t: Tensor, clip: float, **options) -> Tensor:
+    """The unclipped divergence, backpropagating its gradient w.r.t. ``s`` clamped entrywise to ``[-clip, clip]``.
+
+    ``s`` are the prepared student logits (they carry the graph back to the caller's logits). The gradient
+    ``g`` of each token's divergence is taken on a detached copy, clamped, and attached through the
+    surrogate ``(s * g).sum(-1)``, whose value is cancelled exactly; ``g`` is a constant for autograd, so
+    the result is differentiable to first order only.
+    """
+    if not (torch.is_grad_enabled() and s.requires_grad):
+        return _composed(s, t, value_clip=None, **options)
+    with torch.enable_grad():
+        leaf = s.detach().requires_grad_(True)
+        value = _composed(leaf, t, value_clip=None, **options)
+        (g,) = torch.autograd.grad(value.sum(), leaf)
+    g = g.clamp(min=-clip, max=clip)
+    surrogate = (s * g).sum(dim=-1)
+    # (surrogate - surrogate.detach()) is exactly 0, so the value is bit-identical to the unclipped one
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def per_token_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -96,6 +160,7 @@ def per_token_divergence(
     tail: bool = True,
     temperature: float = 1.0,
     entry_clip: Optional[float] = None,
+    entry_clip_mode: EntryClipMode = "gradient",
     tokens: Optional[Tensor] = None,
 ) -> Tensor:
     """Divergence between student and teacher next-token distributions, per token.
@@ -110,16 +175,21 @@ def per_token_divergence(
         tail: top-k only. True adds one bucket with the leftover mass of each
             distribution; False renormalizes inside the support.
         temperature: both logits are divided by it first.
-        entry_clip: clamp every (token, entry) term from above before the vocabulary
-            sum (OPSD v3). Negative entry terms are kept, so a clipped KL can be < 0.
+        entry_clip: per-entry clip ``c`` (None = off); what it clips is set by ``entry_clip_mode``.
+        entry_clip_mode: ``"gradient"`` (default): the value is the unclipped divergence and, per
+            token, its gradient w.r.t. the temperature-scaled student logits is clamped entrywise to
+            ``[-c, c]``, so no entry's gradient changes sign. ``"value"``: every (token, entry) term is
+            clamped from above at ``c`` before the vocabulary sum (OPSD v3); negative terms are kept,
+            so the clipped KL can be < 0, and a clipped entry's logit is pushed by the remaining terms
+            only (for forward KL, down, however much the teacher prefers it).
         tokens: ``[B, T]`` long, the sampled ids; required for ``"sampled"``.
 
     Returns:
         ``[B, T]`` (``[N]``): float32, or float64 if an input is float64.
 
-    ``"sampled"`` (reverse KL only, ``beta=1``) returns ``log S(y) - log T(y)`` (clamped
-    from above by ``entry_clip`` if given) with the gradient of
-    ``(log S(y) - log T(y)).detach() * log S(y)``.
+    ``"sampled"`` (reverse KL only, ``beta=1``) returns ``log S(y) - log T(y)`` with the gradient of
+    ``(log S(y) - log T(y)).detach() * log S(y)``; with ``entry_clip`` in ``"value"`` mode both the value
+    and the advantage are clamped from above, in ``"gradient"`` mode that gradient is clamped entrywise.
 
     ``-inf`` logits are masked entries: they are treated as the finite logit
     :data:`MASKED_LOGIT` (-1e5, after temperature), so value and gradient stay finite.
@@ -146,6 +216,7 @@ def per_token_divergence(
         topk_from=topk_from,
         temperature=temperature,
         entry_clip=entry_clip,
+        entry_clip_mode=entry_clip_mode,
     )
     if support == "sampled":
         if tokens is None:
@@ -157,26 +228,24 @@ def per_token_divergence(
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
 
-    if support == "full" and float(beta) in (0.0, 1.0) and entry_clip is None:
+    clip_gradient = entry_clip is not None and entry_clip_mode == "gradient"
+    if support == "full" and float(beta) in (0.0, 1.0) and (entry_clip is None or clip_gradient):
         # same value and gradient, without the [.., V] temporaries of the composed path (fused.py)
-        return fused_full_kl(student_logits, teacher_logits, float(beta), temperature)
+        return fused_full_kl(
+            student_logits, teacher_logits, float(beta), temperature, grad_clip=entry_clip if clip_gradient else None
+        )
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = prepare_logits(student_logits, dtype, temperature)
     t = prepare_logits(teacher_logits.detach(), dtype, temperature)
-
-    beta = float(beta)
-    if support == "sampled":
-        return _sampled(s, t, tokens.long(), entry_clip)
-    if support == "full":
-        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
-    else:
-        source = s if topk_from == "student" else t
-        index = torch.topk(source.detach(), int(top_k), dim=-1, sorted=False).indices
-        log_s = topk_support_logprobs(s, index, tail)
-        log_t = topk_support_logprobs(t, index, tail)
-
-    terms = entry_terms(log_s, log_t, beta)
-    if entry_clip is not None:
-        terms = terms.clamp(max=entry_clip)
-    return terms.sum(dim=-1)
+    options = dict(
+        beta=float(beta),
+        support=support,
+        top_k=top_k,
+        topk_from=topk_from,
+        tail=tail,
+        tokens=tokens.long() if support == "sampled" else None,
+    )
+    if clip_gradient:
+        return _gradient_clipped(s, t, float(entry_clip), **options)
+    return _composed(s, t, value_clip=entry_clip, **options)

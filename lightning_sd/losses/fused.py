@@ -7,12 +7,16 @@ chunk at a time: the only `[N, V]` tensor created is the gradient itself, and wh
 
 Gradient w.r.t. the (temperature-scaled, clamped) student logits `x`, per row, with `g` the incoming grad:
 forward KL `g * (softmax(x_S) - softmax(x_T))`; reverse KL `g * p_S * ((log p_S - log p_T) - KL)`.
-Then `/ temperature`, and zero where the clamp at `MASKED_LOGIT` was active, as `torch.clamp` does.
+With `grad_clip = c`, that per-row gradient is clamped entrywise to `[-c, c]` before the product with `g`
+(the value stays the unclipped KL). Then `/ temperature`, and zero where the clamp at `MASKED_LOGIT` was
+active, as `torch.clamp` does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import numbers
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -34,7 +38,9 @@ def _row_chunks(n: int, vocab: int):
 
 class _FusedFullKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Tensor, beta: float, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, student: Tensor, teacher: Tensor, beta: float, temperature: float, grad_clip: Optional[float]
+    ) -> Tensor:
         vocab = student.shape[-1]
         s_flat, t_flat = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
         dtype = compute_dtype(student, teacher)
@@ -44,14 +50,14 @@ class _FusedFullKL(torch.autograd.Function):
             log_t = torch.log_softmax(prepare_logits(t_flat[a:b], dtype, temperature), dim=-1)
             out[a:b] = entry_terms(log_s, log_t, beta).sum(-1)
         ctx.save_for_backward(student, teacher, out)
-        ctx.beta, ctx.temperature, ctx.dtype = beta, temperature, dtype
+        ctx.beta, ctx.temperature, ctx.dtype, ctx.grad_clip = beta, temperature, dtype, grad_clip
         return out.view(student.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
         student, teacher, out = ctx.saved_tensors
-        beta, temperature, dtype = ctx.beta, ctx.temperature, ctx.dtype
+        beta, temperature, dtype, clip = ctx.beta, ctx.temperature, ctx.dtype, ctx.grad_clip
         vocab = student.shape[-1]
         s_flat, t_flat = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
         g_flat = grad_out.reshape(-1).to(dtype)
@@ -66,18 +72,38 @@ class _FusedFullKL(torch.autograd.Function):
                 d = torch.exp(log_s) - torch.exp(log_t)
             else:
                 d = torch.exp(log_s) * ((log_s - log_t) - out[a:b, None])
+            if clip is not None:
+                d = d.clamp(min=-clip, max=clip)
             d = d * (g_flat[a:b, None] / temperature)
             grad[a:b] = torch.where(scaled >= MASKED_LOGIT, d, torch.zeros((), dtype=dtype, device=d.device))
-        return grad.view(student.shape), None, None, None
+        return grad.view(student.shape), None, None, None, None
 
 
-def fused_full_kl(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+def fused_full_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    *,
+    grad_clip: Optional[float] = None,
+) -> Tensor:
     """Per-token KL over the full vocabulary: `beta=0` forward KL(T||S), `beta=1` reverse KL(S||T).
 
     `student_logits`, `teacher_logits`: `[..., V]` (same shape; the teacher is detached). Returns `[...]`,
     float32 (float64 if an input is float64). Same value and gradient as `per_token_divergence(...,
     support="full", beta=beta, temperature=temperature)` built from its parts, with O(rows-per-chunk x V)
-    temporaries; gradients reach `student_logits` only (first order)."""
+    temporaries; gradients reach `student_logits` only (first order).
+
+    `grad_clip=c` keeps the value and clamps each token's gradient w.r.t. the temperature-scaled student
+    logits entrywise to `[-c, c]` (`per_token_divergence(..., entry_clip=c, entry_clip_mode="gradient")`)."""
     if beta not in (0.0, 1.0):
         raise ValueError(f"fused_full_kl computes beta=0 (forward KL) or beta=1 (reverse KL), got beta={beta}")
-    return _FusedFullKL.apply(student_logits, teacher_logits.detach(), float(beta), float(temperature))
+    if grad_clip is not None and (
+        isinstance(grad_clip, bool)
+        or not isinstance(grad_clip, numbers.Real)
+        or not math.isfinite(grad_clip)
+        or grad_clip <= 0
+    ):
+        raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip!r}")
+    clip = None if grad_clip is None else float(grad_clip)
+    return _FusedFullKL.apply(student_logits, teacher_logits.detach(), float(beta), float(temperature), clip)

@@ -23,7 +23,6 @@ from typing import Sequence
 
 import torch
 
-from lightning_sd.losses import importance_weight
 
 GRPO_EPS = 1e-4
 
@@ -48,16 +47,17 @@ def group_advantages(rewards: Sequence[float | None] | torch.Tensor, group_size:
     return adv.view(-1).float(), valid.view(-1)
 
 
-def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor, sampler_logprobs: torch.Tensor | None = None,
-                          is_clip: float | None = None) -> torch.Tensor:
+def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor,
+                          is_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token GRPO loss `[R, C]`: `-A_r * w_t * log S(y_t)`.
 
     `logp`: `[R, C]` student log-probs of the completion tokens (with grad); `advantages`: `[R]`;
-    `sampler_logprobs`: `[R, C]` log-probs under the sampler (None for dataset completions: no weight).
+    `is_weight`: `[R, C]` detached importance weights against the sampler's distribution (None: no weight,
+    e.g. dataset completions; see `SelfDistillationModule.importance_weights`).
     """
     adv = advantages.to(device=logp.device, dtype=logp.dtype)[:, None]
-    if is_clip is not None and sampler_logprobs is not None:
-        adv = adv * importance_weight(logp, sampler_logprobs, is_clip)
+    if is_weight is not None:
+        adv = adv * is_weight.to(device=logp.device, dtype=logp.dtype)
     return -adv * logp
 
 

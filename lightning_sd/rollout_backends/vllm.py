@@ -189,5 +189,7 @@ class VllmBackend:
         prompts = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         outputs = self.engine().generate(prompts, SamplingParams(**sampling_params_kwargs(config, seed, stops)),
                                          use_tqdm=False)
-        return rollout_from_outputs(outputs, prompt_ids, prompt_mask, config.n, pad_token_id=pl_module.pad_token_id,
-                                    stop_token_ids=stops)
+        rollout = rollout_from_outputs(outputs, prompt_ids, prompt_mask, config.n, pad_token_id=pl_module.pad_token_id,
+                                       stop_token_ids=stops)
+        rollout.sampling = config  # processed log-probs: the tempered, filtered distribution, as the built-in sampler
+        return rollout

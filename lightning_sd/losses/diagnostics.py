@@ -1,0 +1,65 @@
+"""What a clipped divergence leaves out: the share of the teacher's probability mass on the entries the clip
+bounds (`clipped_teacher_mass`). A high share means most of what the teacher prefers is not taught at full
+strength; with `entry_clip_mode="value"` those entries are even pushed down (see docs/losses.md, Clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .divergence import per_token_divergence
+from .support import compute_dtype, entry_terms, full_support_logprobs, prepare_logits, token_logprobs, \
+    topk_support_logprobs
+
+__all__ = ["clipped_teacher_mass"]
+
+
+@torch.no_grad()
+def clipped_teacher_mass(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 0.0,
+    support: str = "full",
+    top_k: Optional[int] = None,
+    topk_from: str = "student",
+    tail: bool = True,
+    temperature: float = 1.0,
+    entry_clip: Optional[float] = None,
+    entry_clip_mode: str = "gradient",
+    tokens: Optional[Tensor] = None,
+) -> Tensor:
+    """Per token (`[B, T]` from logits `[B, T, V]`), the teacher's probability mass at `temperature` on the
+    entries that `entry_clip` bounds; 0 everywhere without a clip. Same options as `per_token_divergence`.
+
+    - `entry_clip_mode="value"`: entries whose divergence term exceeds `entry_clip` (on the loss's support:
+      the top-k entries and the tail bucket for `support="topk"`, the sampled token for `"sampled"`).
+    - `entry_clip_mode="gradient"`: vocabulary entries whose gradient on the student's (temperature-scaled)
+      logit exceeds `entry_clip` in magnitude.
+    """
+    dtype = compute_dtype(student_logits, teacher_logits)
+    if entry_clip is None:
+        return torch.zeros(student_logits.shape[:-1], dtype=dtype, device=student_logits.device)
+    s = prepare_logits(student_logits.detach(), dtype, temperature)
+    t = prepare_logits(teacher_logits.detach(), dtype, temperature)
+    if entry_clip_mode == "gradient":
+        with torch.enable_grad():
+            s_var = s.clone().requires_grad_(True)
+            value = per_token_divergence(s_var, t, beta=beta, support=support, top_k=top_k, topk_from=topk_from,
+                                         tail=tail, temperature=1.0, entry_clip=None, tokens=tokens)
+            (grad,) = torch.autograd.grad(value.sum(), s_var)
+        return (full_support_logprobs(t).exp() * (grad.abs() > entry_clip)).sum(-1)
+    if entry_clip_mode != "value":
+        raise ValueError(f"entry_clip_mode must be 'value' or 'gradient', got {entry_clip_mode!r}")
+    if support == "sampled":
+        log_s_y, log_t_y = token_logprobs(s, tokens.long()), token_logprobs(t, tokens.long())
+        return log_t_y.exp() * ((log_s_y - log_t_y) > entry_clip)
+    if support == "full":
+        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
+    else:
+        index = torch.topk(s if topk_from == "student" else t, int(top_k), dim=-1, sorted=False).indices
+        log_s, log_t = topk_support_logprobs(s, index, tail), topk_support_logprobs(t, index, tail)
+    return (log_t.exp() * (entry_terms(log_s, log_t, float(beta)) > entry_clip)).sum(-1)
