@@ -129,6 +129,20 @@ def pooled(parts: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- one run
+def before_cache_path(run_dir: str, cfg, with_teacher: bool) -> str:
+    """Where the pre-training evaluation of runs that would measure the same thing is shared: a hash of the
+    model, data (seed included), evaluation and teacher-context settings, under `<work_dir>/_before/`."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    what = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "eval")}
+    what.update(seed=int(cfg.seed), with_teacher=with_teacher,
+                context=[cfg.loss.template, cfg.loss.reason_first, cfg.loss.feedback] if with_teacher else None)
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return str(Path(run_dir).parents[1] / "_before" / f"{key}.json")
+
+
 def run_one(spec: dict) -> dict:
     """Train and measure one (arm, seed); write `<result_dir>/result.json` and return it."""
     import torch
@@ -160,14 +174,18 @@ def run_one(spec: dict) -> dict:
     def eval_batches():
         return dm.val_dataloader()
 
-    # before training (kept in the run folder so that a resumed run does not measure it again)
+    # before training (kept in the run folder so that a resumed run does not measure it again, and shared by the
+    # arms whose evaluation is the same: same model, data, evaluation and teacher context)
+    with_teacher = bool(measure.get("teacher_before")) and bool(getattr(module, "needs_teacher", True))
+    shared_path = before_cache_path(run_dir, cfg, with_teacher)
     before_path = os.path.join(run_dir, "before.json")
+    if not os.path.isfile(before_path) and os.path.isfile(shared_path):
+        shutil.copy(shared_path, before_path)
     if os.path.isfile(before_path):
         before = json.load(open(before_path))
     else:
         t0 = time.perf_counter()
         # arms without a teacher context (sft, grpo) have no teacher-with-context accuracy
-        with_teacher = bool(measure.get("teacher_before")) and bool(getattr(module, "needs_teacher", True))
         if hasattr(dm, "task_labels"):  # a sequence of tasks: student and teacher-with-context per task and probe
             by_task = {label: evaluate(module, dm.eval_dataloader(label), with_teacher=with_teacher,
                                        keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
@@ -176,6 +194,9 @@ def run_one(spec: dict) -> dict:
             before = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4).as_dict()
         before["seconds"] = time.perf_counter() - t0
         json.dump(before, open(before_path, "w"), indent=2)
+        os.makedirs(os.path.dirname(shared_path), exist_ok=True)
+        shutil.copy(before_path, shared_path + f".tmp-{os.getpid()}")
+        os.replace(shared_path + f".tmp-{os.getpid()}", shared_path)
     result["before"] = before
 
     curve = None

@@ -21,7 +21,9 @@ from lightning_sd.evaluation import EvalResult, evaluate, kl_from_reference
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.losses import (
     chunked_divergence,
+    clipped_teacher_mass,
     completion_mask_skip_first,
+    contrastive_target_logits,
     fused_full_kl,
     importance_weight,
     per_token_divergence,
@@ -48,7 +50,8 @@ __all__ = [
     "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "SamplingConfig", "Rollout", "sample",
     "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
     "build_teacher", "per_token_divergence", "chunked_divergence", "fused_full_kl", "reduce_loss",
-    "completion_mask_skip_first", "importance_weight", "completion_logits", "completion_hidden", "load_model",
+    "completion_mask_skip_first", "importance_weight", "clipped_teacher_mass", "contrastive_target_logits",
+    "completion_logits", "completion_hidden", "load_model",
     "evaluate", "EvalResult",
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",

@@ -57,7 +57,7 @@ def build_datamodule(d, tokenizer, max_steps: int | None = None):
         tokenizer=tokenizer, task=d.task, task_kwargs=dict(d.task_kwargs or {}), train_file=d.train_file,
         eval_file=d.eval_file, n_train=d.n_train, n_eval=d.n_eval, batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-        seed=d.seed, system_prompt=d.system_prompt)
+        seed=d.seed, system_prompt=d.system_prompt, eval_split=d.eval_split)
 
 
 def build_strategy(tr, student, micro_batch_size: int | None = None):

@@ -53,6 +53,7 @@ class DataConfig:
     truncation: str = "left"
     system_prompt: Optional[str] = None
     seed: int = 0
+    eval_split: str = "eval"  # "eval": held-out test; "val": validation split for tuning (tasks that have one)
 
 
 @dataclass

@@ -33,13 +33,22 @@ TEMPLATES: dict[str, str] = {
         "Now solve the problem on your own, reasoning step by step in your own words, and reach the same "
         "final answer."
     ),
-    # the probe of METHODS.md: a short hint with the answer, for very small models
+    # OPSD's later wording: reference between markers, "do not copy or paraphrase", and the student's own
+    # format instruction repeated last (records need an `instruction` field: the arithmetic task has one)
+    "self_critique_format_last": (
+        "{prompt}\n\nHere is a reference solution, for you only:\n=== Reference solution ===\n{solution}\n"
+        "=== End of reference solution ===\n\nDo not copy or paraphrase it. Solve the problem yourself. "
+        "{instruction}"
+    ),
+    # a short hint with the answer, for very small models
     "answer_hint": "{prompt}\n(For reference, the correct answer is {answer}. Answer in your own words.)",
     # SDFT's demonstration template
     "demonstration": (
         "{prompt}\n\nThis is an example for a response to the question:\n{solution}\n\n"
         "Now answer with a response of your own, including the thinking process."
     ),
+    # a plain demonstration without the "thinking process" request (the wording TRL's SDFT trainer uses)
+    "demonstration_plain": "{prompt}\n\nExample response:\n{solution}",
 }
 
 

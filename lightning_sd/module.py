@@ -23,8 +23,8 @@ from torch import nn
 from lightning_sd.contexts import ContextBuilder, RowView, build_context, template_context  # noqa: F401
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
-from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first, importance_weight,
-                                 reduce_loss)
+from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first,
+                                 contrastive_target_logits, importance_weight, reduce_loss)
 from lightning_sd.methods import (generate_analyses, group_advantages, is_dataset_rollout, nll_terms, on_policy_batch,
                                   policy_gradient_terms, reference_rollout)
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
@@ -171,11 +171,17 @@ class SelfDistillationModule(LightningModule):
         return rollout
 
     # ------------------------------------------------------------------ hooks users override
-    def build_teacher_inputs(self, batch: dict) -> dict:
+    def build_teacher_inputs(self, batch: dict, placebo: bool = False) -> dict:
         """Teacher prompts for each rollout row: `{"prompt_ids": [R, P'], "prompt_mask": [R, P'],
-        "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`."""
+        "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`.
+
+        `placebo=True` (the contrastive teacher, `loss.contrast`): the same template around the *next* record's
+        fields in the batch, with this record's own `prompt` (and `instruction`)."""
         rollout: Rollout = batch["rollout"]
         records = batch["records"]
+        if placebo:
+            records = [{**records[(i + 1) % len(records)], **{k: rec[k] for k in ("prompt", "instruction") if k in rec}}
+                       for i, rec in enumerate(records)]
         n = rollout.prompt_ids.size(0) // len(records)
         texts: list[str] = []
         row_mask = []
@@ -361,14 +367,22 @@ class SelfDistillationModule(LightningModule):
                     "(it samples completions from the student before each training step)")
             batch["rollout"] = self.dataset_rollout(batch)  # SFT, or a dataset batch of on-policy KD (lmbda)
         self._t_train_start = time.perf_counter()
+        placebo_out = None
         if self.needs_teacher:
             teacher_inputs = self.build_teacher_inputs(batch)
             teacher_out = self.teacher_forward(batch, teacher_inputs)
+            if self.loss_cfg.contrast is not None:  # the same template around another record's context
+                placebo_inputs = self.build_teacher_inputs(batch, placebo=True)
+                placebo_out = self.teacher_forward(batch, placebo_inputs)
+                teacher_inputs["row_mask"] = teacher_inputs["row_mask"] & placebo_inputs["row_mask"]
         else:  # sft, grpo, rl_feedback with lam=1: no teacher forward
             rows = batch["rollout"].completion_ids.size(0)
             teacher_inputs = {"row_mask": torch.ones(rows, dtype=torch.bool, device=batch["rollout"].completion_ids.device)}
             teacher_out = None
         student_out = self.student_forward(batch)
+        if placebo_out is not None:
+            teacher_out = contrastive_target_logits(student_out, teacher_out, placebo_out, self.loss_cfg.contrast)
+            del placebo_out
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
         batch["diagnostics"] = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)

@@ -40,7 +40,10 @@ class LossConfig:
     - method-specific keys (null/default where unused): `lam` (GRPO share of the loss: `rl_feedback` mixes
       `lam * GRPO + (1 - lam) * SDPO`, `grpo` is `lam=1`), `reason_first` / `reason_max_new_tokens` (the
       teacher first generates an analysis of the reference solution), `lmbda` (fraction of batches on student
-      samples; the rest use dataset completions), `feedback` / `strip_reasoning` (the `sdpo` context).
+      samples; the rest use dataset completions), `feedback` / `strip_reasoning` (the `sdpo` context),
+      `contrast` (alpha of the contrastive teacher: the target is the student moved by alpha times the
+      difference between the teacher with the real context and with a placebo context, another record's,
+      in the same template; null = the plain teacher; see `losses.contrastive`).
     """
 
     name: str = "distill"
@@ -61,6 +64,7 @@ class LossConfig:
     reason_first: bool = False
     reason_max_new_tokens: int = 128
     lmbda: float = 1.0
+    contrast: float | None = None
     feedback: bool = True
     strip_reasoning: bool = True
     nonfinite: str = "skip"
@@ -118,6 +122,19 @@ class LossConfig:
         if self.lmbda < 1.0 and self.name not in DISTILLATION_NAMES:
             raise ValueError(f"loss.lmbda={self.lmbda} (dataset completions for some batches) applies to "
                              f"{DISTILLATION_NAMES}, not to loss={self.name}: set loss.lmbda=1")
+        if self.contrast is not None:
+            if not self.contrast > 0:
+                raise ValueError(f"loss.contrast must be > 0 (the step toward the teacher's context) or null, got "
+                                 f"{self.contrast}")
+            if self.name not in DISTILLATION_NAMES:
+                raise ValueError(f"loss.contrast (contrastive teacher) applies to {DISTILLATION_NAMES}, not to "
+                                 f"loss={self.name}")
+            if self.chunk_size is not None:
+                raise ValueError("loss.contrast combines the student's and both teachers' logits: it does not work "
+                                 "with the memory-bounded loss; set loss.chunk_size=null")
+            if self.template in ("sdpo",):
+                raise ValueError("loss.contrast needs a format-string teacher template (a placebo is the same "
+                                 "template around another record's fields), not loss.template=sdpo")
         if self.reason_first and self.name not in DISTILLATION_NAMES:
             raise ValueError(f"loss.reason_first applies to {DISTILLATION_NAMES} (a teacher that sees a reference "
                              f"solution), not to loss={self.name}")

@@ -61,8 +61,10 @@ def test_get_task_errors_and_split_check():
         get_task("math")
     with pytest.raises(DataError, match=r"has no option\(s\) \['steps'\]; its options are \['n_steps'"):
         get_task("arithmetic", steps=3)
-    with pytest.raises(DataError, match=r"split='test' must be one of \('train', 'eval'\)"):
+    with pytest.raises(DataError, match=r"split='test' is not one of arithmetic's splits \('train', 'val', 'eval'\)"):
         get_task("arithmetic").records("test", 3)
+    with pytest.raises(DataError, match=r"split='val' is not one of fictional_facts's splits .*eval_split=val needs"):
+        get_task("fictional_facts").records("val", 3)
 
 
 # ------------------------------------------------------------------------------------------- arithmetic
@@ -84,6 +86,31 @@ def test_arithmetic_eval_numbers_are_not_train_numbers():
     task = ArithmeticTask(n_steps=1, max_operand=12)
     key = lambda r: re.sub(r"\D+", " ", r["solution"])  # noqa: E731 - the numbers of the problem
     assert not {key(r) for r in task.records("train", 150)} & {key(r) for r in task.records("eval", 30)}
+
+
+def test_arithmetic_validation_split_is_disjoint_and_leaves_the_test_split_unchanged():
+    """Tuning uses "val"; every reported number uses "eval". Carving out "val" must not move any test problem."""
+    key = lambda r: re.sub(r"\D+", " ", r["solution"])  # noqa: E731 - the numbers of the problem
+    task = ArithmeticTask(n_steps=1, max_operand=50)
+    train, val, test = ({key(r) for r in task.records(split, n)} for split, n in (("train", 320), ("val", 64),
+                                                                                 ("eval", 64)))
+    assert len(val) > 40 and not val & train and not val & test and not train & test
+    no_val = ArithmeticTask(n_steps=1, max_operand=50, val_share=0.0)
+    assert no_val.records("eval", 64) == task.records("eval", 64)
+
+
+def test_data_eval_split_val_evaluates_on_the_validation_split():
+    from conftest import RECORDS  # noqa: F401 - the tiny tokenizer needs nothing from them
+
+    from lightning_sd.data.datamodule import PromptDataModule
+    from lightning_sd.models import load_model
+
+    tok = load_model("tiny", seed=0)[1]
+    dm = PromptDataModule(tok, task="arithmetic", n_train=8, n_eval=4, eval_split="val")
+    dm.setup("fit")
+    assert {r["split"] for r in dm.eval_records} == {"val"}
+    with pytest.raises(DataError, match="data.eval_split='test' must be 'eval'"):
+        PromptDataModule(tok, task="arithmetic", eval_split="test")
 
 
 def test_arithmetic_bad_options():

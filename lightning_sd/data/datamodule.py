@@ -57,7 +57,8 @@ class PromptDataModule(L.LightningDataModule):
     """Prompts for on-policy training. Give exactly one train source: `task` (a built-in task name, or a
     `Task`, with `task_kwargs`), `train_file` (JSONL), `records` (a list of dicts) or `hf_dataset` (any
     iterable of dicts, e.g. a `datasets.Dataset`). Eval records come from `eval_file` / `eval_records`, else
-    from the task's eval split, else there are none.
+    from the task's `eval_split` ("eval", the held-out test split; "val" to tune on a validation split disjoint
+    from it, for tasks that have one), else there are none.
 
     `n_train` / `n_eval`: how many records a task generates (default 1024 / up to 64), or the first so many
     of a file or list (default all). `max_prompt_length` counts formatted tokens; longer prompts lose their
@@ -69,7 +70,8 @@ class PromptDataModule(L.LightningDataModule):
                  eval_records: list[dict] | None = None, hf_dataset: Iterable[dict] | None = None,
                  n_train: int | None = None, n_eval: int | None = None, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
-                 seed: int = 0, system_prompt: str | None = None, num_workers: int = 0) -> None:
+                 seed: int = 0, system_prompt: str | None = None, num_workers: int = 0,
+                 eval_split: str = "eval") -> None:
         super().__init__()
         sources = {"task": task, "train_file": train_file, "records": records, "hf_dataset": hf_dataset}
         given = [k for k, v in sources.items() if v is not None]
@@ -85,6 +87,8 @@ class PromptDataModule(L.LightningDataModule):
         for opt, v in (("n_train", n_train), ("n_eval", n_eval)):
             if v is not None and v < (1 if opt == "n_train" else 0):
                 raise DataError(f"{opt}={v} must be {'positive' if opt == 'n_train' else 'zero or more'} (or None)")
+        if eval_split not in ("eval", "val"):
+            raise DataError(f"data.eval_split={eval_split!r} must be 'eval' (held-out test) or 'val' (validation)")
         if truncation not in ("left", "error"):
             raise DataError(f"truncation={truncation!r} must be 'left' or 'error'")
         if max_prompt_length is not None and max_prompt_length < 1:
@@ -98,6 +102,7 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
         self.num_workers = num_workers
+        self.eval_split = eval_split
 
         self.train_records: list[dict] = []
         self.eval_records: list[dict] = []
@@ -133,8 +138,9 @@ class PromptDataModule(L.LightningDataModule):
         if self.task is not None:
             n = self.n_eval
             if n is None:
-                n = min(DEFAULT_N_EVAL, self.task.n_distinct("eval") or DEFAULT_N_EVAL)
-            return (self.task.records("eval", n, self.seed) if n else []), f"task {self.task.name!r} (eval)"
+                n = min(DEFAULT_N_EVAL, self.task.n_distinct(self.eval_split) or DEFAULT_N_EVAL)
+            return ((self.task.records(self.eval_split, n, self.seed) if n else []),
+                    f"task {self.task.name!r} ({self.eval_split})")
         return [], "none"
 
     def setup(self, stage: str | None = None) -> None:

@@ -6,6 +6,7 @@ receives gradient. See ``docs/losses.md``.
 """
 
 from .chunked import DEFAULT_CHUNK_SIZE, chunked_divergence
+from .contrastive import contrastive_target_logits
 from .diagnostics import clipped_teacher_mass
 from .divergence import ENTRY_CLIP_MODES, EntryClipMode, Support, TopkFrom, entry_terms, per_token_divergence
 from .fused import fused_full_kl
@@ -16,6 +17,7 @@ __all__ = [
     "per_token_divergence",
     "chunked_divergence",
     "clipped_teacher_mass",
+    "contrastive_target_logits",
     "fused_full_kl",
     "completion_mask_skip_first",
     "reduce_loss",

@@ -32,12 +32,14 @@ def apply(value: int, op: str, k: int) -> int:
 
 class ArithmeticTask(Task):
     """Word problems of `n_steps` operations from `ops` ("+", "-", "*") on operands up to `max_operand`
-    (multipliers are 2-5). `n_steps=1` gives one-operation problems."""
+    (multipliers are 2-5). `n_steps=1` gives one-operation problems. Splits by a hash of the numbers:
+    `eval_share` held-out test ("eval"), `val_share` validation for tuning ("val"), the rest "train"."""
 
     name = "arithmetic"
+    splits = ("train", "val", "eval")
 
     def __init__(self, n_steps: int = 2, max_operand: int = 20, ops: tuple[str, ...] = ("+", "-"),
-                 eval_share: float = 0.2,
+                 eval_share: float = 0.2, val_share: float = 0.1,
                  instruction: str = "Think step by step, then finish with the sentence 'The answer is' followed by the number.") -> None:
         if n_steps < 1:
             raise DataError(f"arithmetic: n_steps={n_steps} must be at least 1")
@@ -46,10 +48,11 @@ class ArithmeticTask(Task):
         bad = [op for op in ops if op not in SYMBOL]
         if bad or not ops:
             raise DataError(f"arithmetic: ops={ops!r} must be a non-empty subset of {tuple(SYMBOL)}")
-        if not 0 < eval_share < 1:
-            raise DataError(f"arithmetic: eval_share={eval_share} must be between 0 and 1")
+        if not 0 < eval_share < 1 or not 0 <= val_share < 1 - eval_share:
+            raise DataError(f"arithmetic: eval_share={eval_share} and val_share={val_share} must be shares of the "
+                            "problems (eval_share > 0, val_share >= 0, together below 1)")
         self.n_steps, self.max_operand, self.ops = n_steps, max_operand, tuple(ops)
-        self.eval_share, self.instruction = eval_share, instruction
+        self.eval_share, self.val_share, self.instruction = eval_share, val_share, instruction
 
     def _numbers(self, rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
         value = start = rng.randint(2, self.max_operand)
@@ -85,10 +88,10 @@ class ArithmeticTask(Task):
             value = new
         sentences.append(f"How many {obj} does {name} have now? {self.instruction}".rstrip())
         return {"prompt": " ".join(sentences), "solution": " ".join(work) + f" The answer is {value}.",
-                "answer": str(value)}
+                "answer": str(value), "instruction": self.instruction}
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        check_split(split)
+        check_split(split, self.splits, self.name)
         rng = random.Random(f"{self.name}/{split}/{seed}")
         out: list[dict] = []
         seen: set[str] = set()
@@ -97,7 +100,7 @@ class ArithmeticTask(Task):
                 break
             start, steps = self._numbers(rng)
             key = f"{start}" + "".join(f"{op}{k}" for op, k in steps)
-            if split_of(key, self.eval_share) != split:
+            if split_of(key, self.eval_share, self.val_share) != split:
                 continue
             rec = self._record(rng, start, steps)
             if rec["prompt"] in seen:

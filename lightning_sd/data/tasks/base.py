@@ -22,7 +22,9 @@ from lightning_sd.data.records import DataError, save_jsonl
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")
+# "eval" is the held-out test split every reported number uses; "val", where a task has one, is a third split
+# disjoint from both, for tuning (a recipe search never sees "eval")
+SPLITS = ("train", "val", "eval")
 
 
 @dataclass
@@ -36,10 +38,11 @@ class Task(ABC):
     `verify`; `verify` must be pure and fast (it runs on every sampled completion)."""
 
     name: str = "task"
+    splits: tuple[str, ...] = ("train", "eval")  # the splits `records` serves; tasks with "val" list it
 
     @abstractmethod
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        """`n` records of `split` ("train" or "eval"), the same for the same seed."""
+        """`n` records of `split` (one of `self.splits`), the same for the same seed."""
 
     @abstractmethod
     def verify(self, record: dict, completion: str) -> Verdict:
@@ -57,9 +60,11 @@ class Task(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise DataError(f"split={split!r} must be one of {SPLITS}")
+def check_split(split: str, splits: tuple[str, ...] = ("train", "eval"), task: str = "this task") -> None:
+    if split not in splits:
+        raise DataError(f"split={split!r} is not one of {task}'s splits {splits}"
+                        + (" (data.eval_split=val needs a task with a validation split: data=arithmetic)"
+                           if split == "val" else ""))
 
 
 def stable_hash(text: str) -> int:
@@ -67,9 +72,12 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def split_of(key: str, eval_share: float = 0.2) -> str:
-    """The split a problem belongs to, from a stable hash of its canonical `key`."""
-    return "eval" if stable_hash(key) % 10_000 < eval_share * 10_000 else "train"
+def split_of(key: str, eval_share: float = 0.2, val_share: float = 0.0) -> str:
+    """The split a problem belongs to, from a stable hash of its canonical `key`: the first `eval_share` of the
+    hash range is "eval" (held-out test), the next `val_share` "val" (tuning), the rest "train". Changing
+    `val_share` never moves a problem into or out of "eval"."""
+    h = stable_hash(key) % 10_000
+    return "eval" if h < eval_share * 10_000 else "val" if h < (eval_share + val_share) * 10_000 else "train"
 
 
 # ---------------------------------------------------------------------------------------------- answers

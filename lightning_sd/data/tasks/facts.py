@@ -104,13 +104,13 @@ class FactsTask(Task):
     instruction: str = "Answer in one sentence."
 
     def n_distinct(self, split: str) -> int:
-        check_split(split)
+        check_split(split, self.splits, self.name)
         return sum(len(PHRASINGS[f.kind][1 if split == "train" else 2]) for f in self.facts)
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
         """Passes over all facts in a seeded order, each pass asking with the next phrasing of the split, so
         the first `len(facts)` records cover every fact once; records repeat after `n_distinct(split)`."""
-        check_split(split)
+        check_split(split, self.splits, self.name)
         rng = random.Random(f"{self.name}/{split}/{seed}")
         out: list[dict] = []
         while len(out) < n:

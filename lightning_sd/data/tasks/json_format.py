@@ -105,7 +105,7 @@ class JsonFormatTask(Task):
                 f" {key_list}. Reply with only the JSON.")
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        check_split(split)
+        check_split(split, self.splits, self.name)
         rng = random.Random(f"{self.name}/{split}/{seed}")
         out: list[dict] = []
         seen: set[str] = set()
