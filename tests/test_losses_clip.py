@@ -364,3 +364,28 @@ def test_even_the_exact_kl_can_lower_the_teacher_argmax_that_the_student_underwe
         for eta in (1e-3, 1e-1):
             before, after = _step_prob(s, t, 2, eta, **kw)
             assert after < before, kw
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("mode", ["gradient", "value"])
+def test_clipped_teacher_mass_counts_the_teachers_mass_on_bounded_entries(beta, mode):
+    """The diagnostic against a float64 reference: gradient mode counts entries whose unclipped gradient on the
+    student logit exceeds c in magnitude (closed form for beta 0/1, autograd otherwise); value mode entries
+    whose term exceeds c."""
+    from lightning_sd.losses import clipped_teacher_mass
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(6, 13, generator=g, dtype=torch.float64) * 2)
+    t = (torch.randn(6, 13, generator=g, dtype=torch.float64) * 2)
+    c = 0.03
+    mass = clipped_teacher_mass(s, t, beta=beta, entry_clip=c, entry_clip_mode=mode)
+    p_t = t.softmax(-1)
+    if mode == "gradient":
+        z = s.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(per_token_divergence(z, t, beta=beta).sum(), z)
+        expected = (p_t * (grad.abs() > c)).sum(-1)
+    else:
+        expected = (p_t * (entry_terms(s.log_softmax(-1), t.log_softmax(-1), beta) > c)).sum(-1)
+    torch.testing.assert_close(mass, expected)
+    assert 0 < float(mass.mean()) < 1
+    assert torch.all(clipped_teacher_mass(s, t, beta=beta, entry_clip=None) == 0)

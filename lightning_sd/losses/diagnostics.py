@@ -45,6 +45,14 @@ def clipped_teacher_mass(
         return torch.zeros(student_logits.shape[:-1], dtype=dtype, device=student_logits.device)
     s = prepare_logits(student_logits.detach(), dtype, temperature)
     t = prepare_logits(teacher_logits.detach(), dtype, temperature)
+    if entry_clip_mode == "gradient" and support == "full" and float(beta) in (0.0, 1.0):
+        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)  # closed-form gradient, no autograd
+        p_s, p_t = log_s.exp(), log_t.exp()
+        if float(beta) == 0.0:
+            grad = p_s - p_t
+        else:
+            grad = p_s * ((log_s - log_t) - (p_s * (log_s - log_t)).sum(-1, keepdim=True))
+        return (p_t * (grad.abs() > entry_clip)).sum(-1)
     if entry_clip_mode == "gradient":
         with torch.enable_grad():
             s_var = s.clone().requires_grad_(True)
