@@ -1,9 +1,10 @@
-"""Regenerate the tables of docs/results.md from experiments/results/<name>/results.json (no number in those
-tables is typed by hand): every block between `<!-- results:<name> -->` and `<!-- /results:<name> -->` is
-replaced by the table of that experiment, with the machine, the code version and the wall time of its runs.
+"""Regenerate the tables of docs/results.md and docs/recipes.md from experiments/results/<name>/results.json (no
+number in those tables is typed by hand): every block between `<!-- results:<name> -->` and
+`<!-- /results:<name> -->` is replaced by the table of that experiment, with the machine, the code version and
+the wall time of its runs.
 
-    python experiments/report.py                 # rewrite docs/results.md in place
-    python experiments/report.py --check         # exit 1 if docs/results.md is not up to date
+    python experiments/report.py                 # rewrite the docs in place
+    python experiments/report.py --check         # exit 1 if a doc is not up to date
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "results.md"
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "recipes.md"]
 
 # experiment -> [(column title, metric key)]
 COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -37,6 +38,15 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("answer tokens (greedy)", "completion_tokens_greedy"), ("tokens generated for training", "generated_tokens"),
         ("train s", "train_seconds")],
     "rl_feedback_vs_grpo": [],  # columns from the curve points (accuracy_at_<k>_samples)
+    "recipes": [
+        ("val before", "val_before"), ("teacher with context", "teacher_with_context"), ("val after", "val_after"),
+        ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
+        ("teacher advantage", "mean_teacher_advantage"), ("teacher mass clipped", "mean_clipped_teacher_mass"),
+        ("train s", "train_seconds")],
+    "default_run": [
+        ("test before", "test_before"), ("teacher with context", "teacher_with_context"), ("test after", "test_after"),
+        ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
+        ("whole run s", "run_seconds")],
 }
 
 
@@ -51,7 +61,7 @@ def fmt(s: dict | None, digits: int = 2) -> str:
 def _digits(key: str) -> int:
     if key.endswith("seconds") or key.startswith("generated"):
         return 0
-    return 1 if "tokens" in key else 3 if key == "drift_kl" else 2
+    return 1 if "tokens" in key else 3 if key in ("drift_kl", "mean_teacher_advantage") else 2
 
 
 def table(name: str, res: dict) -> str:
@@ -101,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    doc = DOC.read_text()
-    new = render(doc)
-    if args.check:
-        if new != doc:
-            print("docs/results.md is not up to date: run python experiments/report.py")
-            return 1
-        return 0
-    DOC.write_text(new)
-    print(f"wrote {DOC}")
+    stale = []
+    for doc_path in DOCS:
+        doc = doc_path.read_text()
+        new = render(doc)
+        if new == doc:
+            continue
+        stale.append(doc_path)
+        if not args.check:
+            doc_path.write_text(new)
+            print(f"wrote {doc_path}")
+    if args.check and stale:
+        print(f"{', '.join(str(p.relative_to(ROOT)) for p in stale)} not up to date: run python experiments/report.py")
+        return 1
     return 0
 
 

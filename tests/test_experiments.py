@@ -174,3 +174,24 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path):
     assert again["resumed_from"] and again["resumed_from"].endswith("last.ckpt")
     assert [p["step"] for p in again["curve"]] == [0, 1, 2, 3]  # the curve so far came back with the checkpoint
     assert again["generated_samples"] == 3 * 2 and again["before"] == first["before"]
+
+
+def test_default_run_script_records_each_seed_and_renders_its_table(tmp_path):
+    import default_run
+    import report
+
+    out = tmp_path / "results"
+    argv = ["--seeds", "0", "--out-dir", str(out), "--work-dir", str(tmp_path / "work"), "--",
+            "model=tiny", "data.n_train=8", "data.n_eval=4", "data.batch_size=4", "trainer.max_steps=2",
+            "generation.max_new_tokens=6", "eval.max_new_tokens=6"]
+    res = default_run.main(argv)
+    run = json.loads((out / "runs" / "default" / "seed0" / "result.json").read_text())
+    assert run["command"].startswith("train.py seed=0 data.seed=0 generation.seed=0")
+    assert run["wall_seconds"] > 0 and run["git_commit"] and len(run["machine"]["load_avg"]) == 3
+    assert run["metrics"]["eval_before"]["n"] == 4 and "train_diagnostics" in run["metrics"]
+    assert res["summary"]["default"]["test_after"]["n"] == 1
+    text = report.table("default_run", json.loads((out / "results.json").read_text()))
+    assert "| default |" in text and "seeds [0]" in text
+    stamp = (out / "runs" / "default" / "seed0" / "result.json").stat().st_mtime_ns
+    default_run.main(argv)  # again: the seed is already done, nothing reruns
+    assert (out / "runs" / "default" / "seed0" / "result.json").stat().st_mtime_ns == stamp
