@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -25,6 +24,8 @@ from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_p
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
 from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first,
                                  contrastive_target_logits, importance_weight, reduce_loss)
+from lightning_sd.losses.diagnostics import gradient_clipped_mass
+from lightning_sd.losses.support import prepare_logits
 from lightning_sd.methods import (generate_analyses, group_advantages, is_dataset_rollout, nll_terms, on_policy_batch,
                                   policy_gradient_terms, reference_rollout)
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
@@ -427,21 +428,33 @@ class SelfDistillationModule(LightningModule):
         return None  # Lightning skips backward and the optimizer step for this batch
 
     @torch.no_grad()
-    def _sampled_logprobs(self, out: torch.Tensor, tokens: torch.Tensor, network: nn.Module | None,
-                          rows: int = 4) -> torch.Tensor:
-        """`[R, C]` log-probs at `loss.temperature` of `tokens` `[R, C]` from logits `[R, C, V]` (or, with
-        `loss.chunk_size`, final hidden states `[R, C, H]` through `network`'s output embedding), `rows` rows at
-        a time; no grad."""
-        weight = None
-        if self.loss_cfg.chunk_size:
-            with self.teacher.sampling_network(self.student) if network is None else nullcontext(network) as net:
-                weight = self._output_weight(net).detach()
-        parts = []
-        for a in range(0, out.size(0), rows):
-            block = out[a:a + rows].detach()
-            parts.append(token_logprobs(block @ weight.T if weight is not None else block, tokens[a:a + rows],
-                                        self.loss_cfg.temperature))
-        return torch.cat(parts)
+    def _token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
+                           rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`([R, C] log T(y) - log S(y) at loss.temperature, [min(R, rows), C] teacher mass on clipped entries of
+        the first `rows` rows, or None)` from logits `[R, C, V]` (or, with `loss.chunk_size`, hidden states
+        `[R, C, H]` through each model's output embedding), `rows` rows at a time; no grad."""
+        cfg = self.loss_cfg
+        s_weight = t_weight = None
+        if cfg.chunk_size:
+            s_weight = self._output_weight(self.student).detach()
+            with self.teacher.sampling_network(self.student) as net:
+                t_weight = self._output_weight(net).detach()
+        closed_form = cfg.entry_clip_mode == "gradient" and cfg.support == "full" and cfg.beta in (0.0, 1.0)
+        advantage, clipped = [], []
+        for a in range(0, student_out.size(0), rows):
+            s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
+            if s_weight is not None:
+                s, t = s @ s_weight.T, t @ t_weight.T
+            s_scaled = prepare_logits(s, torch.float32, cfg.temperature)
+            t_scaled = prepare_logits(t, torch.float32, cfg.temperature)
+            ids = tokens[a:a + rows, :, None]
+            s_lse, t_lse = s_scaled.logsumexp(-1, keepdim=True), t_scaled.logsumexp(-1, keepdim=True)
+            advantage.append(((t_scaled.gather(-1, ids) - t_lse) - (s_scaled.gather(-1, ids) - s_lse)).squeeze(-1))
+            if cfg.entry_clip is not None and a == 0:  # the first block only: a sample, at a quarter of the cost
+                clipped.append(gradient_clipped_mass(s_scaled - s_lse, t_scaled - t_lse, float(cfg.beta),
+                                                     cfg.entry_clip) if closed_form
+                               else clipped_teacher_mass(s, t, tokens=tokens[a:a + rows], **cfg.divergence_kwargs()))
+        return torch.cat(advantage), (torch.cat(clipped) if clipped else None)
 
     @torch.no_grad()
     def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: dict, out: dict,
@@ -454,7 +467,8 @@ class SelfDistillationModule(LightningModule):
           `log T(y_t) - log S(y_t)` at `loss.temperature`, the teacher's per-token advantage of the sampled text
           (> 0: the teacher likes the student's own tokens better than the student does).
         - `clipped_teacher_mass` (with `loss.entry_clip`): the share of the teacher's probability mass on entries
-          the clip bounds, averaged over trained positions.
+          the clip bounds, averaged over the trained positions of the step's first 4 rollout rows (a sample:
+          computing it for every row costs about as much as the loss itself).
         Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
         rollout: Rollout = batch["rollout"]
         cfg = self.loss_cfg
@@ -465,32 +479,13 @@ class SelfDistillationModule(LightningModule):
         keep = (completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask).bool()
         if not keep.any():
             return values
-        tokens = rollout.completion_ids
-        advantage = (self._sampled_logprobs(teacher_out, tokens, None)
-                     - self._sampled_logprobs(student_out, tokens, self.student))[keep]
+        advantage, clipped = self._token_diagnostics(student_out, teacher_out, rollout.completion_ids)
+        advantage = advantage[keep]
         values["teacher_advantage"] = float(advantage.mean())
         values["teacher_advantage_std"] = float(advantage.std(unbiased=False))
-        if cfg.entry_clip is not None:
-            values["clipped_teacher_mass"] = float(self._clipped_mass(student_out, teacher_out, tokens)[keep].mean())
+        if clipped is not None and keep[: clipped.size(0)].any():
+            values["clipped_teacher_mass"] = float(clipped[keep[: clipped.size(0)]].mean())
         return values
-
-    @torch.no_grad()
-    def _clipped_mass(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
-                      rows: int = 4) -> torch.Tensor:
-        """`[R, C]` share of the teacher's mass on entries bounded by `loss.entry_clip` (`clipped_teacher_mass`)."""
-        cfg = self.loss_cfg
-        s_weight = t_weight = None
-        if cfg.chunk_size:
-            s_weight = self._output_weight(self.student).detach()
-            with self.teacher.sampling_network(self.student) as net:
-                t_weight = self._output_weight(net).detach()
-        parts = []
-        for a in range(0, student_out.size(0), rows):
-            s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
-            if s_weight is not None:
-                s, t = s @ s_weight.T, t @ t_weight.T
-            parts.append(clipped_teacher_mass(s, t, tokens=tokens[a:a + rows], **cfg.divergence_kwargs()))
-        return torch.cat(parts)
 
     def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
         rollout: Rollout = batch["rollout"]

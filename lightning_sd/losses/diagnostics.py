@@ -14,7 +14,22 @@ from .divergence import per_token_divergence
 from .support import compute_dtype, entry_terms, full_support_logprobs, prepare_logits, token_logprobs, \
     topk_support_logprobs
 
-__all__ = ["clipped_teacher_mass"]
+__all__ = ["clipped_teacher_mass", "gradient_clipped_mass"]
+
+
+@torch.no_grad()
+def gradient_clipped_mass(log_s: Tensor, log_t: Tensor, beta: float, entry_clip: float) -> Tensor:
+    """`[...]` teacher mass on the entries whose full-vocabulary KL gradient on the student logit exceeds
+    `entry_clip` in magnitude, from the (temperature-scaled) log-probs `[..., V]` of both models, in closed
+    form: forward KL (`beta=0`) `S - T`, reverse KL (`beta=1`) `S ((log S - log T) - KL(S||T))`."""
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if beta == 0.0:
+        grad = p_s - p_t
+    elif beta == 1.0:
+        grad = p_s * ((log_s - log_t) - (p_s * (log_s - log_t)).sum(-1, keepdim=True))
+    else:
+        raise ValueError(f"gradient_clipped_mass has a closed form for beta 0 or 1, got {beta}")
+    return (p_t * (grad.abs() > entry_clip)).sum(-1)
 
 
 @torch.no_grad()
@@ -46,13 +61,7 @@ def clipped_teacher_mass(
     s = prepare_logits(student_logits.detach(), dtype, temperature)
     t = prepare_logits(teacher_logits.detach(), dtype, temperature)
     if entry_clip_mode == "gradient" and support == "full" and float(beta) in (0.0, 1.0):
-        log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)  # closed-form gradient, no autograd
-        p_s, p_t = log_s.exp(), log_t.exp()
-        if float(beta) == 0.0:
-            grad = p_s - p_t
-        else:
-            grad = p_s * ((log_s - log_t) - (p_s * (log_s - log_t)).sum(-1, keepdim=True))
-        return (p_t * (grad.abs() > entry_clip)).sum(-1)
+        return gradient_clipped_mass(full_support_logprobs(s), full_support_logprobs(t), float(beta), entry_clip)
     if entry_clip_mode == "gradient":
         with torch.enable_grad():
             s_var = s.clone().requires_grad_(True)
