@@ -250,6 +250,7 @@ def run_one(spec: dict) -> dict:
     result["seconds"] = time.perf_counter() - t_start
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     result["machine"]["load_avg_end"] = os.getloadavg()
+    os.makedirs(result_dir, exist_ok=True)  # (again: a long run's folder may have been cleaned up meanwhile)
     tmp = os.path.join(result_dir, "result.json.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2, default=str)
