@@ -195,3 +195,11 @@ def test_default_run_script_records_each_seed_and_renders_its_table(tmp_path):
     stamp = (out / "runs" / "default" / "seed0" / "result.json").stat().st_mtime_ns
     default_run.main(argv)  # again: the seed is already done, nothing reruns
     assert (out / "runs" / "default" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_the_result_tables_in_the_docs_are_up_to_date():
+    """docs/results.md and docs/recipes.md hold no hand-typed numbers: their tables are what
+    experiments/report.py renders from the committed results."""
+    import report
+
+    assert report.main(["--check"]) == 0, "run python experiments/report.py"
