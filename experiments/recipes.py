@@ -38,20 +38,35 @@ def row(r: dict) -> dict:
 
 
 def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
+    """One row per trial: validation accuracy before (grey) -> after (green if higher, red if lower), with the
+    teacher-with-context accuracy (x); beside it, the share of rollouts cut by the length limit."""
     import matplotlib.pyplot as plt
 
-    arms = list(exp.arms)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(arms) + 4), 4.2), gridspec_kw={"width_ratios": [3, 1]})
-    evidence.bar_panel(axes[0], summary, arms, [("val_before", "before"), ("val_after", "after")],
-                       "validation accuracy")
-    axes[0].set_ylim(0, 1.05)
-    axes[0].set_title("Greedy accuracy on the validation split", fontsize=10)
-    axes[0].tick_params(axis="x", labelrotation=30)
-    evidence.bar_panel(axes[1], summary, [a for a in arms if exp.arms[a].train], [("mean_truncated", "cut")],
-                       "share of rollouts cut")
-    axes[1].set_title("Rollouts cut by max_new_tokens", fontsize=10)
-    axes[1].tick_params(axis="x", labelrotation=30)
-    evidence.save_figure(fig, exp, out, "bars = mean, dots = each seed; trials tuned on the validation split")
+    arms = [a for a in exp.arms if summary["arms"].get(a, {}).get("val_after", {}).get("n")]
+    mean = {a: {k: (v or {}).get("mean") for k, v in summary["arms"][a].items()} for a in arms}
+    fig, (ax, cut) = plt.subplots(1, 2, figsize=(11, 0.42 * len(arms) + 1.6), sharey=True,
+                                  gridspec_kw={"width_ratios": [3, 1]})
+    for y, arm in enumerate(arms):
+        m = mean[arm]
+        before, after, teacher = m["val_before"], m["val_after"], m.get("teacher_with_context")
+        colour = "tab:green" if after > before else "tab:red" if after < before else "grey"
+        ax.annotate("", xy=(after, y), xytext=(before, y), arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.8})
+        ax.plot([before], [y], "o", color="grey", ms=5)
+        ax.plot([after], [y], "o", color=colour, ms=6)
+        if teacher is not None:
+            ax.plot([teacher], [y], "x", color="black", ms=5)
+        ax.text(max(before, after) + 0.015, y, f"{before:.2f} -> {after:.2f}", va="center", fontsize=7)
+        if m.get("mean_truncated") is not None:
+            cut.barh(y, m["mean_truncated"], color="tab:orange")
+    ax.set_yticks(range(len(arms)), arms, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("greedy accuracy on the validation split (o before -> o after; x teacher with its context)")
+    ax.grid(axis="x", alpha=0.3)
+    cut.set_xlim(0, 1)
+    cut.set_xlabel("share of training rollouts cut")
+    cut.grid(axis="x", alpha=0.3)
+    evidence.save_figure(fig, exp, out, "one trial per row, seed 0; base* rows are untrained")
 
 
 if __name__ == "__main__":

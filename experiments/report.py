@@ -43,11 +43,15 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
         ("teacher advantage", "mean_teacher_advantage"), ("teacher mass clipped", "mean_clipped_teacher_mass"),
         ("train s", "train_seconds")],
+    "recipes_replicate": [],  # the same columns as recipes (set below)
     "default_run": [
         ("test before", "test_before"), ("teacher with context", "teacher_with_context"), ("test after", "test_after"),
         ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
         ("whole run s", "run_seconds")],
 }
+
+
+COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
 
 
 def fmt(s: dict | None, digits: int = 2) -> str:
