@@ -1,4 +1,4 @@
-"""GPU check for scale-out (issue 7): each part runs in its own process with a time limit; one table at the end.
+"""GPU check for scale-out: each part runs in its own process with a time limit; one table at the end.
 
 Parts (one GPU; every strategy runs with devices=1, so collectives are trivial but every code path runs):
 - env:              torch / CUDA / GPU / package versions.
