@@ -233,6 +233,11 @@ class SelfDistillationModule(LightningModule):
     def _output_weight(self, network: nn.Module) -> torch.Tensor:
         return network.get_output_embeddings().weight
 
+    def teacher_output_weight(self) -> torch.Tensor:
+        """The teacher's output embedding `[V, H]`, detached (for logits from teacher hidden states)."""
+        with self.teacher.sampling_network(self.student) as network:
+            return self._output_weight(network).detach()
+
     def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: dict,
                      teacher_inputs: dict) -> dict:
         """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
@@ -330,8 +335,7 @@ class SelfDistillationModule(LightningModule):
         cfg = self.loss_cfg
         mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
         keep = mask.bool()
-        with self.teacher.sampling_network(self.student) as t_net:
-            t_weight = self._output_weight(t_net).detach()
+        t_weight = self.teacher_output_weight()
         s_weight = self._output_weight(self.student)
         values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
                                     chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
@@ -436,9 +440,7 @@ class SelfDistillationModule(LightningModule):
         cfg = self.loss_cfg
         s_weight = t_weight = None
         if cfg.chunk_size:
-            s_weight = self._output_weight(self.student).detach()
-            with self.teacher.sampling_network(self.student) as net:
-                t_weight = self._output_weight(net).detach()
+            s_weight, t_weight = self._output_weight(self.student).detach(), self.teacher_output_weight()
         closed_form = cfg.entry_clip_mode == "gradient" and cfg.support == "full" and cfg.beta in (0.0, 1.0)
         advantage, clipped = [], []
         for a in range(0, student_out.size(0), rows):

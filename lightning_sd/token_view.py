@@ -188,10 +188,7 @@ def teacher_topk(module: Any, teacher_out: torch.Tensor, k: int, row_chunk: int 
     final hidden states `[R, C, H]` when `loss.chunk_size` is set (then the teacher's output embedding is
     applied here, a few rows at a time)."""
     temperature = module.loss_cfg.temperature
-    weight = None
-    if module.loss_cfg.chunk_size:
-        with module.teacher.sampling_network(module.student) as net:
-            weight = module._output_weight(net).detach()
+    weight = module.teacher_output_weight() if module.loss_cfg.chunk_size else None
     ids, probs = [], []
     for start in range(0, teacher_out.size(0), row_chunk):
         block = teacher_out[start:start + row_chunk].detach()
