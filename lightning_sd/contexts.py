@@ -42,6 +42,11 @@ TEMPLATES: dict[str, str] = {
     ),
     # a short hint with the answer, for very small models
     "answer_hint": "{prompt}\n(For reference, the correct answer is {answer}. Answer in your own words.)",
+    # the answer alone, with no request about wording: the teacher keeps the student's register, so its
+    # disagreement with the student sits on the answer-bearing tokens
+    "answer_note": "{prompt}\n(The correct answer is {answer}.)",
+    # the worked solution as a plain note, then the student's own format instruction last (needs `instruction`)
+    "solution_note": "{prompt}\n\nCorrect worked solution: {solution}\n\n{instruction}",
     # SDFT's demonstration template
     "demonstration": (
         "{prompt}\n\nThis is an example for a response to the question:\n{solution}\n\n"
