@@ -78,11 +78,11 @@ class Record(Callback):
         self.steps.append({"grad_norms": norms, "grad_projections": projections})
 
 
-def measure(overrides: list[str]) -> list[dict]:
+def measure(overrides: list[str], run_dir: Path) -> list[dict]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + COMMON)
     seed_everything(cfg.seed, workers=True)
-    run = build_run(cfg)
+    run = build_run(cfg, run_dir=str(run_dir))
     recorder = Record()
     trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks + [recorder], logger=False,
                       enable_model_summary=False)
@@ -95,9 +95,9 @@ def close(a: float, b: float) -> bool:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_method_gives_the_recorded_loss_and_gradients(case, monkeypatch):
+def test_every_method_gives_the_recorded_loss_and_gradients(case, monkeypatch, tmp_path):
     monkeypatch.setitem(TASKS, "golden_parity", ParityTask)
-    steps = measure(CASES[case])
+    steps = measure(CASES[case], tmp_path)
     assert len(steps) == 2
     assert any(n > 0 for s in steps for n in s["grad_norms"]), f"{case}: no gradient at all; the case tests nothing"
     if os.environ.get("LIGHTNING_SD_WRITE_GOLDEN"):
