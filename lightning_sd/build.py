@@ -155,11 +155,11 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
 
         callbacks.append(ContinualEvaluation(datamodule, run_dir=run_dir))
     if tr.enable_checkpointing and run_dir:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning_sd.callbacks.run_checkpoint import RunCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), save_last=True,
-                                         every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps,
-                                         save_top_k=0))  # only last.ckpt, rewritten atomically
+        # only last.ckpt (rewritten atomically), inside this run folder wherever it is now
+        callbacks.append(RunCheckpoint(os.path.join(run_dir, "checkpoints"),
+                                       every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps))
     callbacks += last
     trainer_kwargs = dict(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=build_strategy(tr, student, d.batch_size),
