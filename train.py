@@ -26,22 +26,59 @@ def git_commit() -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
-    """`ckpt_path=last`: `<run_dir>/checkpoints/last.ckpt` when it exists (resume), else None (a fresh start;
-    so a preemptible job can always pass `ckpt_path=last hydra.run.dir=<its folder>`). A path must exist."""
+    """`ckpt_path=last`: the newest checkpoint of `<run_dir>/checkpoints` that passes verification, `last.ckpt`
+    or else the fallback `previous.ckpt` (a damaged `last.ckpt` is renamed `last.ckpt.corrupt`, loudly); None
+    when there is none (a fresh start; so a preemptible job can always pass `ckpt_path=last
+    hydra.run.dir=<its folder>`). A path must exist and pass verification. Raises `CheckpointError`."""
+    from lightning_sd.callbacks.checkpoint_io import LAST, PREVIOUS, CheckpointError, verify_checkpoint
+
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        if os.path.isfile(last):
-            print(f"[resume] continuing from {last}", flush=True)
-            return last
-        print(f"[resume] ckpt_path=last: no checkpoint in {os.path.dirname(last)}; starting from scratch. To resume "
-              "a run, pass hydra.run.dir=<that run's folder> with ckpt_path=last", flush=True)
+    if ckpt_path != "last":
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint file, or "
+                                    "ckpt_path=last with hydra.run.dir=<the run's folder>")
+        verify_checkpoint(ckpt_path)
+        return ckpt_path
+    folder = os.path.join(run_dir, "checkpoints")
+    candidates = [os.path.join(folder, name) for name in (LAST, PREVIOUS) if os.path.isfile(os.path.join(folder, name))]
+    if not candidates:
+        print(f"[resume] ckpt_path=last: no checkpoint in {folder}; starting from scratch. To resume a run, pass "
+              "hydra.run.dir=<that run's folder> with ckpt_path=last", flush=True)
         return None
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint file, or ckpt_path=last "
-                                "with hydra.run.dir=<the run's folder>")
-    return ckpt_path
+    failures = []
+    for path in candidates:
+        try:
+            step = verify_checkpoint(path).get("global_step")
+        except CheckpointError as err:
+            failures.append(err)
+            continue
+        if failures or os.path.basename(path) != LAST:
+            _fall_back(folder, path, step, failures)
+        print(f"[resume] continuing from {path} (step {step})", flush=True)
+        return path
+    raise CheckpointError("ckpt_path=last: no checkpoint in " + folder + " can be resumed:\n  " +
+                          "\n  ".join(map(str, failures)) + "\nStart again in a new run folder (or delete " + folder +
+                          " to start this one from scratch)")
+
+
+def _fall_back(folder: str, path: str, step, failures: list) -> None:
+    """Say loudly that the fallback checkpoint is used, and move a damaged `last.ckpt` aside so that the next
+    save does not keep it as the fallback."""
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_sd.callbacks.checkpoint_io import LAST
+
+    last = os.path.join(folder, LAST)
+    why = "; ".join(map(str, failures)) or f"{last} is missing (the job stopped while replacing it)"
+    if os.path.isfile(last) and rank_zero_only.rank == 0:
+        os.replace(last, last + ".corrupt")
+        why += f". It was renamed {LAST}.corrupt (kept for inspection; delete it when done)"
+    message = f"FALLING BACK to {path} (step {step}): {why}"
+    print(f"[resume] WARNING: {message}", flush=True)
+    warnings.warn(message, stacklevel=3)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

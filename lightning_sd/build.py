@@ -157,7 +157,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     if tr.enable_checkpointing and run_dir:
         from lightning_sd.callbacks.run_checkpoint import RunCheckpoint
 
-        # only last.ckpt (rewritten atomically), inside this run folder wherever it is now
+        # last.ckpt (rewritten atomically; the one it replaces kept as previous.ckpt), in this run folder
         callbacks.append(RunCheckpoint(os.path.join(run_dir, "checkpoints"),
                                        every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps))
     callbacks += last
