@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -81,11 +82,27 @@ def _fall_back(folder: str, path: str, step, failures: list) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def interrupted_message(stop, run_dir: str) -> str:
+    """What an interrupted run prints: what was saved, the exit status, and the command that resumes it."""
+    try:
+        overrides = [o for o in hydra.core.hydra_config.HydraConfig.get().overrides.task
+                     if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    except (ValueError, AttributeError):  # no Hydra context (train.main called directly)
+        overrides = ["<the same overrides>"]
+    saved = (f"{stop.checkpoint} holds step {stop.step}" if stop.checkpoint else
+             "no checkpoint was written yet")
+    how = "the step in progress was abandoned; " if stop.abandoned else ""
+    return (f"[interrupted] {stop.signal_name}: {how}{saved}; metrics.json is marked interrupted; exit status "
+            f"{stop.code}. Resume with:\n  python train.py {' '.join(map(shlex.quote, overrides + ['ckpt_path=last']))} "
+            f"hydra.run.dir={shlex.quote(run_dir)}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_sd.build import build_logger, build_run, check_data
+    from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.evaluation import evaluate
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval
 
@@ -122,7 +139,17 @@ def main(cfg: DictConfig) -> dict:
         run_eval("before")
     trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Interrupted as stop:  # SIGTERM / SIGINT: last.ckpt is written; record, say how to resume, exit 128+N
+        metrics.update(train_seconds=time.perf_counter() - t0, interrupted=stop.record(),
+                       train_diagnostics=module.diagnostics_summary(), total_seconds=time.perf_counter() - t_start)
+        if trainer.global_rank == 0:
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2, default=str)
+            print(interrupted_message(stop, run_dir), flush=True)
+        finish_logger(logger)
+        raise
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["train_diagnostics"] = module.diagnostics_summary()  # run means of the step diagnostics, skip counts

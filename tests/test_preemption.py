@@ -3,10 +3,15 @@ resume, corrupt checkpoints, SIGTERM/SIGINT from the scheduler, and runs whose e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,6 +21,7 @@ from test_wandb import TINY, run_train
 
 from lightning_sd.callbacks.checkpoint_io import CheckpointError, payload_digest, seal, verify_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = TINY + ["eval.before=false", "eval.after=false", "callbacks.token_view_every=null", "optimizer.lr=1e-3",
                "trainer.checkpoint_every_n_steps=1"]
 
@@ -107,3 +113,70 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
         with pytest.raises(CheckpointError, match="not a checkpoint of this project") as err:
             run_train(BASE + [f"ckpt_path={path}"], tmp_path / "run")
         assert str(path) in str(err.value) and "weights_only" not in str(err.value)
+
+
+def start_train(args: list[str], run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_during_training(args: list[str], run_dir: Path, signum: int, timeout_s: float = 600) -> tuple:
+    """Start `train.py` with a token view written every step, send `signum` once a step is done; returns
+    (exit status, seconds from the signal to the exit, output)."""
+    proc = start_train(args + ["callbacks.token_view_every=1"], run_dir)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not list((run_dir / "token_views").glob("step_*.html")):
+            assert proc.poll() is None, f"train.py exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "train.py never finished a step"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, time.monotonic() - t0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+GRACE_S = 10
+RUN = [a for a in BASE if not a.startswith(("trainer.checkpoint_every_n_steps", "callbacks.token_view_every"))] + [
+    "trainer.max_steps=1000", "trainer.checkpoint_every_n_steps=null"]
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_143_within_the_grace_period(tmp_path):
+    """SIGTERM mid-run: the step finishes, `last.ckpt` holds it (no periodic save would have: checkpoints are
+    written at step 1000 only), `metrics.json` is marked interrupted, the resume command is printed, the exit
+    status is 143, all within the grace period; the checkpoint resumes bit for bit."""
+    run_dir = tmp_path / "run"
+    status, seconds, out = signal_during_training(RUN, run_dir, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, out[-3000:]
+    assert seconds < GRACE_S, f"{seconds:.1f} s from SIGTERM to exit"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = step_of(last)
+    verify_checkpoint(last)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"] == {"signal": "SIGTERM", "exit_status": 143, "step": step,
+                                      "checkpoint": str(last), "abandoned_step": False}
+    assert f"ckpt_path=last hydra.run.dir={run_dir}" in out and "trainer.max_steps=1000" in out
+
+    resumed, straight = run_dir, tmp_path / "straight"
+    common = [a for a in RUN if not a.startswith("trainer.max_steps")] + [f"trainer.max_steps={step + 2}"]
+    run_train(common + ["ckpt_path=last"], resumed)
+    run_train(common, straight)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(last, map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == step + 2
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0)
+
+
+def test_sigint_saves_last_checkpoint_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    status, seconds, out = signal_during_training(RUN, run_dir, signal.SIGINT)
+    assert status == 128 + signal.SIGINT and seconds < GRACE_S, out[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"]["signal"] == "SIGINT"
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == metrics["interrupted"]["step"] >= 1

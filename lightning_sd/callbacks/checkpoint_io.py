@@ -88,15 +88,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_path(path)
+    written = False
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        written = True
         if keep_previous and path.is_file():
             os.replace(path, path.with_name(keep_previous))  # a crash right here leaves previous.ckpt alone,
         os.replace(tmp, path)                                  # which a resume then takes
-    except BaseException:
+    except BaseException:  # an exception (a second signal, say) between the two renames: the new file goes in
+        if written and tmp.is_file() and not path.exists():
+            os.replace(tmp, path)
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
