@@ -180,3 +180,27 @@ def test_sigint_saves_last_checkpoint_and_exits_130(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["interrupted"]["signal"] == "SIGINT"
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == metrics["interrupted"]["step"] >= 1
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """From step 2 on every loss is NaN: the run skips `loss.nonfinite_limit` steps in a row, then stops with an
+    error naming the checkpoint to resume from; that checkpoint verifies (finite weights)."""
+    from lightning_sd.module import SelfDistillationModule
+
+    compute_loss = SelfDistillationModule.compute_loss
+
+    def nan_from_step_2(self, *args, **kwargs):
+        out = compute_loss(self, *args, **kwargs)
+        if self.global_step >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SelfDistillationModule, "compute_loss", nan_from_step_2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(from step 2\) had a non-finite loss .*"
+                                                 r"loss\.nonfinite_limit=3\).*checkpoints/last\.ckpt keeps the last good"):
+        run_train(BASE + ["trainer.max_steps=20", "loss.nonfinite_limit=3"], run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert 2 <= step_of(last) < 20
+    verify_checkpoint(last)
+    assert not (run_dir / "metrics.json").exists()  # the run did not end as if it had finished
