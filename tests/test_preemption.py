@@ -20,8 +20,12 @@ import torch
 from test_wandb import TINY, run_train
 
 from lightning_sd.callbacks.checkpoint_io import CheckpointError, payload_digest, seal, verify_checkpoint
+from lightning_sd.callbacks.run_checkpoint import Interrupted, RunCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train import resolve_ckpt_path  # noqa: E402
+
 BASE = TINY + ["eval.before=false", "eval.after=false", "callbacks.token_view_every=null", "optimizer.lr=1e-3",
                "trainer.checkpoint_every_n_steps=1"]
 
@@ -88,6 +92,10 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_is_used(tmp_path):
     assert checkpoint_files(run_dir) == ["last.ckpt", "last.ckpt.corrupt", "previous.ckpt"]
     assert step_of(last) == 3 and step_of(run_dir / "checkpoints" / "previous.ckpt") == 2
     verify_checkpoint(last)
+
+    last.unlink()  # as if the job was killed between the two renames of a save
+    with pytest.warns(UserWarning, match=r"FALLING BACK to .*previous\.ckpt \(step 2\): .*last\.ckpt is missing"):
+        assert resolve_ckpt_path("last", str(run_dir)) == str(run_dir / "checkpoints" / "previous.ckpt")
 
 
 def test_non_finite_checkpoint_is_neither_written_nor_resumed(tmp_path):
@@ -204,3 +212,14 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkp
     assert 2 <= step_of(last) < 20
     verify_checkpoint(last)
     assert not (run_dir / "metrics.json").exists()  # the run did not end as if it had finished
+
+
+def test_a_second_signal_abandons_the_step_at_once(tmp_path):
+    """The first signal only asks for a stop at the end of the step; the second raises `Interrupted` (exit
+    status 143) right away, naming the checkpoint already on disk."""
+    callback = RunCheckpoint(tmp_path / "checkpoints")
+    callback._on_signal(signal.SIGTERM, None)
+    with pytest.raises(Interrupted) as stop:
+        callback._on_signal(signal.SIGTERM, None)
+    assert stop.value.code == 143 and stop.value.abandoned and stop.value.checkpoint is None
+    assert stop.value.record()["signal"] == "SIGTERM"
