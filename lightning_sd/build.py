@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_sd.config import validate_config
+from lightning_sd.config import sampling_config, validate_config
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.models import enable_activation_checkpointing, load_model
 from lightning_sd.sampling import SamplingConfig
@@ -25,9 +25,7 @@ class Run:
 
 
 def build_sampling(g) -> SamplingConfig:
-    return SamplingConfig(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                          top_k=g.top_k, do_sample=g.do_sample, stop_token_ids=g.stop_token_ids,
-                          fixed_length=g.fixed_length, seed=g.seed)
+    return sampling_config(g)
 
 
 def build_teacher_policy(t, student, student_tokenizer):

@@ -229,7 +229,10 @@ def test_nonfinite_loss_stop_saves_the_batch(tiny, records, tmp_path):
     (["callbacks.progress_bar=fancy"], ["callbacks.progress_bar='fancy'"]),
     (["callbacks.token_view_every=0"], ["callbacks.token_view_every"]),
     (["logger.log_samples_every=0"], ["logger.log_samples_every"]),
-], ids=["sampled-needs-beta-1", "unknown-key", "ema-without-rate", "progress-bar", "token-view", "samples"])
+    (["generation.max_new_tokens=0"], ["generation.max_new_tokens"]),
+    (["generation.top_p=0"], ["generation.top_p"]),
+], ids=["sampled-needs-beta-1", "unknown-key", "ema-without-rate", "progress-bar", "token-view", "samples",
+        "generation-length", "generation-top-p"])
 def test_invalid_option_combinations_rejected_at_start_up(tmp_path, overrides, names):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(QUICK + overrides))
@@ -238,6 +241,16 @@ def test_invalid_option_combinations_rejected_at_start_up(tmp_path, overrides, n
     with pytest.raises(ConfigError):  # train.py stops before loading anything
         run_train(QUICK + overrides, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["teacher.rate=1.5"], "teacher.rate=1.5 is ignored by teacher=frozen (only teacher=ema reads it)"),
+    (["teacher=ema", "teacher.mix=0.5"], "teacher.mix=0.5 is ignored by teacher=ema (only teacher=trust_region"),
+], ids=["rate-on-frozen", "mix-on-ema"])
+def test_a_teacher_key_the_chosen_teacher_ignores_is_warned_about(overrides, key):
+    with pytest.warns(UserWarning) as record:
+        validate_config(compose_config(QUICK + overrides))
+    assert any(key in str(w.message) for w in record), [str(w.message) for w in record]
 
 
 def test_override_of_a_key_that_does_not_exist_is_named_by_hydra():
