@@ -82,6 +82,18 @@ def _fall_back(folder: str, path: str, step, failures: list) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def earlier_results(run_dir: str) -> dict:
+    """What a resumed run carries over from the `metrics.json` of the run folder's earlier part: its
+    evaluation before training (`eval_before`), when there was one."""
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):  # none yet (stopped before its first metrics.json), or unreadable
+        return {}
+    return {k: earlier[k] for k in ("eval_before",) if k in earlier}
+
+
 def interrupted_message(stop, run_dir: str) -> str:
     """What an interrupted run prints: what was saved, the exit status, and the command that resumes it."""
     try:
@@ -123,11 +135,18 @@ def main(cfg: DictConfig) -> dict:
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit(),
                      "run_dir": run_dir}
 
+    if ckpt_path is not None:  # the first part's evaluation before training, from its metrics.json
+        metrics.update(earlier_results(run_dir), resumed_from=ckpt_path)
+
     def run_eval(tag: str) -> None:
         module.to(device)
         t0 = time.perf_counter()
         result = evaluate(module, datamodule.val_dataloader(), with_teacher=e.teacher)
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
+        if result.n == 0:
+            print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
+                  flush=True)
+            return
         log_eval(logger, tag, metrics[f"eval_{tag}"], step=trainer.global_step if trainer is not None else 0)
         teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
         print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "

@@ -181,15 +181,14 @@ def build_logger(cfg_logger, run_dir: str, resume: bool = False):
         return False
     rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs train.py; only rank 0 writes the run's files
     if cfg_logger.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
+        from lightning_sd.logging_utils import RunFolderCSVLogger
         previous = os.path.join(run_dir, "metrics.csv")
         if resume and rank_zero and os.path.isfile(previous):
             k = 1
             while os.path.exists(os.path.join(run_dir, f"metrics.{k}.csv")):
                 k += 1
             os.replace(previous, os.path.join(run_dir, f"metrics.{k}.csv"))
-        return CSVLogger(save_dir=run_dir, name="", version="")
+        return RunFolderCSVLogger(save_dir=run_dir, name="", version="")
     from lightning.pytorch.loggers import WandbLogger
 
     from lightning_sd.logging_utils import wandb_run_id

@@ -272,3 +272,21 @@ def test_every_config_group_and_key_is_in_the_configuration_reference():
     headings = [line for line in doc.splitlines() if line.startswith("## ")]
     missing += [f"group {group}" for group in GROUP_SCHEMAS if not any(f"`{group}`" in h for h in headings)]
     assert not missing, f"document these in docs/configuration.md: {missing}"
+
+
+def test_a_fresh_run_without_eval_prompts_says_so_and_warns_of_no_deletion(tmp_path, capsys):
+    """A run folder always holds Hydra's `.hydra/` when the logger starts: no "previous log files will be deleted"
+    warning when there is no metrics.csv to replace; with no evaluation prompts the console says so instead of
+    printing an accuracy of nan."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    overrides = [a for a in QUICK if a != "eval.before=false"] + ["eval.before=true", "data.n_eval=0"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(overrides, run_dir)
+    assert not [str(w.message) for w in caught if "will be deleted" in str(w.message)]
+    out = capsys.readouterr().out
+    assert "[eval before] no evaluation prompts (data.n_eval=0, or an empty eval set)" in out
+    assert "accuracy nan" not in out
+    assert (run_dir / "metrics.csv").exists()

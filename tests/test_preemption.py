@@ -223,3 +223,14 @@ def test_a_second_signal_abandons_the_step_at_once(tmp_path):
         callback._on_signal(signal.SIGTERM, None)
     assert stop.value.code == 143 and stop.value.abandoned and stop.value.checkpoint is None
     assert stop.value.record()["signal"] == "SIGTERM"
+
+
+def test_a_resumed_run_keeps_the_evaluation_before_training(tmp_path):
+    """The resumed part does not evaluate before training again: it carries the first part's result over."""
+    run_dir = tmp_path / "run"
+    with_eval = [a for a in BASE if a != "eval.before=false"] + ["eval.before=true"]
+    first = run_train(with_eval + ["trainer.max_steps=1"], run_dir)
+    run_train(with_eval + ["trainer.max_steps=2", "ckpt_path=last"], run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_before"] == json.loads(json.dumps(first["eval_before"], default=str))
+    assert metrics["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
