@@ -184,5 +184,42 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
+HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                          "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def check_before_printing(argv: list[str]) -> None:
+    """`--cfg job|all`: Hydra prints the composed config and never runs `main`; validate it first, so that a
+    config the run would reject is not printed as if it were fine. Exits with status 1 and the message."""
+    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+        return
+    overrides, skip = [], False
+    for a in argv:
+        if skip or a in HYDRA_FLAGS_WITH_VALUE:
+            skip = not skip and a in HYDRA_FLAGS_WITH_VALUE
+            continue
+        if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            overrides.append(a)
+    from hydra import compose, initialize_config_dir
+
+    from lightning_sd.config import ConfigError, validate_config
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    except Exception:  # noqa: BLE001 - an override Hydra cannot apply: Hydra's own run reports it
+        hydra.core.global_hydra.GlobalHydra.instance().clear()
+        return
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"ConfigError: {err}") from None
+    hydra.core.global_hydra.GlobalHydra.instance().clear()  # Hydra's own run initializes it again
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_before_printing(sys.argv[1:])
     main()

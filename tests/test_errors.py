@@ -290,3 +290,27 @@ def test_a_fresh_run_without_eval_prompts_says_so_and_warns_of_no_deletion(tmp_p
     assert "[eval before] no evaluation prompts (data.n_eval=0, or an empty eval set)" in out
     assert "accuracy nan" not in out
     assert (run_dir / "metrics.csv").exists()
+
+
+def test_cfg_job_validates_before_printing_and_help_says_what_train_py_does():
+    """`--cfg job` prints only configs that a run would accept; `--help` starts with what train.py does, points to
+    the configuration reference and offers only selectable groups (no `sweep`)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def train_py(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "train.py", *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    bad = train_py("model=tiny", "generation.max_new_tokens=0", "--cfg", "job")
+    assert bad.returncode == 1 and "generation.max_new_tokens must be >= 1, got 0" in bad.stderr
+    assert "model:" not in bad.stdout
+    good = train_py("model=tiny", "--cfg", "job")
+    assert good.returncode == 0 and "name: tiny" in good.stdout
+    shown = train_py("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("python train.py [group=option ...]")
+    assert "docs/configuration.md" in shown.stdout and "teacher: ema" in shown.stdout
+    assert "\nsweep:" not in shown.stdout and "is powered by Hydra" not in shown.stdout
