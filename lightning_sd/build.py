@@ -119,6 +119,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     from lightning_sd.module import SelfDistillationModule
 
     typed = validate_config(cfg)
+    check_data_files(typed)  # before the model is loaded
     m, d, t = typed["model"], typed["data"], typed["teacher"]
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)
@@ -197,6 +198,25 @@ def build_logger(cfg_logger, run_dir: str, resume: bool = False):
         os.environ.setdefault("WANDB_MODE", cfg_logger.mode)
     return WandbLogger(project=cfg_logger.project or "lightning_sd", entity=cfg_logger.entity, save_dir=run_dir,
                        id=wandb_run_id(run_dir, create=rank_zero), resume="allow")
+
+
+def check_data_files(typed: dict) -> None:
+    """Start-up checks before any model is loaded: `data.train_file` and `data.eval_file` exist, parse as JSONL
+    records, and (the rows used) have the fields the teacher's template shows. `check_data` repeats the last
+    check on the loaded records, tasks' included."""
+    from lightning_sd.data.records import DataError, load_jsonl
+
+    d, loss, e = typed["data"], typed["loss"], typed["eval"]
+    for key, path, n, shown in (("train_file", d.train_file, d.n_train, True),
+                                ("eval_file", d.eval_file, d.n_eval, e.teacher)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise DataError(f"data.{key}={path!r}: no such file (relative paths start from the folder train.py "
+                            f"runs in: {os.getcwd()}); give the path of a JSONL file")
+        records = load_jsonl(path)
+        if shown and loss.needs_teacher:
+            check_context_fields(records[:n] if n is not None else records, loss.template, path)
 
 
 def check_data(run: Run, source: str | None = None) -> None:

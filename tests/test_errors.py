@@ -314,3 +314,21 @@ def test_cfg_job_validates_before_printing_and_help_says_what_train_py_does():
     assert shown.returncode == 0 and shown.stdout.startswith("python train.py [group=option ...]")
     assert "docs/configuration.md" in shown.stdout and "teacher: ema" in shown.stdout
     assert "\nsweep:" not in shown.stdout and "is powered by Hydra" not in shown.stdout
+
+
+@pytest.mark.parametrize("bad", ["missing", "field"])
+def test_data_file_errors_stop_the_run_before_the_model_is_loaded(tmp_path, monkeypatch, bad):
+    import lightning_sd.build
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr(lightning_sd.build, "load_model", no_loading)
+    path = tmp_path / "train.jsonl"
+    if bad == "field":
+        jsonl(path, [GOOD, {"prompt": "What is 1 + 1?", "answer": "2"}])
+    with pytest.raises(DataError) as err:
+        run_train(QUICK + ["data=jsonl", f"data.train_file={path}", "loss.template=self_critique_v3"],
+                  tmp_path / "run")
+    expected = f"data.train_file={str(path)!r}: no such file" if bad == "missing" else f"{path}:2"
+    assert expected in str(err.value)
