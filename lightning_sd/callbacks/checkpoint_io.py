@@ -115,7 +115,7 @@ def _feed(h, obj: Any) -> None:
             h.update(f"<{t.layout} {t.dtype} {tuple(t.shape)}>".encode())
             return
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(obj, dict):
         h.update(b"{")
         for k, v in obj.items():
