@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -26,22 +27,86 @@ def git_commit() -> str | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
-    """`ckpt_path=last`: `<run_dir>/checkpoints/last.ckpt` when it exists (resume), else None (a fresh start;
-    so a preemptible job can always pass `ckpt_path=last hydra.run.dir=<its folder>`). A path must exist."""
+    """`ckpt_path=last`: the newest checkpoint of `<run_dir>/checkpoints` that passes verification, `last.ckpt`
+    or else the fallback `previous.ckpt` (a damaged `last.ckpt` is renamed `last.ckpt.corrupt`, loudly); None
+    when there is none (a fresh start; so a preemptible job can always pass `ckpt_path=last
+    hydra.run.dir=<its folder>`). A path must exist and pass verification. Raises `CheckpointError`."""
+    from lightning_sd.callbacks.checkpoint_io import LAST, PREVIOUS, CheckpointError, verify_checkpoint
+
     if ckpt_path is None:
         return None
-    if ckpt_path == "last":
-        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        if os.path.isfile(last):
-            print(f"[resume] continuing from {last}", flush=True)
-            return last
-        print(f"[resume] ckpt_path=last: no checkpoint in {os.path.dirname(last)}; starting from scratch. To resume "
-              "a run, pass hydra.run.dir=<that run's folder> with ckpt_path=last", flush=True)
+    if ckpt_path != "last":
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint file, or "
+                                    "ckpt_path=last with hydra.run.dir=<the run's folder>")
+        verify_checkpoint(ckpt_path)
+        return ckpt_path
+    folder = os.path.join(run_dir, "checkpoints")
+    candidates = [os.path.join(folder, name) for name in (LAST, PREVIOUS) if os.path.isfile(os.path.join(folder, name))]
+    if not candidates:
+        print(f"[resume] ckpt_path=last: no checkpoint in {folder}; starting from scratch. To resume a run, pass "
+              "hydra.run.dir=<that run's folder> with ckpt_path=last", flush=True)
         return None
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint file, or ckpt_path=last "
-                                "with hydra.run.dir=<the run's folder>")
-    return ckpt_path
+    failures = []
+    for path in candidates:
+        try:
+            step = verify_checkpoint(path).get("global_step")
+        except CheckpointError as err:
+            failures.append(err)
+            continue
+        if failures or os.path.basename(path) != LAST:
+            _fall_back(folder, path, step, failures)
+        print(f"[resume] continuing from {path} (step {step})", flush=True)
+        return path
+    raise CheckpointError("ckpt_path=last: no checkpoint in " + folder + " can be resumed:\n  " +
+                          "\n  ".join(map(str, failures)) + "\nStart again in a new run folder (or delete " + folder +
+                          " to start this one from scratch)")
+
+
+def _fall_back(folder: str, path: str, step, failures: list) -> None:
+    """Say loudly that the fallback checkpoint is used, and move a damaged `last.ckpt` aside so that the next
+    save does not keep it as the fallback."""
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_sd.callbacks.checkpoint_io import LAST
+
+    last = os.path.join(folder, LAST)
+    why = "; ".join(map(str, failures)) or f"{last} is missing (the job stopped while replacing it)"
+    if os.path.isfile(last) and rank_zero_only.rank == 0:
+        os.replace(last, last + ".corrupt")
+        why += f". It was renamed {LAST}.corrupt (kept for inspection; delete it when done)"
+    message = f"FALLING BACK to {path} (step {step}): {why}"
+    print(f"[resume] WARNING: {message}", flush=True)
+    warnings.warn(message, stacklevel=3)
+
+
+def earlier_results(run_dir: str) -> dict:
+    """What a resumed run carries over from the `metrics.json` of the run folder's earlier part: its
+    evaluation before training (`eval_before`), when there was one."""
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):  # none yet (stopped before its first metrics.json), or unreadable
+        return {}
+    return {k: earlier[k] for k in ("eval_before",) if k in earlier}
+
+
+def interrupted_message(stop, run_dir: str) -> str:
+    """What an interrupted run prints: what was saved, the exit status, and the command that resumes it."""
+    try:
+        overrides = [o for o in hydra.core.hydra_config.HydraConfig.get().overrides.task
+                     if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    except (ValueError, AttributeError):  # no Hydra context (train.main called directly)
+        overrides = ["<the same overrides>"]
+    saved = (f"{stop.checkpoint} holds step {stop.step}" if stop.checkpoint else
+             "no checkpoint was written yet")
+    how = "the step in progress was abandoned; " if stop.abandoned else ""
+    return (f"[interrupted] {stop.signal_name}: {how}{saved}; metrics.json is marked interrupted; exit status "
+            f"{stop.code}. Resume with:\n  python train.py {' '.join(map(shlex.quote, overrides + ['ckpt_path=last']))} "
+            f"hydra.run.dir={shlex.quote(run_dir)}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -49,6 +114,7 @@ def main(cfg: DictConfig) -> dict:
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_sd.build import build_logger, build_run, check_data
+    from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.evaluation import evaluate
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval
 
@@ -69,11 +135,18 @@ def main(cfg: DictConfig) -> dict:
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit(),
                      "run_dir": run_dir}
 
+    if ckpt_path is not None:  # the first part's evaluation before training, from its metrics.json
+        metrics.update(earlier_results(run_dir), resumed_from=ckpt_path)
+
     def run_eval(tag: str) -> None:
         module.to(device)
         t0 = time.perf_counter()
         result = evaluate(module, datamodule.val_dataloader(), with_teacher=e.teacher)
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
+        if result.n == 0:
+            print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
+                  flush=True)
+            return
         log_eval(logger, tag, metrics[f"eval_{tag}"], step=trainer.global_step if trainer is not None else 0)
         teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
         print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "
@@ -85,7 +158,17 @@ def main(cfg: DictConfig) -> dict:
         run_eval("before")
     trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Interrupted as stop:  # SIGTERM / SIGINT: last.ckpt is written; record, say how to resume, exit 128+N
+        metrics.update(train_seconds=time.perf_counter() - t0, interrupted=stop.record(),
+                       train_diagnostics=module.diagnostics_summary(), total_seconds=time.perf_counter() - t_start)
+        if trainer.global_rank == 0:
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2, default=str)
+            print(interrupted_message(stop, run_dir), flush=True)
+        finish_logger(logger)
+        raise
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["train_diagnostics"] = module.diagnostics_summary()  # run means of the step diagnostics, skip counts
@@ -101,5 +184,42 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
+HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                          "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def check_before_printing(argv: list[str]) -> None:
+    """`--cfg job|all`: Hydra prints the composed config and never runs `main`; validate it first, so that a
+    config the run would reject is not printed as if it were fine. Exits with status 1 and the message."""
+    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+        return
+    overrides, skip = [], False
+    for a in argv:
+        if skip or a in HYDRA_FLAGS_WITH_VALUE:
+            skip = not skip and a in HYDRA_FLAGS_WITH_VALUE
+            continue
+        if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            overrides.append(a)
+    from hydra import compose, initialize_config_dir
+
+    from lightning_sd.config import ConfigError, validate_config
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    except Exception:  # noqa: BLE001 - an override Hydra cannot apply: Hydra's own run reports it
+        hydra.core.global_hydra.GlobalHydra.instance().clear()
+        return
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"ConfigError: {err}") from None
+    hydra.core.global_hydra.GlobalHydra.instance().clear()  # Hydra's own run initializes it again
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_before_printing(sys.argv[1:])
     main()

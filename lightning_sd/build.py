@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_sd.config import validate_config
+from lightning_sd.config import sampling_config, validate_config
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.models import enable_activation_checkpointing, load_model
 from lightning_sd.sampling import SamplingConfig
@@ -25,9 +25,7 @@ class Run:
 
 
 def build_sampling(g) -> SamplingConfig:
-    return SamplingConfig(n=g.n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                          top_k=g.top_k, do_sample=g.do_sample, stop_token_ids=g.stop_token_ids,
-                          fixed_length=g.fixed_length, seed=g.seed)
+    return sampling_config(g)
 
 
 def build_teacher_policy(t, student, student_tokenizer):
@@ -121,6 +119,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     from lightning_sd.module import SelfDistillationModule
 
     typed = validate_config(cfg)
+    check_data_files(typed)  # before the model is loaded
     m, d, t = typed["model"], typed["data"], typed["teacher"]
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)
@@ -155,11 +154,11 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
 
         callbacks.append(ContinualEvaluation(datamodule, run_dir=run_dir))
     if tr.enable_checkpointing and run_dir:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning_sd.callbacks.run_checkpoint import RunCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), save_last=True,
-                                         every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps,
-                                         save_top_k=0))  # only last.ckpt, rewritten atomically
+        # last.ckpt (rewritten atomically; the one it replaces kept as previous.ckpt), in this run folder
+        callbacks.append(RunCheckpoint(os.path.join(run_dir, "checkpoints"),
+                                       every_n_train_steps=tr.checkpoint_every_n_steps or tr.max_steps))
     callbacks += last
     trainer_kwargs = dict(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=build_strategy(tr, student, d.batch_size),
@@ -183,15 +182,14 @@ def build_logger(cfg_logger, run_dir: str, resume: bool = False):
         return False
     rank_zero = rank_zero_only.rank == 0  # under DDP every rank runs train.py; only rank 0 writes the run's files
     if cfg_logger.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
+        from lightning_sd.logging_utils import RunFolderCSVLogger
         previous = os.path.join(run_dir, "metrics.csv")
         if resume and rank_zero and os.path.isfile(previous):
             k = 1
             while os.path.exists(os.path.join(run_dir, f"metrics.{k}.csv")):
                 k += 1
             os.replace(previous, os.path.join(run_dir, f"metrics.{k}.csv"))
-        return CSVLogger(save_dir=run_dir, name="", version="")
+        return RunFolderCSVLogger(save_dir=run_dir, name="", version="")
     from lightning.pytorch.loggers import WandbLogger
 
     from lightning_sd.logging_utils import wandb_run_id
@@ -200,6 +198,25 @@ def build_logger(cfg_logger, run_dir: str, resume: bool = False):
         os.environ.setdefault("WANDB_MODE", cfg_logger.mode)
     return WandbLogger(project=cfg_logger.project or "lightning_sd", entity=cfg_logger.entity, save_dir=run_dir,
                        id=wandb_run_id(run_dir, create=rank_zero), resume="allow")
+
+
+def check_data_files(typed: dict) -> None:
+    """Start-up checks before any model is loaded: `data.train_file` and `data.eval_file` exist, parse as JSONL
+    records, and (the rows used) have the fields the teacher's template shows. `check_data` repeats the last
+    check on the loaded records, tasks' included."""
+    from lightning_sd.data.records import DataError, load_jsonl
+
+    d, loss, e = typed["data"], typed["loss"], typed["eval"]
+    for key, path, n, shown in (("train_file", d.train_file, d.n_train, True),
+                                ("eval_file", d.eval_file, d.n_eval, e.teacher)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise DataError(f"data.{key}={path!r}: no such file (relative paths start from the folder train.py "
+                            f"runs in: {os.getcwd()}); give the path of a JSONL file")
+        records = load_jsonl(path)
+        if shown and loss.needs_teacher:
+            check_context_fields(records[:n] if n is not None else records, loss.template, path)
 
 
 def check_data(run: Run, source: str | None = None) -> None:

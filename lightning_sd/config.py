@@ -7,7 +7,7 @@ impossible value stops the run at start-up with a message naming the key (`loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -216,6 +216,29 @@ def _typed(group: str, node: Any, schema: type) -> Any:
                           f"e.g. {group}.{key}=...") from None
 
 
+def sampling_config(g: GenerationConfig):
+    """The `SamplingConfig` of a `generation` group (its keys minus `backend`)."""
+    from lightning_sd.sampling import SamplingConfig
+
+    return SamplingConfig(**{k: v for k, v in asdict(g).items() if k in SamplingConfig.__dataclass_fields__})
+
+
+TEACHER_KEYS_READ = {"rate": ("ema",), "mix": ("trust_region",), "model": ("external",)}
+
+
+def warn_ignored_teacher_keys(t) -> list[str]:
+    """Warn about teacher keys that the chosen `teacher.kind` does not read (`teacher.rate` on a frozen
+    teacher, say): a value set there changes nothing. Returns the keys warned about."""
+    import warnings
+
+    ignored = [key for key, kinds in TEACHER_KEYS_READ.items() if getattr(t, key) is not None and t.kind not in kinds]
+    for key in ignored:
+        kinds = " or ".join(f"teacher={k}" for k in TEACHER_KEYS_READ[key])
+        warnings.warn(f"teacher.{key}={getattr(t, key)!r} is ignored by teacher={t.kind} (only {kinds} reads it); "
+                      f"drop it, or choose {kinds}", stacklevel=3)
+    return ignored
+
+
 def validate_config(cfg: DictConfig) -> dict:
     """Check every group of `cfg`; returns `{group: typed dataclass}`. Raises `ConfigError`."""
     typed = {}
@@ -238,9 +261,14 @@ def validate_config(cfg: DictConfig) -> dict:
                           "teacher.model.name_or_path=<folder>)")
     if loss.chunk_size and t.kind == "trust_region":
         raise ConfigError("loss.chunk_size is not supported with teacher=trust_region; set loss.chunk_size=null")
+    warn_ignored_teacher_keys(t)
     g: GenerationConfig = typed["generation"]
     if g.backend not in ("hf", "vllm"):
         raise ConfigError(f"generation.backend={g.backend!r} is not one of 'hf', 'vllm'")
+    try:  # the sampler's own rules (n, max_new_tokens, temperature, top_p, top_k), before anything is loaded
+        sampling_config(g).validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     d: DataConfig = typed["data"]
     sources = [k for k in ("task", "train_file") if getattr(d, k)]
     if len(sources) != 1:

@@ -9,6 +9,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger
+
 
 def run_folder(trainer, pl_module=None) -> str:
     """Where a run's files go: the module's `run_dir` (set by `train.py`), else the trainer's root dir."""
@@ -24,6 +26,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+class RunFolderCSVLogger(CSVLogger):
+    """Lightning's CSV logger writing `<run folder>/metrics.csv`, which warns that files "will be deleted" only
+    when a `metrics.csv` is there to be replaced (Lightning warns whenever the folder is not empty, and a run
+    folder never is; `build_logger` renames the file of an earlier part first)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None and not os.path.isfile(os.path.join(self.log_dir, "metrics.csv")):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+                return super().experiment
+        return super().experiment
 
 
 def _loggers(trainer) -> list:
@@ -179,5 +197,5 @@ def finish_logger(logger) -> None:
         wandb.teardown()  # stops the W&B service process, which flushes the run files (offline runs too)
 
 
-__all__ = ["atomic_write_text", "finish_logger", "log_config", "log_eval", "read_offline_run", "run_folder",
+__all__ = ["RunFolderCSVLogger", "atomic_write_text", "finish_logger", "log_config", "log_eval", "read_offline_run", "run_folder",
            "wandb_logger", "wandb_run", "wandb_run_id"]

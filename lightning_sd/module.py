@@ -136,6 +136,7 @@ class SelfDistillationModule(LightningModule):
         self.train_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in metric_names})
         self.val_accuracy = torchmetrics.MeanMetric()
         self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0  # micro-batches skipped as non-finite since the last finite one
         self.empty_steps = 0  # optimizer steps skipped because no token of any micro-batch on any rank had signal
         self.diagnostic_totals: dict[str, list[float]] = {}  # key -> [sum over steps, steps]: run means
         self._norm_count = 0.0  # valid tokens (or sequences) accumulated for the current optimizer step
@@ -397,6 +398,7 @@ class SelfDistillationModule(LightningModule):
             batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, self.keep_teacher_topk)
         if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)
             return self._nonfinite(batch, out)
+        self.nonfinite_in_a_row = 0
         if self.loss_cfg.reduction != "sum":
             self._norm_count += out["count"]
         self._signal_count += float(out["signal"].sum())
@@ -425,6 +427,16 @@ class SelfDistillationModule(LightningModule):
                         "prompt_text": batch.get("prompt_text"), "step": self.global_step, "bad_rows": bad}, path)
             raise FloatingPointError(f"{where}; the batch is saved in {path} (inspect it with torch.load(path, "
                                      "weights_only=False); set loss.nonfinite=skip to skip such steps instead)")
+        self.nonfinite_in_a_row += 1
+        limit = self.loss_cfg.nonfinite_limit
+        if limit and self.nonfinite_in_a_row >= limit:
+            first = self.global_step - self.nonfinite_in_a_row + 1
+            raise FloatingPointError(
+                f"{where}: {self.nonfinite_in_a_row} steps in a row (from step {first}) had a non-finite loss and "
+                f"were skipped; stopping (loss.nonfinite_limit={limit}). The run has diverged or its data breaks "
+                f"it: {os.path.join(self.run_dir or '<run folder>', 'checkpoints', 'last.ckpt')} keeps the last "
+                "good state; resume from it (ckpt_path=last) with a lower optimizer.lr, or after fixing the data "
+                "named above, or set loss.nonfinite_limit=null to keep skipping")
         import warnings
 
         warnings.warn(f"{where}: step skipped (no backward, no optimizer step); {self.nonfinite_steps} skipped so far "
@@ -665,12 +677,14 @@ class SelfDistillationModule(LightningModule):
             for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
                 del checkpoint["state_dict"][key]
         checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen,
+                                      "nonfinite_in_a_row": self.nonfinite_in_a_row,
                                       "empty_steps": self.empty_steps, "warned_truncation": self._warned_truncation,
                                       "diagnostic_totals": {k: list(v) for k, v in self.diagnostic_totals.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("lightning_sd", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self._last_step_seen = state.get("last_step_seen", 0)
         self.empty_steps = state.get("empty_steps", 0)
         self._warned_truncation = state.get("warned_truncation", False)

@@ -68,6 +68,7 @@ class LossConfig:
     feedback: bool = True
     strip_reasoning: bool = True
     nonfinite: str = "skip"
+    nonfinite_limit: int | None = 10
     extra: dict = field(default_factory=dict)
 
     @property
@@ -113,6 +114,8 @@ class LossConfig:
             raise ValueError(f"loss.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"loss.nonfinite={self.nonfinite!r} must be 'skip' or 'stop'")
+        if self.nonfinite_limit is not None and self.nonfinite_limit < 1:
+            raise ValueError(f"loss.nonfinite_limit must be >= 1 or null (never stop), got {self.nonfinite_limit}")
         check_template(self.template)
         if self.reason_max_new_tokens < 1:
             raise ValueError(f"loss.reason_max_new_tokens must be >= 1, got {self.reason_max_new_tokens}")

@@ -64,7 +64,7 @@ def extra_overrides(group: str, option: str, tiny_folder: str, jsonl_file: str) 
 
 
 def all_options():
-    for group in sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "sweep")):
+    for group in sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment"):
         for option in options(group):
             yield group, option
 
@@ -90,7 +90,7 @@ def test_every_option_composes_and_instantiates(group, option, tiny_folder, json
 def test_every_option_of_a_group_has_the_same_keys():
     import yaml
 
-    for group in [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "sweep")]:
+    for group in [p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment"]:
         key_sets = {}
         for option in options(group):
             data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}

@@ -229,7 +229,10 @@ def test_nonfinite_loss_stop_saves_the_batch(tiny, records, tmp_path):
     (["callbacks.progress_bar=fancy"], ["callbacks.progress_bar='fancy'"]),
     (["callbacks.token_view_every=0"], ["callbacks.token_view_every"]),
     (["logger.log_samples_every=0"], ["logger.log_samples_every"]),
-], ids=["sampled-needs-beta-1", "unknown-key", "ema-without-rate", "progress-bar", "token-view", "samples"])
+    (["generation.max_new_tokens=0"], ["generation.max_new_tokens"]),
+    (["generation.top_p=0"], ["generation.top_p"]),
+], ids=["sampled-needs-beta-1", "unknown-key", "ema-without-rate", "progress-bar", "token-view", "samples",
+        "generation-length", "generation-top-p"])
 def test_invalid_option_combinations_rejected_at_start_up(tmp_path, overrides, names):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(QUICK + overrides))
@@ -238,6 +241,16 @@ def test_invalid_option_combinations_rejected_at_start_up(tmp_path, overrides, n
     with pytest.raises(ConfigError):  # train.py stops before loading anything
         run_train(QUICK + overrides, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["teacher.rate=1.5"], "teacher.rate=1.5 is ignored by teacher=frozen (only teacher=ema reads it)"),
+    (["teacher=ema", "teacher.mix=0.5"], "teacher.mix=0.5 is ignored by teacher=ema (only teacher=trust_region"),
+], ids=["rate-on-frozen", "mix-on-ema"])
+def test_a_teacher_key_the_chosen_teacher_ignores_is_warned_about(overrides, key):
+    with pytest.warns(UserWarning) as record:
+        validate_config(compose_config(QUICK + overrides))
+    assert any(key in str(w.message) for w in record), [str(w.message) for w in record]
 
 
 def test_override_of_a_key_that_does_not_exist_is_named_by_hydra():
@@ -259,3 +272,63 @@ def test_every_config_group_and_key_is_in_the_configuration_reference():
     headings = [line for line in doc.splitlines() if line.startswith("## ")]
     missing += [f"group {group}" for group in GROUP_SCHEMAS if not any(f"`{group}`" in h for h in headings)]
     assert not missing, f"document these in docs/configuration.md: {missing}"
+
+
+def test_a_fresh_run_without_eval_prompts_says_so_and_warns_of_no_deletion(tmp_path, capsys):
+    """A run folder always holds Hydra's `.hydra/` when the logger starts: no "previous log files will be deleted"
+    warning when there is no metrics.csv to replace; with no evaluation prompts the console says so instead of
+    printing an accuracy of nan."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    overrides = [a for a in QUICK if a != "eval.before=false"] + ["eval.before=true", "data.n_eval=0"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(overrides, run_dir)
+    assert not [str(w.message) for w in caught if "will be deleted" in str(w.message)]
+    out = capsys.readouterr().out
+    assert "[eval before] no evaluation prompts (data.n_eval=0, or an empty eval set)" in out
+    assert "accuracy nan" not in out
+    assert (run_dir / "metrics.csv").exists()
+
+
+def test_cfg_job_validates_before_printing_and_help_says_what_train_py_does():
+    """`--cfg job` prints only configs that a run would accept; `--help` starts with what train.py does, points to
+    the configuration reference and offers only selectable groups (no `sweep`)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+
+    def train_py(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "train.py", *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    bad = train_py("model=tiny", "generation.max_new_tokens=0", "--cfg", "job")
+    assert bad.returncode == 1 and "generation.max_new_tokens must be >= 1, got 0" in bad.stderr
+    assert "model:" not in bad.stdout
+    good = train_py("model=tiny", "--cfg", "job")
+    assert good.returncode == 0 and "name: tiny" in good.stdout
+    shown = train_py("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("python train.py [group=option ...]")
+    assert "docs/configuration.md" in shown.stdout and "teacher: ema" in shown.stdout
+    assert "\nsweep:" not in shown.stdout and "is powered by Hydra" not in shown.stdout
+
+
+@pytest.mark.parametrize("bad", ["missing", "field"])
+def test_data_file_errors_stop_the_run_before_the_model_is_loaded(tmp_path, monkeypatch, bad):
+    import lightning_sd.build
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr(lightning_sd.build, "load_model", no_loading)
+    path = tmp_path / "train.jsonl"
+    if bad == "field":
+        jsonl(path, [GOOD, {"prompt": "What is 1 + 1?", "answer": "2"}])
+    with pytest.raises(DataError) as err:
+        run_train(QUICK + ["data=jsonl", f"data.train_file={path}", "loss.template=self_critique_v3"],
+                  tmp_path / "run")
+    expected = f"data.train_file={str(path)!r}: no such file" if bad == "missing" else f"{path}:2"
+    assert expected in str(err.value)

@@ -83,7 +83,7 @@ def override_values(name: str) -> dict:
             "chunk_size": 16, "lam": 1.0 if name == "grpo" else 0.5,
             "reason_first": name in DISTILLATION_NAMES, "reason_max_new_tokens": 9,
             "lmbda": 0.5 if name in DISTILLATION_NAMES else 1.0, "feedback": False, "strip_reasoning": False,
-            "nonfinite": "stop", "extra": {"note": "x"},
+            "nonfinite": "stop", "nonfinite_limit": 3, "extra": {"note": "x"},
             "contrast": None}  # it does not combine with chunk_size: overridden on its own below
 
 

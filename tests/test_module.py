@@ -229,6 +229,24 @@ def test_drop_in_with_users_own_trainer_and_loop(tiny, records, tmp_path):
         assert key in metrics, key
 
 
+def test_documented_trainer_logs_training_metrics():
+    """Every `Trainer(...)` in docs/api.md logs within its run: `log_every_n_steps` <= `max_steps` (Lightning's
+    default of 50 never logs a training metric in a 40-step run)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    calls = [node for block in re.findall(r"```python\n(.*?)```", doc, re.S) for node in ast.walk(ast.parse(block))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Trainer"]
+    assert calls
+    for call in calls:
+        kw = {k.arg: k.value for k in call.keywords}
+        steps = ast.literal_eval(kw["max_steps"]) if "max_steps" in kw else None
+        every = ast.literal_eval(kw["log_every_n_steps"]) if "log_every_n_steps" in kw else 50
+        assert steps is None or every <= steps, ast.unparse(call)
+
+
 @pytest.mark.filterwarnings("error:.*checkpointing.*deprecated:FutureWarning")
 def test_gradient_checkpointing_is_off_during_sampling_and_restored(tiny, records):
     """...by transformers' current method names: the deprecated ones would warn on every rollout."""

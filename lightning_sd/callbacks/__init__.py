@@ -12,6 +12,7 @@ from lightning_sd.callbacks.counters import FailureCounters
 from lightning_sd.callbacks.periodic_eval import PeriodicEvaluation
 from lightning_sd.callbacks.progress import TrainingProgressBar
 from lightning_sd.callbacks.rng import RngState
+from lightning_sd.callbacks.run_checkpoint import RunCheckpoint
 from lightning_sd.callbacks.samples import SampleTable
 from lightning_sd.callbacks.token_view import TokenView
 
@@ -37,5 +38,5 @@ def build_callbacks(c, log_samples_every: int | None = None,
     return first, last, plugins
 
 
-__all__ = ["AtomicCheckpointIO", "FailureCounters", "PeriodicEvaluation", "RngState", "SampleTable", "TokenView", "TrainingProgressBar",
+__all__ = ["AtomicCheckpointIO", "FailureCounters", "PeriodicEvaluation", "RngState", "RunCheckpoint", "SampleTable", "TokenView", "TrainingProgressBar",
            "atomic_torch_save", "build_callbacks"]
