@@ -101,11 +101,28 @@ def table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_table(res: dict) -> str:
+    """The teacher-context probe's table (experiments/teacher_probe.py) with where it was measured."""
+    from teacher_probe import markdown
+
+    c, m = res["config"], res["machine"]
+    return (markdown(res) + f"\n{c['problems']} {res['split']} problems x {c['samples']} samples at temperature "
+            f"{c['temperature']}, model {c['model']}. Machine: {m['processor']}, {m['cpu_count']} cores, torch "
+            f"{m['torch']}; {res['seconds'] / 60:.0f} min. Code: {str(res['git_commit'])[:12]}"
+            f"{' (with uncommitted changes)' if str(res['git_commit']).endswith('+dirty') else ''}. "
+            "Numbers: [results.json](../experiments/results/teacher_probe/results.json).")
+
+
 def render(doc: str) -> str:
     def sub(match: re.Match) -> str:
         name = match.group(1)
         path = ROOT / "experiments" / "results" / name / "results.json"
-        body = table(name, json.loads(path.read_text())) if path.is_file() else f"(no results yet: run `python experiments/{name}.py`)"
+        if not path.is_file():
+            body = f"(no results yet: run `python experiments/{name}.py`)"
+        elif name == "teacher_probe":
+            body = probe_table(json.loads(path.read_text()))
+        else:
+            body = table(name, json.loads(path.read_text()))
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", sub, doc, flags=re.S)
