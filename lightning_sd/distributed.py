@@ -13,7 +13,7 @@
   `lmbda` coin), `all_ranks(trainer, flag)` (a collective AND / OR), `global_sum(trainer, x)`.
 
 Decoding lock-step (every rank runs the same number of decode steps until *all* ranks are done) lives in
-`generation.rollout_on`'s `keep_going`; see `docs/scaling.md`.
+`rollout.rollout_on`'s `keep_going`; see `docs/scaling.md`.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def gathered_for_generation(trainer, network: nn.Module, enabled: bool = True) -
 
     With `enabled=False`, or under single-device / DDP / ZeRO-1-2, nothing is gathered: under FSDP / ZeRO-3 the
     sharded forward then fetches layer by layer at every decode step (slower, but needs memory for one layer, not
-    the model), which is correct because all ranks decode the same number of steps (`generation.rollout_on`).
+    the model), which is correct because all ranks decode the same number of steps (`rollout.rollout_on`).
     """
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if strategy is None:

@@ -13,7 +13,7 @@ from conftest import make_batch
 
 from lightning_sd import SamplingConfig, SelfDistillationModule
 from lightning_sd.data.tasks.base import Verdict
-from lightning_sd.module import completion_hidden, completion_logits
+from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.sampling import filter_logits, sample
 
 SETTINGS = [  # (temperature, top_k, top_p)
