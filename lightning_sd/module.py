@@ -584,7 +584,7 @@ class SelfDistillationModule(LightningModule):
         """`optimizer.fused`: true/false as given; null (auto) fuses the update into one kernel per parameter when
         every parameter is a plain floating tensor on CPU or CUDA and no strategy shards parameters or owns the
         optimizer (FSDP, DeepSpeed). The for-loop AdamW that torch picks on CPU otherwise keeps per-parameter
-        temporaries and took 0.29 s a step for SmolLM2-135M on the dev machine (docs/performance.md)."""
+        temporaries and is much slower (measurements: docs/performance.md)."""
         fused = self.optimizer_cfg.get("fused")
         if fused is not None:
             return bool(fused)
