@@ -9,21 +9,20 @@ evaluation and the rollout backends. The decode loop itself is `sampling.sample`
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from lightning_sd.data.tasks.base import stable_hash
 from lightning_sd.models import checkpointing_prefix
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python versions)."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return stable_hash(",".join(str(int(p)) for p in parts), "little") & ((1 << 63) - 1)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from conftest import make_batch
 from omegaconf import OmegaConf
 
 from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
-from lightning_sd.rollout import rollout_on
+from lightning_sd.rollout import decode_completions, rollout_on
 from lightning_sd.methods import (group_advantages, on_policy_batch, policy_gradient_terms, reference_rollout,
                                   sdpo_context, strip_reasoning)
 from lightning_sd.methods.sdpo import SDPO_FEEDBACK, SDPO_INSTRUCTION, SDPO_SOLUTION
@@ -46,9 +46,7 @@ def sampled_batch(module, tok, records, n=2, max_new_tokens=4):
     batch = make_batch(tok, records)
     batch["rollout"] = rollout_on(None, module, module.student, batch["prompt_ids"], batch["prompt_mask"],
                                   SamplingConfig(n=n, max_new_tokens=max_new_tokens), seed=0)
-    batch["completion_text"] = tok.batch_decode(
-        [r[m.bool()].tolist() for r, m in zip(batch["rollout"].completion_ids, batch["rollout"].completion_mask)],
-        skip_special_tokens=True)
+    batch["completion_text"] = decode_completions(tok, batch["rollout"])
     return batch
 
 
