@@ -2,8 +2,8 @@
 file and inside functions both count), and `lightning_sd/losses/` imports nothing else from the package.
 
 An import of `lightning_sd.a.b` runs `lightning_sd/a/__init__.py` first, so it counts as an import of the
-package `lightning_sd.a` too (unless the importer is inside that package; the root package `lightning_sd`, which re-exports the public
-API, is left out: nothing inside the package imports it)."""
+package `lightning_sd.a` too, unless the importer is inside that package (the root package `lightning_sd`
+always runs first and is not counted; importing a name from it, `from lightning_sd import X`, is)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
         # the module itself, or the nearest enclosing module that exists (`from pkg import function`)
         while target and target not in modules:
             target = target.rpartition(".")[0]
-        if not target or target == PACKAGE:
+        if not target:
             return
         found.append((target, line))
         # importing `a.b.c` runs the `__init__` of `a.b` (and `a`) first, unless the importer sits inside
@@ -147,6 +147,12 @@ def test_the_import_reader_sees_function_level_imports():
     graph = _graph()
     assert f"{PACKAGE}.losses" in graph[f"{PACKAGE}.module"]
     assert f"{PACKAGE}.data.tasks.base" in graph[f"{PACKAGE}.generation"]  # imported inside a function
+
+
+def test_a_cycle_is_reported_with_its_imports():
+    graph = {"a": {"b": 3}, "b": {"c": 5}, "c": {"a": 7}, "d": {"a": 1}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b": 1}, "b": {}}) == []
 
 
 def test_no_import_cycles():

@@ -20,5 +20,5 @@ from lightning_sd.methods.sft import is_dataset_rollout, nll_terms, reference_ro
 from lightning_sd.methods.teacher_context import build_context
 
 __all__ = ["group_advantages", "policy_gradient_terms", "on_policy_batch", "generate_analyses", "with_analysis",
-           "check_method", "build_context", "sdpo_context", "strip_reasoning", "successful_sibling", "is_dataset_rollout", "nll_terms",
-           "reference_rollout"]
+           "check_method", "build_context", "sdpo_context", "strip_reasoning", "successful_sibling",
+           "is_dataset_rollout", "nll_terms", "reference_rollout"]
