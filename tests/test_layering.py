@@ -1,5 +1,6 @@
-"""The package's layering, read from its source: no import cycles among its modules (imports at the top of a
-file and inside functions both count), and `lightning_sd/losses/` imports nothing else from the package.
+"""The package's layering, read from its source: a module imports from its own layer or the ones below it (the
+layers of docs/concepts.md, `LAYERS`), no import cycles among its modules (imports at the top of a file and
+inside functions both count), and `lightning_sd/losses/` imports nothing else from the package.
 
 An import of `lightning_sd.a.b` runs `lightning_sd/a/__init__.py` first, so it counts as an import of the
 package `lightning_sd.a` too, unless the importer is inside that package (the root package `lightning_sd`
@@ -12,6 +13,16 @@ from pathlib import Path
 
 PACKAGE = "lightning_sd"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+# docs/concepts.md, "Where each part lives": a module or package (and everything inside it) -> its layer
+LAYERS = {
+    "losses": 1, "data": 1, "sampling": 1, "contexts": 1, "models": 1, "distributed": 1, "lora": 1, "files": 1,
+    "logging_utils": 1, "token_view": 1, "cpu_linear": 1,
+    "rollout": 2, "forward": 2, "teachers": 2,
+    "methods": 3, "objectives": 3, "evaluation": 3, "generation": 3, "rollout_backends": 3,
+    "module": 4,
+    "callbacks": 5, "config": 5, "build": 5,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -153,6 +164,25 @@ def test_a_cycle_is_reported_with_its_imports():
     graph = {"a": {"b": 3}, "b": {"c": 5}, "c": {"a": 7}, "d": {"a": 1}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def _layer(name: str) -> int:
+    if name == PACKAGE:
+        return max(LAYERS.values()) + 1  # the public API re-exports everything
+    top = name.split(".")[1]
+    assert top in LAYERS, f"{name} has no layer: add {top!r} to LAYERS here and to the list in docs/concepts.md"
+    return LAYERS[top]
+
+
+def test_imports_point_down_the_layers():
+    graph = _graph()
+    for name in graph:
+        _layer(name)  # every module has a layer
+    offending = [f"{_modules()[name].relative_to(ROOT.parent)}:{line} imports {target} "
+                 f"(layer {_layer(target)}, above its own layer {_layer(name)})"
+                 for name, edges in sorted(graph.items()) for target, line in sorted(edges.items(), key=lambda e: e[1])
+                 if _layer(target) > _layer(name)]
+    assert not offending, "imports from a layer above (see docs/concepts.md):\n" + "\n".join(offending)
 
 
 def test_no_import_cycles():
