@@ -6,18 +6,20 @@ Sign convention everywhere: `beta=0` is the forward KL(T||S) = sum_v T(v) (log T
 
 from lightning_sd.callbacks import (
     AtomicCheckpointIO,
+    ContinualEvaluation,
     PeriodicEvaluation,
     RngState,
     SampleTable,
     TokenView,
     TrainingProgressBar,
+    continual_metrics,
 )
-from lightning_sd.continual import ContinualEvaluation, continual_metrics
 from lightning_sd.contexts import TEMPLATES, RowView, template_context
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.sequence import SequentialTasksDataModule
 from lightning_sd.data.tasks import get_task
 from lightning_sd.evaluation import EvalResult, evaluate, kl_from_reference
+from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.generation import OnPolicyGeneration
 from lightning_sd.losses import (
     chunked_divergence,
@@ -31,7 +33,7 @@ from lightning_sd.losses import (
 )
 from lightning_sd.lora import apply_lora
 from lightning_sd.models import load_model
-from lightning_sd.module import SelfDistillationModule, completion_hidden, completion_logits
+from lightning_sd.module import SelfDistillationModule
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
 from lightning_sd.teachers import (

@@ -150,7 +150,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     from lightning_sd.data.sequence import SequentialTasksDataModule
 
     if isinstance(datamodule, SequentialTasksDataModule):  # accuracy matrix at every task boundary
-        from lightning_sd.continual import ContinualEvaluation
+        from lightning_sd.callbacks.continual import ContinualEvaluation
 
         callbacks.append(ContinualEvaluation(datamodule, run_dir=run_dir))
     if tr.enable_checkpointing and run_dir:

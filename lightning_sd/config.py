@@ -164,7 +164,6 @@ class EvalConfig:
     after: bool = True
     teacher: bool = True
     max_new_tokens: int = 64
-    batch_size: Optional[int] = None
 
 
 @dataclass

@@ -9,7 +9,8 @@ rollouts of the same prompt), which RL-feedback contexts need.
 
 `loss.template` names one of `TEMPLATE_NAMES` (the format strings of `TEMPLATES`, plus `sdpo`, the
 conditional RL-feedback context of `lightning_sd.methods.sdpo`) or is itself a format string over the
-record's fields. `build_context(...)` turns the loss options into the builder the module uses.
+record's fields. `lightning_sd.methods.build_context(...)` turns the loss options into the builder the module
+uses.
 """
 
 from __future__ import annotations
@@ -104,25 +105,4 @@ def check_template(template: str) -> None:
                          "string over the record's fields (e.g. '{prompt} Hint: {answer}')")
 
 
-def build_context(template: str, *, feedback: bool = True, strip_reasoning: bool = True,
-                  reason_first: bool = False) -> ContextBuilder:
-    """The teacher-context builder for the loss options: `template` (a name or a format string);
-    `feedback` / `strip_reasoning` configure `sdpo`; `reason_first` appends the teacher's generated
-    analysis (`RowView.extra["analysis"]`, see `lightning_sd.methods.reason_first`)."""
-    check_template(template)
-    if template == "sdpo":
-        from lightning_sd.methods.sdpo import sdpo_context
-
-        def builder(record: dict, row: RowView) -> str | None:
-            return sdpo_context(record, row, feedback=feedback, strip=strip_reasoning)
-    else:
-        builder = template_context(template)
-    if reason_first:
-        from lightning_sd.methods.reason_first import with_analysis
-
-        builder = with_analysis(builder)
-    return builder
-
-
-__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "RowView", "ContextBuilder", "template_context", "build_context",
-           "check_template"]
+__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "RowView", "ContextBuilder", "template_context", "check_template"]

@@ -2,10 +2,9 @@
 its weight reordered once into oneDNN's blocked layout.
 
 Why: a decode step multiplies a few rows (one new token per sequence) by every weight matrix, so it is bound by
-reading the weights. MKL's fp32 GEMM, which `F.linear` calls, reads them at ~9 GB/s for 8 rows on the 2-core
-dev machine; oneDNN's packed kernel at ~14 GB/s (30 layers of SmolLM2-135M: 48 -> 31 ms; its 49152 x 576
-output layer: 19 -> 5 ms; docs/performance.md). The weights stay fixed during one rollout, so the reorder
-(~0.26 s for 135M parameters) is paid once per rollout, not per token. The packed copies are dropped when the
+reading the weights, and oneDNN's packed kernel reads them faster than MKL's fp32 GEMM, which `F.linear` calls
+(measurements: docs/performance.md). The weights stay fixed during one rollout, so the reorder is paid once
+per rollout, not per token. The packed copies are dropped when the
 context exits; the module's own `forward` is restored.
 
 Only exact `nn.Linear` modules with a plain 2-D fp32 CPU weight are swapped (sharded FSDP/DTensor views, other

@@ -9,24 +9,19 @@
   sharded identically, which makes the EMA update shard-local).
 - `ema_update_(teacher_params, student_params, rate)`: `t <- (1 - rate) t + rate s` on whatever each rank
   holds: full tensors (single/DDP/ZeRO-2), FSDP shards (`use_orig_params=True`), ZeRO-3 partitions.
-- Rank-consistent decisions: `rank_consistent_uniform` (same number on every rank, no communication: GKD's
-  `lmbda` coin), `all_ranks(trainer, flag)` (a collective AND / OR), `global_sum(trainer, x)`.
+- Rank-consistent decisions: `all_ranks(trainer, flag)` (a collective AND / OR), `global_sum(trainer, x)`.
 
 Decoding lock-step (every rank runs the same number of decode steps until *all* ranks are done) lives in
-`generation.rollout_on`'s `keep_going`; see `docs/scaling.md`.
+`rollout.rollout_on`'s `keep_going`; see `docs/scaling.md`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import ExitStack, contextmanager
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-
-KINDS = ("single", "ddp", "fsdp", "deepspeed", "other")
-
 
 def strategy_kind(strategy) -> str:
     """Which family a Lightning strategy object belongs to (by class name, so DeepSpeed need not be installed)."""
@@ -164,7 +159,7 @@ def gathered_for_generation(trainer, network: nn.Module, enabled: bool = True) -
 
     With `enabled=False`, or under single-device / DDP / ZeRO-1-2, nothing is gathered: under FSDP / ZeRO-3 the
     sharded forward then fetches layer by layer at every decode step (slower, but needs memory for one layer, not
-    the model), which is correct because all ranks decode the same number of steps (`generation.rollout_on`).
+    the model), which is correct because all ranks decode the same number of steps (`rollout.rollout_on`).
     """
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if strategy is None:
@@ -220,17 +215,6 @@ def ema_update_(teacher_params: Iterable[torch.Tensor], student_params: Iterable
         torch._foreach_lerp_([t for t, _ in pairs], [s.to(t.dtype) for t, s in pairs], rate)
 
 
-# ---------------------------------------------------------------------------------------------- decisions
-
-
-def rank_consistent_uniform(*parts: int) -> float:
-    """A number in [0, 1) from integers (e.g. seed, epoch, batch index): identical on every rank by design,
-    with no communication. Use it for any random choice that changes control flow (GKD's on-policy
-    fraction `lmbda`: `rank_consistent_uniform(seed, epoch, batch_idx) < lmbda`)."""
-    digest = hashlib.sha256(("u," + ",".join(str(int(p)) for p in parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
-
-
 def world_size(trainer) -> int:
     return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
 
@@ -250,7 +234,7 @@ def global_sum(trainer, value: float, device: torch.device | None = None) -> flo
     return float(trainer.strategy.reduce(t, reduce_op="sum"))
 
 
-__all__ = ["KINDS", "strategy_kind", "zero_stage", "shards_parameters", "engine_owns_gradients",
+__all__ = ["strategy_kind", "zero_stage", "shards_parameters", "engine_owns_gradients",
            "decoder_layer_classes", "fsdp_wrap_policy", "fsdp_units", "fsdp_gathered", "zero3_gathered",
-           "gathered_for_generation", "ema_update_", "rank_consistent_uniform", "world_size", "all_ranks",
+           "gathered_for_generation", "ema_update_", "world_size", "all_ranks",
            "global_sum"]

@@ -11,7 +11,8 @@ import torch
 
 from lightning_sd.contexts import RowView
 from lightning_sd.data.prompts import encode_prompts, format_prompt
-from lightning_sd.generation import rollout_on, sampling_mode
+from lightning_sd.forward import completion_logits
+from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
 
 
@@ -28,19 +29,11 @@ class EvalResult:
         return asdict(self)
 
 
-def _decode(tokenizer, rollout) -> list[str]:
-    return tokenizer.batch_decode(
-        [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)],
-        skip_special_tokens=True)
-
-
 def _generate(module, network, prompt_ids, prompt_mask, sampling: SamplingConfig):
     trainer = module._trainer if getattr(module, "_trainer", None) is not None else None
     if trainer is not None:
         return rollout_on(trainer, module, network, prompt_ids, prompt_mask, sampling, sampling.seed)
     generator = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
-    from lightning_sd.generation import stop_ids
-
     with sampling_mode(network):
         return sample(network, prompt_ids, prompt_mask, sampling, pad_token_id=module.pad_token_id,
                       stop_token_ids=stop_ids(module.tokenizer, list(sampling.stop_token_ids or [])),
@@ -51,7 +44,7 @@ def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=N
     """Sample from `network` (default: the student) for the batch's prompts and verify with `module.task`."""
     rollout = _generate(module, network or module.student, batch["prompt_ids"].to(module.device),
                         batch["prompt_mask"].to(module.device), sampling)
-    texts = _decode(module.tokenizer, rollout)
+    texts = decode_completions(module.tokenizer, rollout)
     correct = []
     if module.task is not None:
         from lightning_sd.data.tasks.base import safe_verify
@@ -126,9 +119,7 @@ def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[st
     sum_v M(v) (log M(v) - log R(v)) is averaged over all completion tokens (mean) and per prompt.
 
     Returns `{"kl_mean": float, "kl_per_prompt": [float], "tokens": int}`; 0 when the two models are equal."""
-    from lightning_sd.generation import stop_ids
     from lightning_sd.losses import per_token_divergence
-    from lightning_sd.module import completion_logits
 
     pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     device, ref_device = next(model.parameters()).device, next(reference.parameters()).device

@@ -11,21 +11,13 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_sd.files import atomic_write_text
+
 
 def run_folder(trainer, pl_module=None) -> str:
     """Where a run's files go: the module's `run_dir` (set by `train.py`), else the trainer's root dir."""
     folder = getattr(pl_module, "run_dir", None) if pl_module is not None else None
     return folder or trainer.default_root_dir
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 class RunFolderCSVLogger(CSVLogger):
@@ -197,5 +189,5 @@ def finish_logger(logger) -> None:
         wandb.teardown()  # stops the W&B service process, which flushes the run files (offline runs too)
 
 
-__all__ = ["RunFolderCSVLogger", "atomic_write_text", "finish_logger", "log_config", "log_eval", "read_offline_run", "run_folder",
+__all__ = ["RunFolderCSVLogger", "finish_logger", "log_config", "log_eval", "read_offline_run", "run_folder",
            "wandb_logger", "wandb_run", "wandb_run_id"]

@@ -160,15 +160,5 @@ def ema_adapter_update_(model: nn.Module, rate: float, target: str = EMA_ADAPTER
                 torch._foreach_lerp_([d for d, _ in mine], [s.detach().to(d.dtype) for d, s in mine], rate)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Distinct parameter elements of a module (shared/tied parameters counted once)."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
 __all__ = ["TRAIN_ADAPTER", "EMA_ADAPTER", "LORA_KEYS", "is_peft", "lora_config", "apply_lora", "tuner_layers",
-           "adapter_parameters", "add_ema_adapter", "adapter_active", "ema_adapter_update_", "count_parameters"]
+           "adapter_parameters", "add_ema_adapter", "adapter_active", "ema_adapter_update_"]

@@ -19,17 +19,19 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_sd.contexts import ContextBuilder, RowView, build_context, template_context  # noqa: F401
+from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
+from lightning_sd.evaluation import generate_and_verify
+from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first,
                                  contrastive_target_logits, importance_weight, reduce_loss)
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
 from lightning_sd.losses.support import prepare_logits
-from lightning_sd.methods import (generate_analyses, group_advantages, is_dataset_rollout, nll_terms, on_policy_batch,
-                                  policy_gradient_terms, reference_rollout)
+from lightning_sd.methods import (build_context, generate_analyses, group_advantages, is_dataset_rollout, nll_terms,
+                                  on_policy_batch, policy_gradient_terms, reference_rollout)
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
-from lightning_sd.sampling import Rollout, SamplingConfig, position_ids_from_mask, sampler_token_logprobs
+from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
 
@@ -38,39 +40,6 @@ DIAGNOSTICS = ("no_signal_rows", "teacher_advantage", "teacher_advantage_std", "
 # averaged over the run into metrics.json (`diagnostics_summary`)
 SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len") + DIAGNOSTICS
 PROGRESS_BAR = ("loss", "divergence", "reward", "truncated", "teacher_advantage")
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def completion_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Logits `[R, C, V]` where position t scores completion token t; logits are computed only for the C
-    completion positions (`logits_to_keep`), never for the prompt. Prompts left-padded `[R, P]`.
-
-    The last completion token scores nothing, so it is not fed: the input is prompt + completion[:-1] and the
-    last C positions (the last prompt token, then completion tokens 0..C-2) give the C contiguous logit rows."""
-    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
-    c = completion_ids.size(1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                logits_to_keep=c, use_cache=False)
-    return out.logits
-
-
-def completion_hidden(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                      completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states `[R, C, H]` at the positions that score the completion tokens (for the
-    memory-bounded loss, which applies the output embedding chunk by chunk). Like `completion_logits`, the last
-    completion token is not fed."""
-    ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)
-    c = completion_ids.size(1)
-    out = _decoder(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                          use_cache=False)
-    return out.last_hidden_state[:, -c:]
 
 
 class SelfDistillationModule(LightningModule):
@@ -615,7 +584,7 @@ class SelfDistillationModule(LightningModule):
         """`optimizer.fused`: true/false as given; null (auto) fuses the update into one kernel per parameter when
         every parameter is a plain floating tensor on CPU or CUDA and no strategy shards parameters or owns the
         optimizer (FSDP, DeepSpeed). The for-loop AdamW that torch picks on CPU otherwise keeps per-parameter
-        temporaries and took 0.29 s a step for SmolLM2-135M on the dev machine (docs/performance.md)."""
+        temporaries and is much slower (measurements: docs/performance.md)."""
         fused = self.optimizer_cfg.get("fused")
         if fused is not None:
             return bool(fused)
@@ -691,8 +660,6 @@ class SelfDistillationModule(LightningModule):
         self.diagnostic_totals = {k: list(v) for k, v in state.get("diagnostic_totals", {}).items()}
 
     def validation_step(self, batch: dict, batch_idx: int):
-        from lightning_sd.evaluation import generate_and_verify
-
         result = generate_and_verify(self, batch, self.eval_sampling)
         if result["correct"]:
             self.val_accuracy(torch.tensor(result["correct"], dtype=torch.float32))

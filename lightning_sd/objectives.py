@@ -7,7 +7,7 @@ Sign convention (see docs/concepts.md): `beta=0` is the forward KL(T||S), `beta=
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -69,7 +69,6 @@ class LossConfig:
     strip_reasoning: bool = True
     nonfinite: str = "skip"
     nonfinite_limit: int | None = 10
-    extra: dict = field(default_factory=dict)
 
     @property
     def needs_teacher(self) -> bool:

@@ -125,10 +125,10 @@ def _make_cache(model):
 
 def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row from the distribution `exp(logp)`, `logp` `[R, V]` (normalized log-probs, -inf allowed)
-    -> `[R]` long. Inverse CDF with one uniform per row (cumulative sums in float64): `torch.multinomial` draws
-    V exponentials per row, ~9 ms for 8 x 49152 on the CPU dev machine (~8% of a decode step), this ~1 ms. An
-    entry of probability 0 is never drawn: u is in (0, 1], and the first index whose cumulative sum reaches
-    u * total has mass > 0."""
+    -> `[R]` long. Inverse CDF with one uniform per row (cumulative sums in float64), cheaper than
+    `torch.multinomial`, which draws V exponentials per row (measurements: docs/performance.md). An entry of
+    probability 0 is never drawn: u is in (0, 1], and the first index whose cumulative sum reaches u * total
+    has mass > 0."""
     cdf = logp.exp().cumsum(-1, dtype=torch.float64)
     u = 1.0 - torch.rand(cdf.size(0), 1, generator=generator, dtype=torch.float64, device=cdf.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=cdf.size(-1) - 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_sd.module import completion_hidden, completion_logits
+from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.cpu_linear import onednn_available, onednn_linears
 from lightning_sd.sampling import SamplingConfig, position_ids_from_mask, sample
 

@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch import Callback, Trainer
 
 from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
-from lightning_sd.continual import ContinualEvaluation, continual_metrics, plot_matrix
+from lightning_sd.callbacks.continual import ContinualEvaluation, continual_metrics, plot_matrix
 from lightning_sd.data.records import DataError
 from lightning_sd.data.sequence import SequentialTasksDataModule, TaskSpec, check_sequence
 

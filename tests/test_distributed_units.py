@@ -112,14 +112,6 @@ def test_fsdp_wrap_policy_and_errors():
         D.decoder_layer_classes(torch.nn.Linear(2, 2))
 
 
-def test_rank_consistent_uniform_is_a_pure_function():
-    values = [D.rank_consistent_uniform(0, 0, i) for i in range(2000)]
-    assert values == [D.rank_consistent_uniform(0, 0, i) for i in range(2000)]
-    assert all(0.0 <= v < 1.0 for v in values)
-    assert abs(sum(values) / len(values) - 0.5) < 0.03
-    assert D.rank_consistent_uniform(1, 0, 0) != D.rank_consistent_uniform(0, 0, 0)
-
-
 def test_single_process_fallbacks():
     assert D.all_ranks(None, True) and not D.all_ranks(None, False)
     assert D.global_sum(None, 3.5) == 3.5

@@ -13,7 +13,8 @@ from conftest import make_batch
 
 from lightning_sd import SamplingConfig, SelfDistillationModule
 from lightning_sd.data.tasks.base import Verdict
-from lightning_sd.module import completion_hidden, completion_logits
+from lightning_sd.forward import completion_hidden, completion_logits
+from lightning_sd.rollout import decode_completions
 from lightning_sd.sampling import filter_logits, sample
 
 SETTINGS = [  # (temperature, top_k, top_p)
@@ -102,8 +103,7 @@ def test_every_loss_path_is_unchanged_by_weights_of_an_exact_sampler(tiny, recor
     model, tok = tiny
     batch, ro = rollout_from(model, tok, records, 0.7, 8, 0.95)
     batch["rollout"] = ro
-    batch["completion_text"] = tok.batch_decode(
-        [ids[m.bool()].tolist() for ids, m in zip(ro.completion_ids, ro.completion_mask)], skip_special_tokens=True)
+    batch["completion_text"] = decode_completions(tok, ro)
     batch["rewards"] = [float(len(t) % 2) for t in batch["completion_text"]]
     values = []
     for is_clip in (None, 1e6):

@@ -7,8 +7,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from lightning_sd.lora import (adapter_active, adapter_parameters, apply_lora, count_parameters,  # noqa: E402
-                               ema_adapter_update_)
+from lightning_sd.lora import adapter_active, adapter_parameters, apply_lora, ema_adapter_update_  # noqa: E402
 from lightning_sd.models import load_model  # noqa: E402
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
@@ -49,6 +48,11 @@ def test_frozen_teacher_is_base_model_with_adapters_off():
     t_logits = teacher.score(student, lambda net: net(input_ids=ids).logits)
     torch.testing.assert_close(t_logits, base_logits, rtol=0, atol=1e-6)
     assert (_logits(student, ids) - base_logits).abs().max() > 1e-3  # adapters back on afterwards
+
+
+def count_parameters(module) -> int:
+    """Distinct parameter elements (`parameters()` yields a shared/tied parameter once)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def test_no_second_copy_of_base_weights():

@@ -14,12 +14,12 @@ from conftest import make_batch
 from omegaconf import OmegaConf
 
 from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
-from lightning_sd.generation import rollout_on
+from lightning_sd.rollout import decode_completions, rollout_on
 from lightning_sd.methods import (group_advantages, on_policy_batch, policy_gradient_terms, reference_rollout,
                                   sdpo_context, strip_reasoning)
 from lightning_sd.methods.sdpo import SDPO_FEEDBACK, SDPO_INSTRUCTION, SDPO_SOLUTION
 from lightning_sd.contexts import RowView
-from lightning_sd.module import completion_logits
+from lightning_sd.forward import completion_logits
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout
 
@@ -46,9 +46,7 @@ def sampled_batch(module, tok, records, n=2, max_new_tokens=4):
     batch = make_batch(tok, records)
     batch["rollout"] = rollout_on(None, module, module.student, batch["prompt_ids"], batch["prompt_mask"],
                                   SamplingConfig(n=n, max_new_tokens=max_new_tokens), seed=0)
-    batch["completion_text"] = tok.batch_decode(
-        [r[m.bool()].tolist() for r, m in zip(batch["rollout"].completion_ids, batch["rollout"].completion_mask)],
-        skip_special_tokens=True)
+    batch["completion_text"] = decode_completions(tok, batch["rollout"])
     return batch
 
 
@@ -82,7 +80,7 @@ def test_self_critique_defaults_match_the_paper():
 
 
 def test_reason_first_puts_the_teachers_own_greedy_analysis_into_its_context(tiny, records):
-    from lightning_sd.generation import stop_ids
+    from lightning_sd.rollout import stop_ids
     from lightning_sd.methods.reason_first import ANALYSIS_PROMPT
     from lightning_sd.data.prompts import encode_prompts, format_prompt
     from lightning_sd.sampling import sample
@@ -436,7 +434,7 @@ def test_method_options_that_cannot_work_are_rejected_with_the_option_named():
 
 @pytest.mark.parametrize("name", ["sft", "grpo"])
 def test_memory_bounded_path_gives_the_same_loss_and_gradient(tiny, records, name):
-    from lightning_sd.module import completion_hidden
+    from lightning_sd.forward import completion_hidden
 
     model, tok = tiny
     torch.manual_seed(2)

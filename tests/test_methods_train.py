@@ -83,7 +83,7 @@ def override_values(name: str) -> dict:
             "chunk_size": 16, "lam": 1.0 if name == "grpo" else 0.5,
             "reason_first": name in DISTILLATION_NAMES, "reason_max_new_tokens": 9,
             "lmbda": 0.5 if name in DISTILLATION_NAMES else 1.0, "feedback": False, "strip_reasoning": False,
-            "nonfinite": "stop", "nonfinite_limit": 3, "extra": {"note": "x"},
+            "nonfinite": "stop", "nonfinite_limit": 3,
             "contrast": None}  # it does not combine with chunk_size: overridden on its own below
 
 
@@ -99,7 +99,7 @@ def test_contrast_can_be_overridden_on_every_distillation_variant(name):
 def test_every_loss_key_can_be_overridden_on_every_variant(name):
     values = override_values(name)
     assert set(values) | {"name"} == {f.name for f in fields(LossConfig)}  # a new key must be added here too
-    overrides = [f"loss.{k}={v}" for k, v in values.items() if k not in ("extra", "contrast")] + ["+loss.extra.note=x"]
+    overrides = [f"loss.{k}={v}" for k, v in values.items() if k != "contrast"]
     teacher = ["teacher.model.name_or_path=/some/folder"] if name == "on_policy_kd" else []
     typed = validate_config(composed(f"loss={name}", "data=arithmetic", "generation.n=2", *teacher, *overrides))
     loss = typed["loss"]

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from lightning_sd import OnPolicyGeneration, SamplingConfig, SelfDistillationModule
-from lightning_sd.generation import rollout_on
+from lightning_sd.rollout import rollout_on
 
 
 def loader(tok, records, batches: int = 1):
@@ -168,7 +168,7 @@ def test_ema_teacher_is_restored_from_checkpoint_and_frozen_is_not_saved(tiny, r
 
 
 def test_trust_region_teacher_interpolates_logits(tiny, records):
-    from lightning_sd.module import completion_logits
+    from lightning_sd.forward import completion_logits
 
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="trust_region", teacher_kwargs={"mix": 0.25})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_batch
 
-from lightning_sd.module import completion_logits
+from lightning_sd.forward import completion_logits
 from lightning_sd.objectives import token_logprobs
 from lightning_sd.sampling import SamplingConfig, filter_logits, sample
 

@@ -137,7 +137,7 @@ def test_teacher_topk_from_hidden_states_equals_from_logits(tiny, records):
     """With `loss.chunk_size` the module has hidden states, not logits: the alternatives must be the same."""
     from conftest import make_batch
 
-    from lightning_sd.generation import rollout_on
+    from lightning_sd.rollout import rollout_on
 
     model, tok = tiny
     batch = make_batch(tok, records[:2])

@@ -1,13 +1,14 @@
 """Callbacks and plugins for reliable, inspectable runs: atomic checkpoints (`AtomicCheckpointIO`), random
 states in checkpoints (`RngState`), per-token HTML views (`TokenView`), sample tables (`SampleTable`), a
-progress bar over optimizer steps (`TrainingProgressBar`) and verifier-failure counts (`FailureCounters`) and learning curves
-(`PeriodicEvaluation`).
+progress bar over optimizer steps (`TrainingProgressBar`), verifier-failure counts (`FailureCounters`),
+learning curves (`PeriodicEvaluation`) and the continual-learning accuracy matrix (`ContinualEvaluation`).
 
 `build_callbacks(...)` turns the `callbacks` config group (plus `logger.log_samples_every`) into them."""
 
 from __future__ import annotations
 
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from lightning_sd.callbacks.continual import ContinualEvaluation, continual_metrics
 from lightning_sd.callbacks.counters import FailureCounters
 from lightning_sd.callbacks.periodic_eval import PeriodicEvaluation
 from lightning_sd.callbacks.progress import TrainingProgressBar
@@ -38,5 +39,6 @@ def build_callbacks(c, log_samples_every: int | None = None,
     return first, last, plugins
 
 
-__all__ = ["AtomicCheckpointIO", "FailureCounters", "PeriodicEvaluation", "RngState", "RunCheckpoint", "SampleTable", "TokenView", "TrainingProgressBar",
-           "atomic_torch_save", "build_callbacks"]
+__all__ = ["AtomicCheckpointIO", "ContinualEvaluation", "FailureCounters", "PeriodicEvaluation", "RngState",
+           "RunCheckpoint", "SampleTable", "TokenView", "TrainingProgressBar", "atomic_torch_save", "build_callbacks",
+           "continual_metrics"]

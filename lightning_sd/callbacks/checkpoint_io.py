@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TMP_TAG = ".tmp-"
+from lightning_sd.files import TMP_TAG, temp_path
+
 INTEGRITY_KEY = "integrity"
 FORMAT = 1
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
@@ -61,12 +62,6 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def temp_path(path: str | os.PathLike) -> Path:
-    """Where `path` is staged while it is written: `.<name>.tmp-<pid>` in the same folder."""
-    path = Path(path)
-    return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -253,4 +248,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_torch_save", "check_checkpoint", "nonfinite_values",
-           "payload_digest", "remove_stale_temps", "seal", "temp_path", "verify_checkpoint"]
+           "payload_digest", "remove_stale_temps", "seal", "verify_checkpoint"]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from lightning_sd.logging_utils import atomic_write_text, run_folder, wandb_run
+from lightning_sd.files import atomic_write_text
+from lightning_sd.logging_utils import run_folder, wandb_run
 from lightning_sd.token_view import describe_diagnostics, render_html, rows_from_batch
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_sd.files import atomic_open
+
 # Fields that must be strings when present (`answer` may also be a JSON number: verifiers use str(answer)).
 STRING_FIELDS = ("prompt", "solution", "id", "task")
 
@@ -103,10 +105,7 @@ def load_jsonl(path: str | os.PathLike, *, required: Sequence[str] = ("prompt",)
 def save_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write records one per line (UTF-8, non-ASCII kept); the file appears atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path

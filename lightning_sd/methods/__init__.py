@@ -6,6 +6,7 @@
 - `kd`: on-policy KD's per-batch on-policy/dataset choice (`lmbda`), identical on every rank.
 - `reason_first`: the self-critique teacher's generated analysis of the reference solution.
 - `requirements`: what each loss needs from the other config groups.
+- `teacher_context`: `build_context`, the teacher-context builder for the loss options.
 
 The loss options themselves (defaults, templates) are `conf/loss/*.yaml`; `docs/methods.md` explains them.
 """
@@ -16,7 +17,8 @@ from lightning_sd.methods.reason_first import generate_analyses, with_analysis
 from lightning_sd.methods.requirements import check_method
 from lightning_sd.methods.sdpo import sdpo_context, strip_reasoning, successful_sibling
 from lightning_sd.methods.sft import is_dataset_rollout, nll_terms, reference_rollout
+from lightning_sd.methods.teacher_context import build_context
 
 __all__ = ["group_advantages", "policy_gradient_terms", "on_policy_batch", "generate_analyses", "with_analysis",
-           "check_method", "sdpo_context", "strip_reasoning", "successful_sibling", "is_dataset_rollout", "nll_terms",
-           "reference_rollout"]
+           "check_method", "build_context", "sdpo_context", "strip_reasoning", "successful_sibling",
+           "is_dataset_rollout", "nll_terms", "reference_rollout"]

@@ -9,7 +9,7 @@ hang the collectives of the decode loop).
 
 from __future__ import annotations
 
-from lightning_sd.generation import derive_seed
+from lightning_sd.rollout import derive_seed
 
 _SALT = 0x6B64  # separates this stream from the sampling seeds derived from the same integers
 

@@ -14,7 +14,8 @@ import torch
 
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, format_prompt
-from lightning_sd.sampling import SamplingConfig
+from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
+from lightning_sd.sampling import SamplingConfig, sample
 
 ANALYSIS_PROMPT = (
     "{prompt}\n\nA reference solution to this problem:\n<reference>\n{solution}\n</reference>\n\n"
@@ -41,9 +42,6 @@ def with_analysis(builder: ContextBuilder) -> ContextBuilder:
 def generate_analyses(module: Any, records: list[dict], max_new_tokens: int) -> list[str]:
     """One greedy analysis per record, sampled from the teacher's weights under the trainer's precision
     (and in lock-step across ranks when a trainer is attached)."""
-    from lightning_sd.generation import rollout_on, sampling_mode, stop_ids
-    from lightning_sd.sampling import sample
-
     texts = []
     for i, rec in enumerate(records):
         if rec.get("solution") is None:
@@ -64,9 +62,7 @@ def generate_analyses(module: Any, records: list[dict], max_new_tokens: int) -> 
             with sampling_mode(net):
                 rollout = sample(net, ids, mask, config, pad_token_id=module.pad_token_id,
                                  stop_token_ids=stop_ids(module.tokenizer))
-    return module.tokenizer.batch_decode(
-        [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)],
-        skip_special_tokens=True)
+    return decode_completions(module.tokenizer, rollout)
 
 
 __all__ = ["ANALYSIS_PROMPT", "ANALYSIS_SECTION", "with_analysis", "generate_analyses"]

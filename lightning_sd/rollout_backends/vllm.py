@@ -131,7 +131,7 @@ def sampling_params_kwargs(config: SamplingConfig, seed: int, stop_token_ids: Se
 
 
 class VllmBackend:
-    """A colocated vLLM engine per rank. `rollout(...)` has the signature `generation.rollout_on` calls.
+    """A colocated vLLM engine per rank. `rollout(...)` has the signature `rollout.rollout_on` calls.
 
     Args: `model_path` (a local Hugging Face folder with the student's architecture and tokenizer), `tokenizer`,
     `dtype`, `gpu_memory_utilization` (the engine shares the GPU with training), `max_model_len`.
@@ -176,7 +176,7 @@ class VllmBackend:
     def rollout(self, trainer, pl_module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: SamplingConfig,
                 seed: int) -> Rollout:
         from lightning_sd.distributed import gathered_for_generation
-        from lightning_sd.generation import stop_ids
+        from lightning_sd.rollout import stop_ids
 
         step = int(getattr(trainer, "global_step", 0)) if trainer is not None else 0
         if self._synced_step != step:  # once per optimizer step, on every rank (a collective under FSDP / ZeRO-3)

@@ -67,9 +67,10 @@ def check_split(split: str, splits: tuple[str, ...] = ("train", "eval"), task: s
                            if split == "val" else ""))
 
 
-def stable_hash(text: str) -> int:
-    """A hash that is the same in every process (Python's `hash` of a str is salted per process)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+def stable_hash(text: str, byteorder: str = "big") -> int:
+    """A 64-bit hash that is the same in every process (Python's `hash` of a str is salted per process): the
+    first 8 bytes of the text's SHA-256, read in `byteorder`."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], byteorder)
 
 
 def split_of(key: str, eval_share: float = 0.2, val_share: float = 0.0) -> str:

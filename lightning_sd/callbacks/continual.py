@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 from lightning.pytorch import Callback
 
+from lightning_sd.files import atomic_write_text
+
 Matrix = Sequence[Sequence[float | None]]
 
 
@@ -42,10 +44,7 @@ def continual_metrics(matrix: Matrix) -> dict[str, float | None]:
 
 
 def save_json(path: str, results: dict) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2))
     return path
 
 
