@@ -231,7 +231,7 @@ def part_bench(strategy_name: str, gather: bool = True) -> dict:
     from lightning.pytorch import Callback
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_sd.generation import rollout_on
+    from lightning_sd.rollout import rollout_on
     from lightning_sd.models import byte_tokenizer
     from lightning_sd.module import SelfDistillationModule
     from lightning_sd.sampling import SamplingConfig

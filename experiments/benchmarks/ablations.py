@@ -169,7 +169,7 @@ def _no_grad(fn, **kw):
 
 
 def ablate_logits(model, tok, args) -> None:
-    from lightning_sd.module import completion_logits
+    from lightning_sd.forward import completion_logits
     from lightning_sd.sampling import position_ids_from_mask
 
     ids, mask, _, _, comp, cmask = batch(tok, args.batch, args.completion_len)
@@ -197,7 +197,7 @@ def ablate_logits(model, tok, args) -> None:
 
 
 def ablate_teacher(model, tok, args) -> None:
-    from lightning_sd.module import completion_logits
+    from lightning_sd.forward import completion_logits
 
     _, _, tids, tmask, comp, cmask = batch(tok, args.batch, args.completion_len)
     model.eval()
@@ -243,7 +243,7 @@ def ablate_loss(model, args) -> None:
 
 
 def ablate_bf16(model, tok, args) -> None:
-    from lightning_sd.module import completion_logits
+    from lightning_sd.forward import completion_logits
 
     ids, mask, _, _, comp, cmask = batch(tok, args.batch, args.completion_len)
     model.train()
