@@ -87,14 +87,24 @@ def test_every_option_composes_and_instantiates(group, option, tiny_folder, json
     Trainer(**kwargs, callbacks=run.callbacks, logger=build_logger(run.typed["logger"], str(tmp_path)))
 
 
-def test_every_option_of_a_group_has_the_same_keys():
+def option_keys(group: str, option: str) -> set[str]:
+    """The keys an option sets: its own, plus those of the options of the same group it starts from (a
+    `defaults` entry naming a sibling, as `trainer/gpu.yaml` starts from `trainer/cpu.yaml`)."""
     import yaml
 
+    data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    keys = {k for k in data if k != "defaults"}
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and (CONF / group / f"{entry}.yaml").is_file():
+            keys |= option_keys(group, entry)
+    return keys
+
+
+def test_every_option_of_a_group_has_the_same_keys():
     for group in [p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment"]:
         key_sets = {}
         for option in options(group):
-            data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
-            key_sets[option] = sorted(k for k in data if k != "defaults")
+            key_sets[option] = sorted(option_keys(group, option))
         first = next(iter(key_sets.values()))
         assert all(keys == first for keys in key_sets.values()), (group, key_sets)
 
