@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for scale-out (issue 7), for a machine with one CUDA GPU and no network.
+# GPU check for scale-out (DDP, FSDP, DeepSpeed, vLLM), for a machine with one CUDA GPU and no network.
 #   bash experiments/gpu_check.sh [--parts a,b] [--timeout SECONDS_PER_PART]
 # 1. installs the wheels carried in ./wheels (pip --no-index: never the network) and says what is still missing;
 # 2. runs experiments/gpu_check.py: every part in its own process with a time limit, one table at the end.
