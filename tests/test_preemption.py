@@ -234,3 +234,26 @@ def test_a_resumed_run_keeps_the_evaluation_before_training(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_before"] == json.loads(json.dumps(first["eval_before"], default=str))
     assert metrics["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_a_resume_hashes_its_checkpoint_once_and_a_file_changed_since_is_checked_again(tmp_path, monkeypatch):
+    """`train.py` verifies the checkpoint before Lightning loads it through the checkpoint IO: the load does not
+    hash the same unchanged file again; a file that changed after it was verified is verified again."""
+    from lightning_sd.callbacks import checkpoint_io
+    from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO
+
+    run_dir = tmp_path / "run"
+    run_train(BASE + ["trainer.max_steps=1"], run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    digests = []
+    real = checkpoint_io.payload_digest
+    monkeypatch.setattr(checkpoint_io, "payload_digest", lambda ckpt: digests.append(1) or real(ckpt))
+    assert resolve_ckpt_path("last", str(run_dir)) == str(last)
+    loaded = AtomicCheckpointIO().load_checkpoint(str(last))
+    assert len(digests) == 1 and loaded["global_step"] == 1
+
+    corrupt_tensor_bytes(last)
+    os.utime(last, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later write, whatever the clock's resolution
+    with pytest.raises(CheckpointError, match="damaged"):
+        AtomicCheckpointIO().load_checkpoint(str(last))
+    assert len(digests) == 2

@@ -204,9 +204,23 @@ def check_checkpoint(checkpoint: Any, path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Load the checkpoint at `path` and `check_checkpoint` it; returns it."""
+# file -> (size, mtime) of the checkpoints this process has verified: a resume verifies its checkpoint before
+# Lightning loads it, and the load then skips hashing the same unchanged file a second time
+_verified: dict[str, tuple[int, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def verify_checkpoint(path: str | os.PathLike, *, reuse: bool = False) -> dict:
+    """Load the checkpoint at `path` and `check_checkpoint` it; returns it. With `reuse`, a file this process
+    has already verified and that is unchanged since (same size and modification time) is only loaded."""
     path = Path(path)
+    key = str(path.resolve())
+    if reuse and path.is_file() and _verified.get(key) == _stamp(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
     if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 is a zip archive
         raise CheckpointError(f"{path}: not a checkpoint of this project (not a PyTorch checkpoint file at all); give "
                               "a run's checkpoints/last.ckpt, or ckpt_path=last hydra.run.dir=<run folder>")
@@ -217,7 +231,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: damaged: a PyTorch file that cannot be read ({type(err).__name__}: {str(err)[:200]}). Resume "
             "from the previous checkpoint (previous.ckpt in the same folder; ckpt_path=last does so by itself)"
         ) from None
-    return check_checkpoint(checkpoint, path)
+    checkpoint = check_checkpoint(checkpoint, path)
+    _verified[key] = _stamp(path)
+    return checkpoint
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -239,7 +255,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not _is_local(path):
             return check_checkpoint(super().load_checkpoint(path, map_location, weights_only), path)
-        checkpoint = verify_checkpoint(str(path)[len("file://"):] if str(path).startswith("file://") else path)
+        local_path = str(path)[len("file://"):] if str(path).startswith("file://") else path
+        checkpoint = verify_checkpoint(local_path, reuse=True)
         if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":  # else: kept on CPU
             from lightning.fabric.utilities.apply_func import move_data_to_device
 
