@@ -49,6 +49,13 @@ def completion_logprobs(model, prompt_ids: list[int], completion: list[int]) -> 
     return torch.log_softmax(logits, -1)
 
 
+def p_opens_with_digit(tok, first_logprobs: torch.Tensor) -> float:
+    """Probability that a reply opens with a number, from the log-probs `[V]` of its first token (the 50
+    likeliest tokens; the rest carry almost no mass)."""
+    top = first_logprobs.topk(50)
+    return sum(float(lp.exp()) for lp, t in zip(top.values, top.indices) if tok.decode([int(t)]).strip()[:1].isdigit())
+
+
 def probe(model, tok, records: list[dict], task, templates: list[str], samples: int, temperature: float,
           max_new_tokens: int) -> dict:
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -81,11 +88,7 @@ def probe(model, tok, records: list[dict], task, templates: list[str], samples: 
             kl_first.append(float(kl[0]))
             idx = torch.tensor(row["completion"])[:, None]
             adv[row["correct"]].append(float((teacher.gather(1, idx) - row["student"].gather(1, idx)).sum()))
-            with torch.no_grad():
-                first = model(torch.tensor([teacher_prompt])).logits[0, -1].double().softmax(-1)
-            top = first.topk(50)
-            opens_digit.append(sum(float(p) for p, t in zip(top.values, top.indices)
-                                   if tok.decode([int(t)]).strip()[:1].isdigit()))
+            opens_digit.append(p_opens_with_digit(tok, teacher[0]))
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         total = sum(kl_d) + sum(kl_o)
         out["templates"][name] = {
@@ -93,12 +96,7 @@ def probe(model, tok, records: list[dict], task, templates: list[str], samples: 
             "kl_first": mean(kl_first), "p_opens_with_digit": mean(opens_digit),
             "advantage_correct": mean(adv[True]), "advantage_wrong": mean(adv[False])}
         print(f"[teacher_probe] {name}: {out['templates'][name]}", flush=True)
-    with torch.no_grad():
-        firsts = [model(torch.tensor([encode(format_prompt(tok, r["prompt"]))])).logits[0, -1].softmax(-1)
-                  for r in records]
-    out["student_p_opens_with_digit"] = sum(
-        sum(float(p) for p, t in zip(f.topk(50).values, f.topk(50).indices) if tok.decode([int(t)]).strip()[:1].isdigit())
-        for f in firsts) / len(firsts)
+    out["student_p_opens_with_digit"] = sum(p_opens_with_digit(tok, r["student"][0]) for r in rows) / len(rows)
     return out
 
 

@@ -203,3 +203,19 @@ def test_the_result_tables_in_the_docs_are_up_to_date():
     import report
 
     assert report.main(["--check"]) == 0, "run python experiments/report.py"
+
+
+def test_teacher_probe_reports_zero_disagreement_for_the_students_own_prompt(tmp_path):
+    """The probe on the tiny model: the student's own prompt as the teacher context disagrees nowhere (every KL
+    and advantage exactly 0); a context with the answer in view does disagree; the table renders."""
+    import teacher_probe
+
+    result = teacher_probe.main(["--model", "tiny", "--problems", "2", "--samples", "2", "--max-new-tokens", "6",
+                                 "--templates", "student_prompt", "answer_note", "--out", str(tmp_path)])
+    own, note = result["templates"]["student_prompt"], result["templates"]["answer_note"]
+    for key in ("kl_digits", "kl_other", "kl_first", "advantage_wrong"):
+        assert own[key] in (0.0, None), (key, own[key])
+    assert note["kl_first"] > 0
+    assert own["p_opens_with_digit"] == pytest.approx(result["student_p_opens_with_digit"])
+    assert "| `answer_note` |" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["rollouts"] == 4
