@@ -63,8 +63,17 @@ def test_get_task_errors_and_split_check():
         get_task("arithmetic", steps=3)
     with pytest.raises(DataError, match=r"split='test' is not one of arithmetic's splits \('train', 'val', 'eval'\)"):
         get_task("arithmetic").records("test", 3)
-    with pytest.raises(DataError, match=r"split='val' is not one of fictional_facts's splits .*eval_split=val needs"):
-        get_task("fictional_facts").records("val", 3)
+    with pytest.raises(DataError, match=r"split='val' is not one of json_format's splits .*eval_split=val needs"):
+        get_task("json_format").records("val", 3)
+
+
+def test_facts_splits_ask_the_same_facts_with_disjoint_phrasings():
+    task = get_task("fictional_facts", n_facts=6, kinds=("capital", "profession", "hometown"), world_seed=3)
+    prompts = {split: {r["prompt"] for r in task.records(split, task.n_distinct(split))}
+               for split in ("train", "val", "eval")}
+    assert all(prompts[a].isdisjoint(prompts[b]) for a, b in [("train", "val"), ("train", "eval"), ("val", "eval")])
+    answers = {split: {r["answer"] for r in task.records(split, 6)} for split in ("train", "val", "eval")}
+    assert answers["train"] == answers["val"] == answers["eval"] == {f.answer for f in task.facts}
 
 
 # ------------------------------------------------------------------------------------------- arithmetic

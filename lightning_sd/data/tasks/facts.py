@@ -2,8 +2,9 @@
 (`RealCapitalsTask`).
 
 Each fact comes with a demonstration sentence in `solution` ("The capital of Veloria is Tarnfeld.") and
-its attribute in `answer`. Train and eval ask about the SAME facts with DIFFERENT phrasings, so eval
-measures recall of a fact that is not in the context, through a question never trained on. The verifier
+its attribute in `answer`. The train, val and eval splits ask about the SAME facts with DIFFERENT phrasings,
+so val (for tuning) and eval (the held-out test) measure recall of a fact that is not in the context, through
+a question never trained on. The verifier
 checks that the answer appears as a whole word (case-insensitive).
 """
 
@@ -24,17 +25,23 @@ class Fact:
     answer: str
 
 
-# kind -> (demonstration, train phrasings, held-out eval phrasings)
-PHRASINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+# kind -> (demonstration, {split: phrasings}); the three splits ask with disjoint phrasings: "train" is
+# trained on, "val" is for tuning, "eval" is the held-out test
+PHRASINGS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "capital": ("The capital of {e} is {a}.",
-                ("What is the capital of {e}?", "Which city is the capital of {e}?", "Name the capital of {e}."),
-                ("In which city is the government of {e} based?", "What city is {e}'s capital?")),
+                {"train": ("What is the capital of {e}?", "Which city is the capital of {e}?",
+                           "Name the capital of {e}."),
+                 "val": ("Tell me the capital city of {e}.", "Which city serves as the capital of {e}?"),
+                 "eval": ("In which city is the government of {e} based?", "What city is {e}'s capital?")}),
     "profession": ("{e} works as {art} {a}.",
-                   ("What is {e}'s profession?", "What does {e} do for a living?", "What is {e}'s occupation?"),
-                   ("What is {e}'s job?", "What kind of work does {e} do?")),
+                   {"train": ("What is {e}'s profession?", "What does {e} do for a living?",
+                              "What is {e}'s occupation?"),
+                    "val": ("What line of work is {e} in?", "How does {e} earn a living?"),
+                    "eval": ("What is {e}'s job?", "What kind of work does {e} do?")}),
     "hometown": ("{e} was born in {a}.",
-                 ("Where was {e} born?", "In which town was {e} born?", "What is {e}'s hometown?"),
-                 ("What is the birthplace of {e}?", "{e} was born in which town?")),
+                 {"train": ("Where was {e} born?", "In which town was {e} born?", "What is {e}'s hometown?"),
+                  "val": ("Which town is {e} from originally?", "Name the town where {e} was born."),
+                  "eval": ("What is the birthplace of {e}?", "{e} was born in which town?")}),
 }
 
 PROFESSIONS = ["baker", "astronomer", "beekeeper", "cartographer", "glassblower", "blacksmith", "librarian",
@@ -100,12 +107,13 @@ class FactsTask(Task):
     """Questions about a fixed list of facts; subclasses provide `self.facts`."""
 
     name = "facts"
+    splits = ("train", "val", "eval")
     facts: list[Fact]
     instruction: str = "Answer in one sentence."
 
     def n_distinct(self, split: str) -> int:
         check_split(split, self.splits, self.name)
-        return sum(len(PHRASINGS[f.kind][1 if split == "train" else 2]) for f in self.facts)
+        return sum(len(PHRASINGS[f.kind][1][split]) for f in self.facts)
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
         """Passes over all facts in a seeded order, each pass asking with the next phrasing of the split, so
@@ -117,8 +125,8 @@ class FactsTask(Task):
             p = len(out) // len(self.facts)
             for j in rng.sample(range(len(self.facts)), len(self.facts))[: n - len(out)]:
                 fact = self.facts[j]
-                demo, train_qs, eval_qs = PHRASINGS[fact.kind]
-                qs = train_qs if split == "train" else eval_qs
+                demo, phrasings = PHRASINGS[fact.kind]
+                qs = phrasings[split]
                 question = qs[(p + j) % len(qs)].format(e=fact.entity)
                 solution = demo.format(e=fact.entity, a=fact.answer, art=_article(fact.answer))
                 out.append({"prompt": f"{question} {self.instruction}".strip(), "solution": solution,
