@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,10 @@ from lightning_sd.methods import (build_context, generate_analyses, group_advant
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
 from lightning_sd.teachers import TeacherPolicy, build_teacher
+
+# The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
+# dropout in the teacher's scores. Lightning warns about any module in eval mode when training starts.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 # step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>
