@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lightning_sd.contexts import RowView
-from lightning_sd.data.prompts import encode_prompts, format_prompt
+from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.forward import completion_logits
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
@@ -67,7 +67,7 @@ def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]
         text = module.context(rec, RowView())
         ok.append(text is not None)
         texts.append(format_prompt(module.tokenizer, text if text is not None else rec["prompt"],
-                                   system=module.system_prompt))
+                                   system=record_system(rec, module.system_prompt)))
     return texts, ok
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_sd.contexts import ContextBuilder, RowView
-from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
@@ -182,7 +182,9 @@ class SelfDistillationModule(LightningModule):
             text = self.context(records[i], view)
             row_mask.append(text is not None)
             texts.append(text if text is not None else records[i]["prompt"])
-        formatted = [format_prompt(self.tokenizer, t, system=self.system_prompt) for t in texts]
+        formatted = [format_prompt(self.tokenizer, t, system=record_system(records[int(rollout.prompt_index[r])],
+                                                                           self.system_prompt))
+                     for r, t in enumerate(texts)]
         enc = encode_prompts(self.tokenizer, formatted, max_length=self.max_prompt_length,
                              truncation=self.truncation, pad_token_id=self.pad_token_id)
         device = rollout.completion_ids.device

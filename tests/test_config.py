@@ -58,6 +58,8 @@ def extra_overrides(group: str, option: str, tiny_folder: str, jsonl_file: str) 
         return [f"teacher.model.name_or_path={tiny_folder}", "teacher.model.tokenizer=null"]
     if group == "data" and option == "jsonl":
         return [f"data.train_file={jsonl_file}"]
+    if group == "data" and option == "hf":
+        return [f"data.path={ROOT / 'examples' / 'data' / 'gsm8k_style'}"]
     if group == "loss" and option == "on_policy_kd":
         return ["teacher=external", f"teacher.model.name_or_path={tiny_folder}"]
     return []
