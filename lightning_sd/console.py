@@ -63,8 +63,11 @@ def header_lines(cfg: Any, run_dir: str) -> list[str]:
 @contextmanager
 def eval_progress(label: str, total: int, enabled: bool = True) -> Iterator[Any]:
     """A progress bar over evaluation prompts (`total`, student and teacher passes together) showing tokens per
-    second; yields `advance(prompts, tokens)`. A no-op when `enabled` is false or nothing is evaluated."""
-    if not enabled or total <= 0:
+    second; yields `advance(prompts, tokens)`. A no-op when `enabled` is false, nothing is evaluated, or the
+    output is not a terminal (a log file would only get an empty line where the bar was)."""
+    from rich.console import Console
+
+    if not enabled or total <= 0 or not Console().is_terminal:
         yield lambda prompts, tokens: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

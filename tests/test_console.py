@@ -103,3 +103,21 @@ def test_summary_rows_show_before_after_gap_and_where_things_are(tmp_path):
     assert rows["steps"] == "7" and rows["tokens/s"] == "100 generated, 50 trained"
     assert rows["peak memory"] == "1.50 GiB (RAM)" and "token views" not in rows  # no token_views folder
     assert summary_table(metrics, str(tmp_path)).count("\n") == len(rows)
+
+
+def test_eval_progress_draws_prompts_and_tokens_per_second_on_a_terminal_only(monkeypatch, capsys):
+    from lightning_sd.console import eval_progress
+
+    with eval_progress("eval before", 4) as advance:  # captured output is not a terminal: nothing drawn
+        advance(2, 10)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with eval_progress("eval before", 4) as advance:
+        advance(2, 10)
+        advance(2, 10)
+    drawn = capsys.readouterr().out
+    assert "eval before" in drawn and "4/4" in drawn and "tok/s" in drawn
+    with eval_progress("eval before", 4, enabled=False) as advance:  # trainer.enable_progress_bar=false
+        advance(4, 10)
+    assert capsys.readouterr().out == ""
