@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from lightning_sd.config import sampling_config, validate_config
 from lightning_sd.generation import OnPolicyGeneration
-from lightning_sd.models import enable_activation_checkpointing, load_model
+from lightning_sd.models import enable_activation_checkpointing, load_model, require_chat_template
 from lightning_sd.sampling import SamplingConfig
 
 
@@ -149,6 +149,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     records = hf_records(d)  # data=hf: a missing column or split stops the run before the model is loaded
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)
+    require_chat_template(tokenizer, m.chat_template)  # before anything is formatted with it
     tr = typed["trainer"]
     if m.gradient_checkpointing or tr.gradient_checkpointing:
         enable_activation_checkpointing(student)
@@ -247,10 +248,9 @@ def check_data_files(typed: dict) -> None:
 
 def check_data(run: Run, source: str | None = None) -> None:
     """Start-up checks after `datamodule.setup()`, before any training: every record has the fields the
-    teacher's context template shows (non-empty), and a tokenizer without a chat template is reported."""
+    teacher's context template shows (non-empty), and the answer a verifier checks against."""
     d, loss, e = run.typed["data"], run.typed["loss"], run.typed["eval"]
     dm = run.datamodule
-    warn_if_no_chat_template(run.module.tokenizer)
     from lightning_sd.data.verifiers import check_answers
 
     check_answers(getattr(dm, "train_records", []), run.module.task, source or d.train_file or d.path or "train")

@@ -37,6 +37,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: Optional[dict] = None
+    chat_template: Optional[str] = None  # null: the tokenizer's; chatml; plain; a Jinja string or a file holding one
 
 
 @dataclass
@@ -187,6 +188,23 @@ class CallbacksConfig:
     progress_bar: str = "rich"
 
 
+MODEL_NAMES = ("smollm2_135m", "tiny", "hf")
+
+
+def check_external_teacher(model: dict | None) -> None:
+    """`teacher=external`: a built-in model name needs nothing more; `hf` needs a folder, hub id or GGUF file."""
+    if not model:
+        raise ConfigError("teacher=external needs teacher.model (e.g. teacher.model.name=smollm2_135m, or "
+                          "teacher.model.name=hf teacher.model.name_or_path=<folder>)")
+    name = model.get("name")
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"teacher.model.name={name!r} is not one of {list(MODEL_NAMES)}")
+    if name == "hf" and not model.get("name_or_path") and not model.get("gguf_file"):
+        raise ConfigError("teacher=external with teacher.model.name=hf needs teacher.model.name_or_path=<local folder "
+                          "or hub id> (or teacher.model.gguf_file=<path of a .gguf file>); a built-in teacher needs "
+                          "only teacher.model.name=smollm2_135m or tiny")
+
+
 def validate_data_sources(d: DataConfig) -> None:
     """The verifier builds (a known name, a valid pattern, an importable function) and the data=hf keys make
     sense; raises `ConfigError` naming the key."""
@@ -288,9 +306,8 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"teacher=ema needs teacher.rate in (0, 1], got {t.rate}")
     if t.kind == "trust_region" and (t.mix is None or not 0 <= t.mix <= 1):
         raise ConfigError(f"teacher=trust_region needs teacher.mix in [0, 1], got {t.mix}")
-    if t.kind == "external" and not t.model:
-        raise ConfigError("teacher=external needs teacher.model (e.g. teacher.model.name=hf "
-                          "teacher.model.name_or_path=<folder>)")
+    if t.kind == "external":
+        check_external_teacher(t.model)
     if loss.chunk_size and t.kind == "trust_region":
         raise ConfigError("loss.chunk_size is not supported with teacher=trust_region; set loss.chunk_size=null")
     warn_ignored_teacher_keys(t)
