@@ -197,3 +197,21 @@ def test_datasets_and_math_verify_are_imported_only_where_used():
             "print('datasets' in sys.modules, 'math_verify' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "rl_feedback"])
+def test_rl_methods_train_on_jsonl_data_with_rewards_from_data_verifier(loss, user_module, tmp_path):
+    from lightning.pytorch import Trainer
+    from test_config import ROOT, TINY, compose_cfg
+
+    from lightning_sd.build import build_run
+
+    user_module.always = lambda record, completion: (1.0, "fine")  # a random tiny model is never right otherwise
+    cfg = compose_cfg([o for o in TINY if not o.startswith("data.n_")] + [
+        "data=jsonl", f"data.train_file={ROOT / 'examples' / 'data' / 'capitals_train.jsonl'}", f"loss={loss}",
+        "generation.n=2", "trainer.max_steps=1", "+data.verifier._target_=my_checks.always",
+        "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false", "logger=none"])
+    run = build_run(cfg, run_dir=str(tmp_path))
+    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=False, enable_model_summary=False)
+    trainer.fit(run.module, datamodule=run.datamodule)
+    assert float(trainer.callback_metrics["train/reward"]) == 1.0  # the user function scored every rollout
