@@ -1,7 +1,8 @@
 """Train with on-policy self-distillation: `python train.py [group=option ...] [key=value ...]`.
 
-Prints the resolved config, evaluates the student (and the teacher with its privileged context) before and
-after training, trains, and writes `metrics.json` into the run folder.
+Prints a short header (the full config is in `<run folder>/.hydra/config.yaml`; `verbose=true` prints it),
+evaluates the student (and the teacher with its privileged context) before and after training, trains, writes
+`metrics.json` into the run folder and prints a summary table.
 """
 
 from __future__ import annotations
@@ -111,15 +112,34 @@ def interrupted_message(stop, run_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
+    from lightning_sd.console import header_lines, quiet_framework_warnings, tidy_framework_logging
+
+    tidy_framework_logging()
+    quiet_framework_warnings()
+    run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    if cfg.get("verbose"):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        print("\n".join(header_lines(cfg, run_dir)), flush=True)
+    try:
+        return train_and_evaluate(cfg, run_dir)
+    except BaseException as err:
+        if not cfg.get("verbose") and not isinstance(err, (KeyboardInterrupt, SystemExit)) and \
+                type(err).__name__ != "Interrupted":
+            print("The run stopped with an error; its config was:\n" + OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+        raise
+
+
+def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
+    """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary."""
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.callbacks.run_checkpoint import Interrupted
+    from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
     from lightning_sd.evaluation import evaluate
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval
 
-    run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-    print(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
@@ -141,7 +161,10 @@ def main(cfg: DictConfig) -> dict:
     def run_eval(tag: str) -> None:
         module.to(device)
         t0 = time.perf_counter()
-        result = evaluate(module, datamodule.val_dataloader(), with_teacher=e.teacher)
+        loader = datamodule.val_dataloader()
+        total = len(getattr(datamodule, "eval_records", None) or []) * (2 if e.teacher else 1)
+        with eval_progress(f"eval {tag}", total, enabled=run.typed["trainer"].enable_progress_bar) as advance:
+            result = evaluate(module, loader, with_teacher=e.teacher, progress=advance)
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
         if result.n == 0:
             print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
@@ -151,12 +174,14 @@ def main(cfg: DictConfig) -> dict:
         teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
         print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "
               f"{teacher}  (n={result.n}, mean completion {result.mean_completion_tokens:.1f} tokens, "
-              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+              f"{time.perf_counter() - t0:.1f} s)" + (f"  verifier failures {result.verifier_failures}"
+                                                      if result.verifier_failures else ""), flush=True)
 
     trainer = None
     if e.before and ckpt_path is None:
         run_eval("before")
-    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir)
+    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir,
+                      enable_model_summary=bool(cfg.get("verbose")))
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -175,11 +200,13 @@ def main(cfg: DictConfig) -> dict:
     if e.after:
         run_eval("after")
     metrics["total_seconds"] = time.perf_counter() - t_start
+    metrics["global_step"] = trainer.global_step
+    metrics["peak_memory_gib"] = peak_memory_gib()
     if trainer.global_rank != 0:  # under DDP every rank runs this script; rank 0 writes the results
         return metrics
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=str)
-    print(f"[done] {metrics['total_seconds']:.0f} s; metrics in {os.path.join(run_dir, 'metrics.json')}", flush=True)
+    print(summary_table(metrics, run_dir), flush=True)
     finish_logger(logger)
     return metrics
 

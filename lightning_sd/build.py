@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from lightning_sd.config import sampling_config, validate_config
 from lightning_sd.generation import OnPolicyGeneration
-from lightning_sd.models import enable_activation_checkpointing, load_model
+from lightning_sd.models import enable_activation_checkpointing, load_model, require_chat_template
 from lightning_sd.sampling import SamplingConfig
 
 
@@ -40,7 +40,26 @@ def build_teacher_policy(t, student, student_tokenizer):
     return build_teacher(t.kind, student, rate=t.rate, mix=t.mix, external_model=external)
 
 
-def build_datamodule(d, tokenizer, max_steps: int | None = None):
+def hf_records(d) -> tuple[list[dict], list[dict]] | None:
+    """`data=hf`: the (train, eval) records of `data.path`, loaded with `datasets`; None for other data."""
+    if d.path is None:
+        return None
+    from lightning_sd.data.hf import load_hf_records
+
+    return load_hf_records(d.path, d.split or "train", d.eval_split, d.name, d.num_proc, d.fields, d.format)
+
+
+def build_verifier_for(d, task):
+    """What checks completions: `data.verifier` when set (`none`: nothing), else the task's own verifier."""
+    if d.verifier is None:
+        return task
+    from lightning_sd.data.verifiers import build_verifier
+
+    return build_verifier(d.verifier, d.verifier_pattern)
+
+
+def build_datamodule(d, tokenizer, max_steps: int | None = None,
+                     records: tuple[list[dict], list[dict]] | None = None):
     from lightning_sd.data.datamodule import PromptDataModule
     from lightning_sd.data.sequence import SEQUENCE_TASK, SequentialTasksDataModule, check_sequence
 
@@ -51,6 +70,12 @@ def build_datamodule(d, tokenizer, max_steps: int | None = None):
             tokenizer, tasks=list(kw["tasks"]), probes=list(kw.get("probes") or []), steps_per_task=steps,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, n_train=d.n_train, n_eval=d.n_eval,
             max_prompt_length=d.max_prompt_length, truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt)
+    if records is not None or d.path is not None:  # data=hf
+        train, evals = records if records is not None else hf_records(d)
+        return PromptDataModule(
+            tokenizer=tokenizer, records=train, eval_records=evals or None, n_train=d.n_train, n_eval=d.n_eval,
+            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_prompt_length=d.max_prompt_length,
+            truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt)
     return PromptDataModule(
         tokenizer=tokenizer, task=d.task, task_kwargs=dict(d.task_kwargs or {}), train_file=d.train_file,
         eval_file=d.eval_file, n_train=d.n_train, n_eval=d.n_eval, batch_size=d.batch_size,
@@ -121,8 +146,10 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     typed = validate_config(cfg)
     check_data_files(typed)  # before the model is loaded
     m, d, t = typed["model"], typed["data"], typed["teacher"]
+    records = hf_records(d)  # data=hf: a missing column or split stops the run before the model is loaded
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)
+    require_chat_template(tokenizer, m.chat_template)  # before anything is formatted with it
     tr = typed["trainer"]
     if m.gradient_checkpointing or tr.gradient_checkpointing:
         enable_activation_checkpointing(student)
@@ -130,11 +157,11 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
         from lightning_sd.lora import apply_lora
 
         student = apply_lora(student, m.lora)
-    datamodule = build_datamodule(d, tokenizer, max_steps=tr.max_steps)
+    datamodule = build_datamodule(d, tokenizer, max_steps=tr.max_steps, records=records)
     teacher = build_teacher_policy(t, student, tokenizer)
     e = typed["eval"]
     module = SelfDistillationModule(
-        student, tokenizer, teacher=teacher, loss=typed["loss"], task=datamodule.task,
+        student, tokenizer, teacher=teacher, loss=typed["loss"], task=build_verifier_for(d, datamodule.task),
         optimizer=asdict(typed["optimizer"]), scheduler=asdict(typed["scheduler"]),
         max_prompt_length=d.max_prompt_length, truncation=d.truncation, system_prompt=d.system_prompt,
         eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=e.max_new_tokens), run_dir=run_dir)
@@ -221,13 +248,18 @@ def check_data_files(typed: dict) -> None:
 
 def check_data(run: Run, source: str | None = None) -> None:
     """Start-up checks after `datamodule.setup()`, before any training: every record has the fields the
-    teacher's context template shows (non-empty), and a tokenizer without a chat template is reported."""
+    teacher's context template shows (non-empty), and the answer a verifier checks against."""
     d, loss, e = run.typed["data"], run.typed["loss"], run.typed["eval"]
     dm = run.datamodule
-    warn_if_no_chat_template(run.module.tokenizer)
+    from lightning_sd.data.verifiers import check_answers
+
+    check_answers(getattr(dm, "train_records", []), run.module.task, source or d.train_file or d.path or "train")
+    if getattr(dm, "eval_records", None):
+        check_answers(dm.eval_records, run.module.task, d.eval_file or f"{d.path or 'eval'} (eval)")
     if not getattr(run.module, "needs_teacher", True):  # sft, grpo: no teacher context is built
         return
-    check_context_fields(getattr(dm, "train_records", []), loss.template, source or d.train_file or d.task or "train")
+    check_context_fields(getattr(dm, "train_records", []), loss.template,
+                         source or d.train_file or d.path or d.task or "train")
     if e.teacher and getattr(dm, "eval_records", None):
         check_context_fields(dm.eval_records, loss.template, d.eval_file or f"{d.task or 'eval'} (eval)")
 

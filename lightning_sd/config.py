@@ -37,6 +37,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: Optional[dict] = None
+    chat_template: Optional[str] = None  # null: the tokenizer's; chatml; plain; a Jinja string or a file holding one
 
 
 @dataclass
@@ -53,7 +54,15 @@ class DataConfig:
     truncation: str = "left"
     system_prompt: Optional[str] = None
     seed: int = 0
-    eval_split: str = "eval"  # "eval": held-out test; "val": validation split for tuning (tasks that have one)
+    eval_split: Optional[str] = "eval"  # tasks: "eval" (held-out test) or "val"; data=hf: a split name, or null
+    verifier: Any = None  # null: the task's own (none for files); a name of data/verifiers.py; or {_target_: ...}
+    verifier_pattern: Optional[str] = None  # verifier=regex: the pattern
+    path: Optional[str] = None  # data=hf: a local folder or data file, or a Hub dataset id
+    name: Optional[str] = None  # data=hf: the dataset's configuration name
+    split: Optional[str] = None  # data=hf: the train split
+    num_proc: Optional[int] = None  # data=hf: processes for loading and mapping
+    fields: Optional[dict] = None  # data=hf: {prompt, solution, answer, system, id} -> column names
+    format: Optional[dict] = None  # data=hf: {_target_: a function row -> record}, for rows a mapping cannot express
 
 
 @dataclass
@@ -179,6 +188,48 @@ class CallbacksConfig:
     progress_bar: str = "rich"
 
 
+MODEL_NAMES = ("smollm2_135m", "tiny", "hf")
+
+
+def check_external_teacher(model: dict | None) -> None:
+    """`teacher=external`: a built-in model name needs nothing more; `hf` needs a folder, hub id or GGUF file."""
+    if not model:
+        raise ConfigError("teacher=external needs teacher.model (e.g. teacher.model.name=smollm2_135m, or "
+                          "teacher.model.name=hf teacher.model.name_or_path=<folder>)")
+    name = model.get("name")
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"teacher.model.name={name!r} is not one of {list(MODEL_NAMES)}")
+    if name == "hf" and not model.get("name_or_path") and not model.get("gguf_file"):
+        raise ConfigError("teacher=external with teacher.model.name=hf needs teacher.model.name_or_path=<local folder "
+                          "or hub id> (or teacher.model.gguf_file=<path of a .gguf file>); a built-in teacher needs "
+                          "only teacher.model.name=smollm2_135m or tiny")
+
+
+def validate_data_sources(d: DataConfig) -> None:
+    """The verifier builds (a known name, a valid pattern, an importable function) and the data=hf keys make
+    sense; raises `ConfigError` naming the key."""
+    from lightning_sd.data.records import DataError
+    from lightning_sd.data.verifiers import build_verifier
+
+    try:
+        build_verifier(d.verifier, d.verifier_pattern)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if d.path is None:
+        return
+    from lightning_sd.data.hf import FIELDS
+
+    unknown = sorted(set(d.fields or {}) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"data.fields: unknown key(s) {unknown}; valid keys: {list(FIELDS)} (each maps to a column)")
+    if not (d.fields or {}).get("prompt") and not d.format:
+        raise ConfigError("data=hf needs data.fields.prompt (the prompt column) or data.format (a row formatter)")
+    if d.format is not None and "_target_" not in d.format:
+        raise ConfigError("data.format must be {_target_: package.module.function}, a function row -> record")
+    if d.num_proc is not None and d.num_proc < 1:
+        raise ConfigError(f"data.num_proc must be >= 1 or null, got {d.num_proc}")
+
+
 def validate_callbacks(c: CallbacksConfig) -> None:
     if c.token_view_every is not None and c.token_view_every < 1:
         raise ConfigError(f"callbacks.token_view_every must be >= 1 or null (off), got {c.token_view_every}")
@@ -255,9 +306,8 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"teacher=ema needs teacher.rate in (0, 1], got {t.rate}")
     if t.kind == "trust_region" and (t.mix is None or not 0 <= t.mix <= 1):
         raise ConfigError(f"teacher=trust_region needs teacher.mix in [0, 1], got {t.mix}")
-    if t.kind == "external" and not t.model:
-        raise ConfigError("teacher=external needs teacher.model (e.g. teacher.model.name=hf "
-                          "teacher.model.name_or_path=<folder>)")
+    if t.kind == "external":
+        check_external_teacher(t.model)
     if loss.chunk_size and t.kind == "trust_region":
         raise ConfigError("loss.chunk_size is not supported with teacher=trust_region; set loss.chunk_size=null")
     warn_ignored_teacher_keys(t)
@@ -269,9 +319,11 @@ def validate_config(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     d: DataConfig = typed["data"]
-    sources = [k for k in ("task", "train_file") if getattr(d, k)]
+    sources = [k for k in ("task", "train_file", "path") if getattr(d, k)]
     if len(sources) != 1:
-        raise ConfigError(f"data needs exactly one of data.task or data.train_file (got {sources or 'none'})")
+        raise ConfigError(f"data needs exactly one of data.task, data.train_file or data.path (data=hf) "
+                          f"(got {sources or 'none'})")
+    validate_data_sources(d)
     if d.truncation not in ("left", "error"):
         raise ConfigError(f"data.truncation={d.truncation!r} must be 'left' or 'error'")
     if d.batch_size < 1:

@@ -5,12 +5,13 @@ knows better, so the gap `teacher - student` is the first number to look at.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from lightning_sd.contexts import RowView
-from lightning_sd.data.prompts import encode_prompts, format_prompt
+from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.forward import completion_logits
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
@@ -24,6 +25,7 @@ class EvalResult:
     mean_completion_tokens: float
     n: int
     samples: list[dict] = field(default_factory=list)
+    verifier_failures: int = 0  # completions whose verifier raised or timed out (counted as wrong, warned by row id)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,15 +47,17 @@ def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=N
     rollout = _generate(module, network or module.student, batch["prompt_ids"].to(module.device),
                         batch["prompt_mask"].to(module.device), sampling)
     texts = decode_completions(module.tokenizer, rollout)
-    correct = []
+    correct, failures = [], 0
     if module.task is not None:
         from lightning_sd.data.tasks.base import safe_verify
 
         for r, text in enumerate(texts):
             verdict = safe_verify(module.task, batch["records"][int(rollout.prompt_index[r])], text)
+            failures += verdict is None
             correct.append(float(verdict is not None and verdict.reward >= 1.0))
     lengths = rollout.completion_mask.sum(-1).float().tolist()
-    return {"texts": texts, "correct": correct, "lengths": lengths, "prompt_index": rollout.prompt_index.tolist()}
+    return {"texts": texts, "correct": correct, "lengths": lengths, "prompt_index": rollout.prompt_index.tolist(),
+            "failures": failures}
 
 
 def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]:
@@ -63,21 +67,26 @@ def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]
         text = module.context(rec, RowView())
         ok.append(text is not None)
         texts.append(format_prompt(module.tokenizer, text if text is not None else rec["prompt"],
-                                   system=module.system_prompt))
+                                   system=record_system(rec, module.system_prompt)))
     return texts, ok
 
 
 @torch.no_grad()
 def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_teacher: bool = True,
-             keep_samples: int = 8) -> EvalResult:
+             keep_samples: int = 8, progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Accuracy of the student and of the teacher-with-context over `batches` (an iterable of data-module
-    batches). Greedy by default."""
+    batches). Greedy by default. `progress(prompts, tokens)` is called after each generation (student, then
+    teacher) with the prompts it covered and the tokens it generated."""
     sampling = sampling or module.eval_sampling
     student_correct, teacher_correct, lengths, samples = [], [], [], []
+    failures = 0
     for batch in batches:
         out = generate_and_verify(module, batch, sampling)
         student_correct += out["correct"]
         lengths += out["lengths"]
+        failures += out["failures"]
+        if progress is not None:
+            progress(len(batch["records"]), int(sum(out["lengths"])))
         if with_teacher:
             texts, ok = teacher_prompts(module, batch["records"])
             enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length,
@@ -86,6 +95,9 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
                 t_out = generate_and_verify(module, {"prompt_ids": enc.ids, "prompt_mask": enc.mask,
                                                      "records": batch["records"]}, sampling, network=net)
             teacher_correct += [c for c, r in zip(t_out["correct"], [ok[i] for i in t_out["prompt_index"]]) if r]
+            failures += t_out["failures"]
+            if progress is not None:
+                progress(len(batch["records"]), int(sum(t_out["lengths"])))
         for i, text in enumerate(out["texts"][: max(0, keep_samples - len(samples))]):
             rec = batch["records"][out["prompt_index"][i]]
             samples.append({"prompt": rec["prompt"], "completion": text,
@@ -95,7 +107,8 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
     teacher_acc = sum(teacher_correct) / len(teacher_correct) if teacher_correct else None
     return EvalResult(student_accuracy=student_acc, teacher_accuracy=teacher_acc,
                       gap=None if teacher_acc is None else teacher_acc - student_acc,
-                      mean_completion_tokens=sum(lengths) / max(len(lengths), 1), n=n, samples=samples)
+                      mean_completion_tokens=sum(lengths) / max(len(lengths), 1), n=n, samples=samples,
+                      verifier_failures=failures)
 
 
 GENERAL_PROMPTS: tuple[str, ...] = (

@@ -125,6 +125,46 @@ def tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_hea
     return model.to(dtype)
 
 
+CHAT_TEMPLATE_FALLBACKS = ("chatml", "plain")  # model.chat_template values that are not a template or a file
+
+
+def set_chat_template(tokenizer: Any, option: str | None) -> None:
+    """Apply `model.chat_template`: None keeps the tokenizer's own; `chatml` sets the ChatML template; `plain`
+    removes any template (prompts become plain text, `<prompt>\\n`); a file path sets the Jinja template it
+    holds; any other string containing `{{` or `{%` is the Jinja template itself. Raises `ModelLoadError`."""
+    if option is None:
+        return
+    if option == "plain":
+        tokenizer.chat_template = None
+    elif option == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif os.path.isfile(option):
+        tokenizer.chat_template = Path(option).read_text()
+    elif "{{" in option or "{%" in option:
+        tokenizer.chat_template = option
+    else:
+        raise ModelLoadError(f"model.chat_template={option!r} is not a file, a Jinja template (with {{{{ or {{%), "
+                             f"nor one of {list(CHAT_TEMPLATE_FALLBACKS)}")
+    if tokenizer.chat_template:
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - jinja2's syntax and rendering errors alike
+            raise ModelLoadError(f"model.chat_template: the template does not render a user message: "
+                                 f"{type(err).__name__}: {err}") from None
+
+
+def require_chat_template(tokenizer: Any, option: str | None, key: str = "model.chat_template") -> None:
+    """Raise `ModelLoadError` naming `key` when the tokenizer has no chat template and plain-text prompts were
+    not asked for (`plain`)."""
+    if getattr(tokenizer, "chat_template", None) or option == "plain":
+        return
+    raise ModelLoadError(
+        f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, so prompts cannot be formatted "
+        f"as chat turns. Set {key}=<a Jinja template string or a file holding one> (the model's own, from its "
+        f"model card), {key}=chatml (the ChatML template), or {key}=plain for plain-text prompts ('<prompt>\\n', "
+        "the same on the student's and the teacher's side; fine for base models)")
+
+
 def load_model(
     name: str = "smollm2_135m",
     *,
@@ -139,14 +179,18 @@ def load_model(
     intermediate_size: int | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
     **_unused: Any,
 ):
     """Load `(model, tokenizer)`.
 
     - `name="smollm2_135m"`: the embedded SmolLM2-135M-Instruct (see `smollm2_folder`).
-    - `name="hf"`: `name_or_path` is a hub id or local folder (`gguf_file` for a GGUF inside it).
+    - `name="hf"`: `name_or_path` is a hub id or local folder (`gguf_file` for a GGUF inside it, or the path of a
+      GGUF file, whose folder is then the `name_or_path`).
     - `name="tiny"`: random Llama (`hidden_size`, `num_layers`, ...) with `tokenizer="byte"` (default, in-process)
       or `tokenizer="smollm2"` (the real SmolLM2 tokenizer, 49152 ids) or a tokenizer path.
+
+    `chat_template` replaces the tokenizer's chat template (`set_chat_template`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,13 +204,20 @@ def load_model(
             tok = AutoTokenizer.from_pretrained(tokenizer)
         model = tiny_model(tok, hidden_size=hidden_size or 64, num_layers=num_layers or 2, num_heads=num_heads or 4,
                            intermediate_size=intermediate_size or 128, seed=seed, dtype=torch_dtype)
+        set_chat_template(tok, chat_template)
         return model, tok
     if name == "smollm2_135m":
         path = smollm2_folder(cache_dir)
         kwargs: dict[str, Any] = {}
     elif name == "hf":
+        if not name_or_path and gguf_file and os.path.isfile(gguf_file):  # a GGUF file given by its path
+            name_or_path, gguf_file = os.path.dirname(os.path.abspath(gguf_file)), os.path.basename(gguf_file)
         if not name_or_path:
-            raise ModelLoadError("model=hf needs model.name_or_path=<hub id or local folder>")
+            raise ModelLoadError("model=hf needs model.name_or_path=<hub id or local folder> (or model.gguf_file="
+                                 "<path of a .gguf file>)")
+        if gguf_file and os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, gguf_file)):
+            raise ModelLoadError(f"model.gguf_file={gguf_file!r} is not a file in model.name_or_path={name_or_path!r};"
+                                 f" GGUF files there: {sorted(p.name for p in Path(name_or_path).glob('*.gguf'))}")
         path = name_or_path
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     else:
@@ -180,6 +231,11 @@ def load_model(
             f"could not load model.name_or_path={path!r}: {err}. Give a local folder with config.json and weights "
             "(this machine may not reach the Hugging Face Hub)."
         ) from err
+    except ImportError as err:  # a GGUF needs the gguf package
+        raise ModelLoadError(f"loading model.gguf_file={gguf_file!r} needs `pip install gguf accelerate`: {err}") from err
+    if gguf_file and hasattr(model.config, "quantization_config"):  # transformers dequantized the GGUF on load
+        delattr(model.config, "quantization_config")
+    set_chat_template(tok, chat_template)
     return model, tok
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_sd.contexts import ContextBuilder, RowView
-from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
@@ -33,6 +34,10 @@ from lightning_sd.methods import (build_context, generate_analyses, group_advant
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
 from lightning_sd.teachers import TeacherPolicy, build_teacher
+
+# The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
+# dropout in the teacher's scores. Lightning warns about any module in eval mode when training starts.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 # step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>
@@ -177,7 +182,9 @@ class SelfDistillationModule(LightningModule):
             text = self.context(records[i], view)
             row_mask.append(text is not None)
             texts.append(text if text is not None else records[i]["prompt"])
-        formatted = [format_prompt(self.tokenizer, t, system=self.system_prompt) for t in texts]
+        formatted = [format_prompt(self.tokenizer, t, system=record_system(records[int(rollout.prompt_index[r])],
+                                                                           self.system_prompt))
+                     for r, t in enumerate(texts)]
         enc = encode_prompts(self.tokenizer, formatted, max_length=self.max_prompt_length,
                              truncation=self.truncation, pad_token_id=self.pad_token_id)
         device = rollout.completion_ids.device

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.data.records import DataError, load_jsonl, validate_records
 from lightning_sd.data.sampler import ResumableSampler
 from lightning_sd.data.tasks import Task, get_task
@@ -47,7 +47,7 @@ class PromptCollator:
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
 
     def __call__(self, records: list[dict]) -> dict[str, Any]:
-        texts = [format_prompt(self.tokenizer, r["prompt"], self.system_prompt) for r in records]
+        texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
         enc = encode_prompts(self.tokenizer, texts, max_length=self.max_prompt_length, truncation=self.truncation,
                              pad_token_id=self.pad_token_id, warn=False)  # setup() warned once for all records
         return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
@@ -164,7 +164,7 @@ class PromptDataModule(L.LightningDataModule):
     def _check_lengths(self, records: list[dict], source: str) -> None:
         if self.max_prompt_length is None:
             return
-        texts = [format_prompt(self.tokenizer, r["prompt"], self.system_prompt) for r in records]
+        texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         long = [i for i, n in enumerate(lengths) if n > self.max_prompt_length]
         if not long:

@@ -52,6 +52,12 @@ def format_prompt(tokenizer: Any, text: str, system: str | None = None) -> str:
     return (tokenizer.bos_token + body) if _adds_bos(tokenizer) else body
 
 
+def record_system(record: dict, default: str | None = None) -> str | None:
+    """The system prompt of a record: its own `system` field (a chat dataset's system message), else `default`
+    (`data.system_prompt`)."""
+    return record.get("system") or default
+
+
 def ensure_pad_token(tokenizer: Any) -> int:
     """The tokenizer's pad id. Without one, sets `tokenizer.pad_token = tokenizer.eos_token` (warning once:
     the next call finds it set); without either, raises `DataError`. Padding is always masked, so reusing

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lightning_sd.contexts import ContextBuilder, RowView
-from lightning_sd.data.prompts import encode_prompts, format_prompt
+from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
 
@@ -49,7 +49,7 @@ def generate_analyses(module: Any, records: list[dict], max_new_tokens: int) -> 
                              f"{rec.get('id', i)!r} has none")
         texts.append(format_prompt(module.tokenizer, ANALYSIS_PROMPT.format(prompt=rec["prompt"],
                                                                             solution=rec["solution"]),
-                                   system=module.system_prompt))
+                                   system=record_system(rec, module.system_prompt)))
     enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length, truncation=module.truncation,
                          pad_token_id=module.pad_token_id, warn=False)
     ids, mask = enc.ids.to(module.device), enc.mask.to(module.device)

@@ -13,10 +13,11 @@ def check_method(loss: Any, teacher: Any, generation: Any, data: Any) -> None:
     `loss` is a `LossConfig`; the others are the typed group configs (`teacher`, `generation`, `data`)."""
     policy_gradient = loss.name == "grpo" or (loss.name == "rl_feedback" and loss.lam > 0)
     uses_rewards = policy_gradient or loss.template == "sdpo"
-    if uses_rewards and not data.task:
+    verifier = getattr(data, "verifier", None)
+    if uses_rewards and (verifier == "none" or (not data.task and verifier is None)):
         raise ValueError(f"loss={loss.name} (template {loss.template!r}, lam={loss.lam}) learns from verifier rewards: "
-                         "pick a task with a verifier (data=arithmetic|facts|json_format, or data.task=...) "
-                         "instead of a plain data.train_file")
+                         "pick a task with a verifier (data=arithmetic|facts|json_format, or data.task=...) or set "
+                         "data.verifier (math, normalized, ...; docs/configuration.md)")
     if policy_gradient and generation.n < 2:  # a warning: every loss option must validate on its own
         warnings.warn(f"loss={loss.name} with loss.lam={loss.lam} normalizes rewards within each prompt's group, so "
                       f"with generation.n={generation.n} every advantage is 0 and the GRPO term learns nothing: set "
