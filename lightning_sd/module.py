@@ -29,8 +29,8 @@ from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, compl
                                  contrastive_target_logits, importance_weight, reduce_loss)
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
 from lightning_sd.losses.support import prepare_logits
-from lightning_sd.methods import (build_context, generate_analyses, group_advantages, is_dataset_rollout, nll_terms,
-                                  on_policy_batch, policy_gradient_terms, reference_rollout)
+from lightning_sd.methods import (Method, Step, generate_analyses, is_dataset_rollout, on_policy_batch,
+                                  reference_rollout)
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
 from lightning_sd.teachers import TeacherPolicy, build_teacher
@@ -55,8 +55,10 @@ class SelfDistillationModule(LightningModule):
         tokenizer: its tokenizer (chat template applied to student and teacher prompts alike).
         teacher: a `TeacherPolicy` or a kind (`live`, `frozen`, `ema`, `trust_region`); `teacher_kwargs`
             go to `build_teacher` (e.g. `rate=0.01`).
-        loss: a `LossConfig` or a dict of its keys.
-        context: a teacher-context builder `(record, RowView) -> str | None`; default formats `loss.template`.
+        loss: a `LossConfig` or a dict of its keys; `loss.name` (or `loss._target_`) selects the method.
+        method: a `Method` object to use instead of the one the loss options select.
+        context: a teacher-context builder `(record, RowView) -> str | None`; default: the method's
+            (`Method.context`, formatting `loss.template`).
         task: an object with `verify(record, completion) -> Verdict` used for rewards and evaluation.
         optimizer: dict `{name: adamw|sgd, lr, weight_decay, betas, eps}`; scheduler: dict
             `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`.
@@ -71,6 +73,7 @@ class SelfDistillationModule(LightningModule):
         teacher: TeacherPolicy | str = "frozen",
         teacher_kwargs: dict | None = None,
         loss: LossConfig | dict | None = None,
+        method: Method | None = None,
         context: ContextBuilder | None = None,
         task: Any = None,
         optimizer: dict | None = None,
@@ -92,9 +95,8 @@ class SelfDistillationModule(LightningModule):
         if self.loss_cfg.chunk_size and self.teacher.kind == "trust_region":
             raise ValueError("loss.chunk_size (memory-bounded loss) does not support teacher=trust_region: its "
                              "teacher logits are an interpolation; set loss.chunk_size=null")
-        self.context = context or build_context(self.loss_cfg.template, feedback=self.loss_cfg.feedback,
-                                                strip_reasoning=self.loss_cfg.strip_reasoning,
-                                                reason_first=self.loss_cfg.reason_first)
+        self.method = method if method is not None else self.loss_cfg.method()
+        self.context = context or self.method.context()
         self.task = task
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
                               "fused": None, **(optimizer or {})}
@@ -121,17 +123,17 @@ class SelfDistillationModule(LightningModule):
         self._last_step_seen = 0
         self._t_train_start = 0.0
 
-    # ------------------------------------------------------------------ method dispatch (loss.name)
+    # ------------------------------------------------------------------ what the method needs
     @property
     def needs_rollouts(self) -> bool:
-        """False for `sft`: it trains on the dataset's reference completions, so the generation callback
-        skips sampling."""
-        return self.loss_cfg.name != "sft"
+        """False for a method that trains on the dataset's reference completions (`sft`): the generation
+        callback skips sampling."""
+        return self.method.samples
 
     @property
     def needs_teacher(self) -> bool:
-        """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher forward is run."""
-        return self.loss_cfg.needs_teacher
+        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `lam=1`): no teacher forward."""
+        return self.method.needs_teacher
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
         """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration`). With
@@ -226,18 +228,26 @@ class SelfDistillationModule(LightningModule):
         (a GRPO row with zero advantage counts in `mask` but not here); an optimizer step whose global count of
         signal tokens is zero is skipped."""
         rollout: Rollout = batch["rollout"]
-        cfg = self.loss_cfg
-        if cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam > 0):
-            return self._method_loss(student_out, teacher_out, batch, teacher_inputs)
-        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
-        per_token, mask = self._distillation(student_out, teacher_out, rollout, mask)
-        return self._reduce(per_token, mask)
+        step = Step(rollout=rollout, records=batch["records"], rewards=batch.get("rewards"),
+                    mask=self.trainable_mask(rollout), row_mask=teacher_inputs["row_mask"],
+                    logprobs=lambda: self._student_logprobs(student_out, rollout),
+                    distillation=lambda mask: self._distillation(student_out, teacher_out, rollout, mask),
+                    _weights=lambda: self.importance_weights(student_out, rollout))
+        terms = self.method.terms(step)
+        return self._reduce(terms.per_token, terms.mask, signal=terms.signal)
 
-    def _distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor):
+    def trainable_mask(self, rollout: Rollout) -> torch.Tensor:
+        """`[R, C]` the completion tokens that may train: `completion_mask` without the first `loss.skip_first`
+        tokens of each row (the one place `skip_first` is applied)."""
+        mask, skip = rollout.completion_mask, self.loss_cfg.skip_first
+        return completion_mask_skip_first(mask, skip) if skip else mask
+
+    def _distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor) -> torch.Tensor:
+        """`[R, C]` per-token divergence on `mask` (already without `skip_first`), times the importance weights."""
         if self.loss_cfg.chunk_size:
             return self._chunked_terms(student_out, teacher_out, rollout, mask)
         return distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, self.loss_cfg,
-                                  is_weight=self.importance_weights(student_out, rollout))
+                                  is_weight=self.importance_weights(student_out, rollout))[0]
 
     def importance_weights(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
         """`[R, C]` detached token-level importance weights `min(exp(log S(y) - log S_sampler(y)), loss.is_clip)`,
@@ -276,41 +286,8 @@ class SelfDistillationModule(LightningModule):
                                             rollout.completion_ids[keep], cfg.chunk_size, cfg.temperature)
         return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
 
-    def _method_loss(self, student_out, teacher_out, batch: dict, teacher_inputs: dict) -> dict:
-        """`sft`: cross-entropy on the reference completion. `grpo`: group-normalized policy gradient.
-        `rl_feedback` with `lam > 0`: `lam * GRPO + (1 - lam) * SDPO distillation`, each term on its own mask
-        (GRPO: rows with a reward; SDPO: rows with a sibling solution or feedback), normalized over their union."""
-        rollout: Rollout = batch["rollout"]
-        cfg = self.loss_cfg
-        base = rollout.completion_mask
-
-        def skip(m: torch.Tensor) -> torch.Tensor:
-            return completion_mask_skip_first(m, cfg.skip_first) if cfg.skip_first else m
-
-        logp = self._student_logprobs(student_out, rollout)
-        if cfg.name == "sft":
-            return self._reduce(nll_terms(logp), skip(base))
-        if batch.get("rewards") is None:
-            raise RuntimeError(f"loss={cfg.name} needs verifier rewards in the batch: give the module a task "
-                               "(data.task=..., or SelfDistillationModule(task=...)) and train with OnPolicyGeneration")
-        n = rollout.completion_ids.size(0) // len(batch["records"])
-        advantages, has_reward = group_advantages(batch["rewards"], n)
-        pg_mask = skip(base * has_reward.to(base.device, base.dtype)[:, None])
-        pg_signal = pg_mask.bool() & (advantages != 0).to(base.device)[:, None]  # equal rewards: no signal
-        pg = policy_gradient_terms(logp, advantages, self.importance_weights(student_out, rollout))
-        if cfg.name == "grpo" or cfg.lam == 1.0:
-            return self._reduce(pg, pg_mask, signal=pg_signal)
-        sd, sd_mask = self._distillation(student_out, teacher_out, rollout,
-                                         base * teacher_inputs["row_mask"][:, None].to(base.dtype))
-        zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
-        per_token = (cfg.lam * torch.where(pg_mask.bool(), pg, zero)
-                     + (1.0 - cfg.lam) * torch.where(sd_mask.bool(), sd.to(pg.dtype), zero))
-        return self._reduce(per_token, (pg_mask.bool() | sd_mask.bool()).to(base.dtype),
-                            signal=pg_signal | sd_mask.bool())
-
     def _chunked_terms(self, student_h, teacher_h, rollout, mask):
         cfg = self.loss_cfg
-        mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
         keep = mask.bool()
         t_weight = self.teacher_output_weight()
         s_weight = self._output_weight(self.student)
@@ -321,8 +298,7 @@ class SelfDistillationModule(LightningModule):
         if weights is not None:
             values = values * weights[keep]
         per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        per_token = per_token.masked_scatter(keep, values)
-        return per_token, mask
+        return per_token.masked_scatter(keep, values)
 
     def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> dict:
         reduction = self.loss_cfg.reduction
@@ -465,8 +441,8 @@ class SelfDistillationModule(LightningModule):
         values = {"no_signal_rows": float((~out["signal"].any(-1)).float().mean())}
         if teacher_out is None:
             return values
-        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
-        keep = (completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask).bool()
+        mask = self.trainable_mask(rollout)
+        keep = (mask * teacher_inputs["row_mask"][:, None].to(mask.dtype)).bool()
         if not keep.any():
             return values
         advantage, clipped = self._token_diagnostics(student_out, teacher_out, rollout.completion_ids)
