@@ -120,7 +120,6 @@ class SelfDistillationModule(LightningModule):
         self._counted_batches = 0  # micro-batches of the current optimizer step that reached the loss
         self._step_was_empty = False
         self._warned_truncation = False
-        self._last_step_seen = 0
         self._t_train_start = 0.0
 
     # ------------------------------------------------------------------ what the method needs
@@ -344,10 +343,11 @@ class SelfDistillationModule(LightningModule):
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
         batch["diagnostics"] = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
-        if getattr(self, "keep_teacher_topk", 0) and teacher_out is not None:  # set by TokenView on the steps it shows
+        keep_topk = self.teacher_topk_requested()
+        if keep_topk and teacher_out is not None:
             from lightning_sd.token_view import teacher_topk
 
-            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, self.keep_teacher_topk)
+            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, keep_topk)
         if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)
             return self._nonfinite(batch, out)
         self.nonfinite_in_a_row = 0
@@ -362,6 +362,14 @@ class SelfDistillationModule(LightningModule):
             self._norm_count = 0.0
             return out["loss"] * self._trainer.world_size / max(global_sum(self._trainer, out["count"]), 1.0)
         return out["loss"]
+
+    def teacher_topk_requested(self) -> int:
+        """How many of the teacher's top alternatives per token this step keeps in `batch["loss_terms"]`: the
+        most any callback asks for (a callback's `wants_teacher_topk()`, e.g. `TokenView` on the steps it
+        renders); 0 without a trainer."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return max((int(cb.wants_teacher_topk()) for cb in callbacks if hasattr(cb, "wants_teacher_topk")),
+                   default=0)
 
     def _nonfinite(self, batch: dict, out: dict):
         self.nonfinite_steps += 1
@@ -505,10 +513,6 @@ class SelfDistillationModule(LightningModule):
             self.train_metrics["train_tokens_per_s"](tokens / max(seconds, 1e-9))
             self.log("train/train_tokens_per_s", self.train_metrics["train_tokens_per_s"], on_step=True,
                      on_epoch=False, batch_size=1)
-        if self.trainer.global_step != self._last_step_seen:  # an optimizer step happened in this batch
-            self._last_step_seen = self.trainer.global_step
-            if not self._step_was_empty:  # a step skipped for no signal: the teacher does not follow either
-                self.teacher.after_optimizer_step(self.student)
         self.log("train/empty_steps", float(self.empty_steps), on_step=True, on_epoch=False, batch_size=1)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -519,8 +523,21 @@ class SelfDistillationModule(LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not engine_owns_gradients(self.trainer.strategy):
             optimizer.zero_grad(set_to_none=True)
-        if self._step_was_empty:  # nothing was learned (the teacher will not follow either): counted
+        if not self._optimizer_stepped():
+            return
+        if self._step_was_empty:  # nothing was learned (the teacher does not follow either): counted
             self.empty_steps += 1
+        else:
+            # the teacher follows the student here, the one place it does: before any callback's
+            # on_train_batch_end (a checkpoint saved there holds the updated teacher) and the next rollout
+            self.teacher.after_optimizer_step(self.student)
+
+    def _optimizer_stepped(self) -> bool:
+        """Whether this call of `optimizer_step` ended an optimizer step (False only for the micro-batches of a
+        strategy that accumulates gradients itself, e.g. DeepSpeed, which calls the hook for every one)."""
+        should_accumulate = getattr(self.trainer.fit_loop, "_should_accumulate", None)
+        return not (self.trainer.strategy.handles_gradient_accumulation and should_accumulate is not None
+                    and should_accumulate())
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """The schedule advances with the optimizer steps that happened: not on a step skipped for no signal."""
@@ -610,25 +627,11 @@ class SelfDistillationModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        step = checkpoint.get("global_step", self._last_step_seen)
-        sharded = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        if step != self._last_step_seen and not sharded:
-            # ModelCheckpoint saves in the callbacks' on_train_batch_end, which runs before this module's (where
-            # the teacher follows the optimizer step): apply this step's teacher update now, once, so the
-            # checkpoint holds it and a resumed run does not miss it (on_train_batch_end then sees it done).
-            # Sharded weights (FSDP, ZeRO-3) were gathered into the checkpoint already: left as they are there.
-            # A step skipped for no signal has no teacher update.
-            self._last_step_seen = step
-            if not self._step_was_empty:
-                self.teacher.after_optimizer_step(self.student)
-            if self.teacher.persistent:
-                for key, value in self.teacher.state_dict(prefix="teacher.").items():
-                    if key in checkpoint["state_dict"]:
-                        checkpoint["state_dict"][key] = value.detach().clone()
+        # the teacher followed the last optimizer step in `optimizer_step`, before any checkpoint of that step
         if not self.teacher.persistent:  # frozen/external copies are rebuilt at start-up, not saved
             for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
                 del checkpoint["state_dict"][key]
-        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen,
+        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps,
                                       "nonfinite_in_a_row": self.nonfinite_in_a_row,
                                       "empty_steps": self.empty_steps, "warned_truncation": self._warned_truncation,
                                       "diagnostic_totals": {k: list(v) for k, v in self.diagnostic_totals.items()}}
@@ -637,7 +640,6 @@ class SelfDistillationModule(LightningModule):
         state = checkpoint.get("lightning_sd", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        self._last_step_seen = state.get("last_step_seen", 0)
         self.empty_steps = state.get("empty_steps", 0)
         self._warned_truncation = state.get("warned_truncation", False)
         self.diagnostic_totals = {k: list(v) for k, v in state.get("diagnostic_totals", {}).items()}
