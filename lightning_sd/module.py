@@ -1,6 +1,7 @@
 """`SelfDistillationModule`: the LightningModule that ties student, teacher policy, teacher context and
 objective together. Read `training_step` top to bottom: rollouts (put in the batch by the
-`OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> loss.
+`OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> the method's
+terms (`self.method`, a `lightning_sd.methods.Method`) -> reduce -> step. The batch's keys: `batch.StepBatch`.
 
 Shapes: R rollout rows (B prompts x n samples), P / P' student / teacher prompt lengths (left-padded),
 C completion length (right-padded), V vocabulary, H hidden size.
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
@@ -140,7 +142,7 @@ class SelfDistillationModule(LightningModule):
         batch_idx)` only, so every rank decides the same."""
         return self.needs_rollouts and on_policy_batch(self.loss_cfg.lmbda, seed, global_step, batch_idx)
 
-    def dataset_rollout(self, batch: dict) -> Rollout:
+    def dataset_rollout(self, batch: StepBatch) -> Rollout:
         """The batch's reference solutions as a `Rollout` (SFT, and on-policy KD's dataset batches)."""
         rollout = reference_rollout(batch["records"], batch["prompt_ids"], batch["prompt_mask"], self.tokenizer,
                                     pad_token_id=self.pad_token_id)
@@ -148,7 +150,7 @@ class SelfDistillationModule(LightningModule):
         return rollout
 
     # ------------------------------------------------------------------ hooks users override
-    def build_teacher_inputs(self, batch: dict, placebo: bool = False) -> dict:
+    def build_teacher_inputs(self, batch: StepBatch, placebo: bool = False) -> dict:
         """Teacher prompts for each rollout row: `{"prompt_ids": [R, P'], "prompt_mask": [R, P'],
         "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`.
 
@@ -196,13 +198,13 @@ class SelfDistillationModule(LightningModule):
         fn = completion_hidden if self.loss_cfg.chunk_size else completion_logits
         return lambda net: fn(net, prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask)
 
-    def student_forward(self, batch: dict) -> torch.Tensor:
+    def student_forward(self, batch: StepBatch) -> torch.Tensor:
         """Student scores of the rollout tokens given the student prompt: logits `[R, C, V]`, or final hidden
         states `[R, C, H]` when `loss.chunk_size` is set."""
         rollout: Rollout = batch["rollout"]
         return self._run(rollout.prompt_ids, rollout.prompt_mask, rollout)(self.student)
 
-    def teacher_forward(self, batch: dict, teacher_inputs: dict) -> torch.Tensor:
+    def teacher_forward(self, batch: StepBatch, teacher_inputs: dict) -> torch.Tensor:
         """Teacher scores (no grad) of the same rollout tokens given the teacher prompt: `[R, C, V]` logits
         (or `[R, C, H]` hidden states with `loss.chunk_size`)."""
         run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch["rollout"])
@@ -216,7 +218,7 @@ class SelfDistillationModule(LightningModule):
         with self.teacher.sampling_network(self.student) as network:
             return self._output_weight(network).detach()
 
-    def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: dict,
+    def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: StepBatch,
                      teacher_inputs: dict) -> dict:
         """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
         "mask": [R, C], "count": local normalizer, "signal": [R, C] bool}`.
@@ -316,7 +318,7 @@ class SelfDistillationModule(LightningModule):
                 "signal": signal}
 
     # ------------------------------------------------------------------ Lightning
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_step(self, batch: StepBatch, batch_idx: int):
         if "rollout" not in batch:
             if self.needs_rollouts and batch.get("on_policy", True):
                 raise RuntimeError(
@@ -371,7 +373,7 @@ class SelfDistillationModule(LightningModule):
         return max((int(cb.wants_teacher_topk()) for cb in callbacks if hasattr(cb, "wants_teacher_topk")),
                    default=0)
 
-    def _nonfinite(self, batch: dict, out: dict):
+    def _nonfinite(self, batch: StepBatch, out: dict):
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
         bad = (~torch.isfinite(out["per_token"]) & out["mask"].bool()).any(-1).nonzero().flatten().tolist()
@@ -431,7 +433,7 @@ class SelfDistillationModule(LightningModule):
         return torch.cat(advantage), (torch.cat(clipped) if clipped else None)
 
     @torch.no_grad()
-    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: dict, out: dict,
+    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: StepBatch, out: dict,
                          teacher_inputs: dict) -> dict[str, float]:
         """What this step teaches, as plain floats (logged as `train/<key>`, averaged into `metrics.json`):
 
@@ -461,7 +463,7 @@ class SelfDistillationModule(LightningModule):
             values["clipped_teacher_mass"] = float(clipped[keep[: clipped.size(0)]].mean())
         return values
 
-    def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
+    def _log_step(self, batch: StepBatch, out: dict, teacher_inputs: dict) -> None:
         rollout: Rollout = batch["rollout"]
         m = self.train_metrics
         valid = out["mask"]
