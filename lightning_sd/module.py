@@ -27,14 +27,12 @@ from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_p
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
-from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first,
-                                 contrastive_target_logits, importance_weight, reduce_loss)
-from lightning_sd.losses.diagnostics import gradient_clipped_mass
-from lightning_sd.losses.support import prepare_logits
+from lightning_sd.losses import completion_mask_skip_first, contrastive_target_logits
 from lightning_sd.methods import (Method, Step, generate_analyses, is_dataset_rollout, on_policy_batch,
                                   reference_rollout)
-from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
-from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
+from lightning_sd.objectives import LossConfig
+from lightning_sd.sampling import Rollout, SamplingConfig
+from lightning_sd.scoring import Scorer
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
 # The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
@@ -99,6 +97,8 @@ class SelfDistillationModule(LightningModule):
                              "teacher logits are an interpolation; set loss.chunk_size=null")
         self.method = method if method is not None else self.loss_cfg.method()
         self.context = context or self.method.context()
+        self.scorer = Scorer(self.loss_cfg, student_weight=lambda: self._output_weight(self.student),
+                             teacher_weight=self.teacher_output_weight)
         self.task = task
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
                               "fused": None, **(optimizer or {})}
@@ -229,13 +229,15 @@ class SelfDistillationModule(LightningModule):
         (a GRPO row with zero advantage counts in `mask` but not here); an optimizer step whose global count of
         signal tokens is zero is skipped."""
         rollout: Rollout = batch["rollout"]
+        scorer = self.scorer
         step = Step(rollout=rollout, records=batch["records"], rewards=batch.get("rewards"),
                     mask=self.trainable_mask(rollout), row_mask=teacher_inputs["row_mask"],
-                    logprobs=lambda: self._student_logprobs(student_out, rollout),
-                    distillation=lambda mask: self._distillation(student_out, teacher_out, rollout, mask),
+                    logprobs=lambda: scorer.student_logprobs(student_out, rollout),
+                    distillation=lambda mask: scorer.distillation(student_out, teacher_out, rollout, mask,
+                                                                  step.importance_weights),
                     _weights=lambda: self.importance_weights(student_out, rollout))
         terms = self.method.terms(step)
-        return self._reduce(terms.per_token, terms.mask, signal=terms.signal)
+        return scorer.reduce(terms.per_token, terms.mask, signal=terms.signal)
 
     def trainable_mask(self, rollout: Rollout) -> torch.Tensor:
         """`[R, C]` the completion tokens that may train: `completion_mask` without the first `loss.skip_first`
@@ -243,79 +245,13 @@ class SelfDistillationModule(LightningModule):
         mask, skip = rollout.completion_mask, self.loss_cfg.skip_first
         return completion_mask_skip_first(mask, skip) if skip else mask
 
-    def _distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor) -> torch.Tensor:
-        """`[R, C]` per-token divergence on `mask` (already without `skip_first`), times the importance weights."""
-        if self.loss_cfg.chunk_size:
-            return self._chunked_terms(student_out, teacher_out, rollout, mask)
-        return distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, self.loss_cfg,
-                                  is_weight=self.importance_weights(student_out, rollout))[0]
-
     def importance_weights(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
-        """`[R, C]` detached token-level importance weights `min(exp(log S(y) - log S_sampler(y)), loss.is_clip)`,
-        or None when `loss.is_clip` is null or the completions were not sampled (dataset rows).
+        """`[R, C]` detached importance weights against the sampler, or None (`Scorer.importance_weights`)."""
+        return self.scorer.importance_weights(student_out, rollout)
 
-        `log S(y)` is the trainer's log-prob of each sampled token under exactly the distribution the sampler
-        drew from (`rollout.sampling`: its temperature, top-k and top-p), so the weight is 1 when the sampler
-        ran the same weights, whatever the sampling settings. `student_out`: logits `[R, C, V]`, or final hidden
-        states `[R, C, H]` with `loss.chunk_size`. Padding positions get weight 1."""
-        cfg = self.loss_cfg
-        if cfg.is_clip is None or is_dataset_rollout(rollout):
-            return None
-        config = rollout.sampling if rollout.sampling is not None else SamplingConfig(do_sample=False)
-        keep = rollout.completion_mask.bool()
-        if cfg.chunk_size:
-            weight = self._output_weight(self.student).detach()
-            hidden, tokens = student_out.detach()[keep], rollout.completion_ids[keep]
-            values = torch.cat([sampler_token_logprobs(hidden[a:a + cfg.chunk_size] @ weight.T,
-                                                       tokens[a:a + cfg.chunk_size], config)
-                                for a in range(0, hidden.size(0), cfg.chunk_size)]
-                               or [hidden.new_zeros(0, dtype=torch.float32)])
-            logp = torch.zeros(keep.shape, dtype=torch.float32, device=values.device).masked_scatter(keep, values)
-        else:
-            logp = sampler_token_logprobs(student_out, rollout.completion_ids, config)
-        w = importance_weight(logp, rollout.logprobs, cfg.is_clip)
-        return torch.where(keep, w, torch.ones_like(w))
-
-    def _student_logprobs(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """`[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad), from logits
-        `[R, C, V]` or, with `loss.chunk_size`, from hidden states chunk by chunk."""
-        cfg = self.loss_cfg
-        if not cfg.chunk_size:
-            return token_logprobs(student_out, rollout.completion_ids, cfg.temperature)
-        keep = rollout.completion_mask.bool()
-        values = token_logprobs_from_hidden(student_out[keep], self._output_weight(self.student),
-                                            rollout.completion_ids[keep], cfg.chunk_size, cfg.temperature)
-        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
-
-    def _chunked_terms(self, student_h, teacher_h, rollout, mask):
-        cfg = self.loss_cfg
-        keep = mask.bool()
-        t_weight = self.teacher_output_weight()
-        s_weight = self._output_weight(self.student)
-        values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
-                                    chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
-                                    **cfg.divergence_kwargs())
-        weights = self.importance_weights(student_h, rollout)
-        if weights is not None:
-            values = values * weights[keep]
-        per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        return per_token.masked_scatter(keep, values)
-
-    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> dict:
-        reduction = self.loss_cfg.reduction
-        mask_f = mask.to(per_token.dtype)
-        if reduction == "sequence_mean":
-            count = float((mask_f.sum(-1) > 0).sum())
-        elif reduction == "token_mean":
-            count = float(mask_f.sum())
-        else:
-            count = 1.0
-        loss_sum = reduce_loss(per_token, mask_f, "sum" if reduction == "token_mean" else reduction,
-                               **({"num_sequences": 1} if reduction == "sequence_mean" else {}))
-        value = loss_sum.detach() / max(count, 1.0)
-        signal = mask.bool() if signal is None else signal.bool() & mask.bool()
-        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count,
-                "signal": signal}
+    def _token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
+                           rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scorer.token_diagnostics(student_out, teacher_out, tokens, rows)
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: StepBatch, batch_idx: int):
@@ -404,33 +340,6 @@ class SelfDistillationModule(LightningModule):
         warnings.warn(f"{where}: step skipped (no backward, no optimizer step); {self.nonfinite_steps} skipped so far "
                       "(loss.nonfinite=skip; set loss.nonfinite=stop to stop and save the batch)", stacklevel=2)
         return None  # Lightning skips backward and the optimizer step for this batch
-
-    @torch.no_grad()
-    def _token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
-                           rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`([R, C] log T(y) - log S(y) at loss.temperature, [min(R, rows), C] teacher mass on clipped entries of
-        the first `rows` rows, or None)` from logits `[R, C, V]` (or, with `loss.chunk_size`, hidden states
-        `[R, C, H]` through each model's output embedding), `rows` rows at a time; no grad."""
-        cfg = self.loss_cfg
-        s_weight = t_weight = None
-        if cfg.chunk_size:
-            s_weight, t_weight = self._output_weight(self.student).detach(), self.teacher_output_weight()
-        closed_form = cfg.entry_clip_mode == "gradient" and cfg.support == "full" and cfg.beta in (0.0, 1.0)
-        advantage, clipped = [], []
-        for a in range(0, student_out.size(0), rows):
-            s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
-            if s_weight is not None:
-                s, t = s @ s_weight.T, t @ t_weight.T
-            s_scaled = prepare_logits(s, torch.float32, cfg.temperature)
-            t_scaled = prepare_logits(t, torch.float32, cfg.temperature)
-            ids = tokens[a:a + rows, :, None]
-            s_lse, t_lse = s_scaled.logsumexp(-1, keepdim=True), t_scaled.logsumexp(-1, keepdim=True)
-            advantage.append(((t_scaled.gather(-1, ids) - t_lse) - (s_scaled.gather(-1, ids) - s_lse)).squeeze(-1))
-            if cfg.entry_clip is not None and a == 0:  # the first block only: a sample, at a quarter of the cost
-                clipped.append(gradient_clipped_mass(s_scaled - s_lse, t_scaled - t_lse, float(cfg.beta),
-                                                     cfg.entry_clip) if closed_form
-                               else clipped_teacher_mass(s, t, tokens=tokens[a:a + rows], **cfg.divergence_kwargs()))
-        return torch.cat(advantage), (torch.cat(clipped) if clipped else None)
 
     @torch.no_grad()
     def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: StepBatch, out: dict,

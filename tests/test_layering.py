@@ -19,7 +19,7 @@ LAYERS = {
     "losses": 1, "data": 1, "sampling": 1, "contexts": 1, "models": 1, "distributed": 1, "lora": 1, "files": 1,
     "logging_utils": 1, "token_view": 1, "cpu_linear": 1, "console": 1, "batch": 1,
     "rollout": 2, "forward": 2, "teachers": 2,
-    "methods": 3, "objectives": 3, "evaluation": 3, "generation": 3, "rollout_backends": 3,
+    "methods": 3, "objectives": 3, "scoring": 3, "evaluation": 3, "generation": 3, "rollout_backends": 3,
     "module": 4,
     "callbacks": 5, "config": 5, "build": 5,
 }
