@@ -2,7 +2,8 @@
 data module's collator writes the prompt keys, the rollout callback (`OnPolicyGeneration`) the rollout and the
 verifier's verdicts, the module what the step computed (`loss_terms`, `diagnostics`) for the callbacks that show
 it. The batch stays a plain dict at run time (Lightning moves it to the device as one); these types say what it
-holds.
+holds. `TeacherInputs` and `LossOutput` type the two other records of a step: the teacher's prompts and the
+reduced loss.
 
 Shapes: B prompts, R = B x n rollout rows (rows of one prompt adjacent), P prompt length (left-padded), C
 completion length (right-padded), k the teacher alternatives kept per token.
@@ -59,4 +60,29 @@ class StepBatch(TypedDict, total=False):
     analyses: list[str]
 
 
-__all__ = ["LossTerms", "StepBatch"]
+class TeacherInputs(TypedDict, total=False):
+    """The teacher's prompts for each rollout row (`SelfDistillationModule.build_teacher_inputs`): `prompt_ids` /
+    `prompt_mask` `[R, P']` (left-padded), `row_mask` `[R]` bool (False: no privileged context, the row is left
+    out of the loss), `texts` (the R teacher messages). Without a teacher forward only `row_mask` (all True)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    row_mask: torch.Tensor
+    texts: list[str]
+
+
+class LossOutput(TypedDict):
+    """A step's reduced loss (`SelfDistillationModule.compute_loss`): `loss` the scalar to backpropagate (the
+    *sum* of the terms; the gradients are normalized over the optimizer step), `value` the normalized loss for
+    logging, `per_token` / `mask` `[R, C]`, `count` the local normalizer, `signal` `[R, C]` bool (the tokens that
+    can carry a gradient)."""
+
+    loss: torch.Tensor
+    value: torch.Tensor
+    per_token: torch.Tensor
+    mask: torch.Tensor
+    count: float
+    signal: torch.Tensor
+
+
+__all__ = ["LossTerms", "StepBatch", "TeacherInputs", "LossOutput"]

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_sd.batch import StepBatch
+from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
@@ -150,7 +150,7 @@ class SelfDistillationModule(LightningModule):
         return rollout
 
     # ------------------------------------------------------------------ hooks users override
-    def build_teacher_inputs(self, batch: StepBatch, placebo: bool = False) -> dict:
+    def build_teacher_inputs(self, batch: StepBatch, placebo: bool = False) -> TeacherInputs:
         """Teacher prompts for each rollout row: `{"prompt_ids": [R, P'], "prompt_mask": [R, P'],
         "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`.
 
@@ -204,7 +204,7 @@ class SelfDistillationModule(LightningModule):
         rollout: Rollout = batch["rollout"]
         return self._run(rollout.prompt_ids, rollout.prompt_mask, rollout)(self.student)
 
-    def teacher_forward(self, batch: StepBatch, teacher_inputs: dict) -> torch.Tensor:
+    def teacher_forward(self, batch: StepBatch, teacher_inputs: TeacherInputs) -> torch.Tensor:
         """Teacher scores (no grad) of the same rollout tokens given the teacher prompt: `[R, C, V]` logits
         (or `[R, C, H]` hidden states with `loss.chunk_size`)."""
         run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch["rollout"])
@@ -219,7 +219,7 @@ class SelfDistillationModule(LightningModule):
             return self._output_weight(network).detach()
 
     def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: StepBatch,
-                     teacher_inputs: dict) -> dict:
+                     teacher_inputs: TeacherInputs) -> LossOutput:
         """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
         "mask": [R, C], "count": local normalizer, "signal": [R, C] bool}`.
 
@@ -309,7 +309,7 @@ class SelfDistillationModule(LightningModule):
         return max((int(cb.wants_teacher_topk()) for cb in callbacks if hasattr(cb, "wants_teacher_topk")),
                    default=0)
 
-    def _nonfinite(self, batch: StepBatch, out: dict):
+    def _nonfinite(self, batch: StepBatch, out: LossOutput):
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
         bad = (~torch.isfinite(out["per_token"]) & out["mask"].bool()).any(-1).nonzero().flatten().tolist()
@@ -342,8 +342,8 @@ class SelfDistillationModule(LightningModule):
         return None  # Lightning skips backward and the optimizer step for this batch
 
     @torch.no_grad()
-    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: StepBatch, out: dict,
-                         teacher_inputs: dict) -> dict[str, float]:
+    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: StepBatch, out: LossOutput,
+                         teacher_inputs: TeacherInputs) -> dict[str, float]:
         """What this step teaches, as plain floats (logged as `train/<key>`, averaged into `metrics.json`):
 
         - `no_signal_rows`: share of rollout rows with no loss-bearing token (masked: no context, no successful
@@ -372,7 +372,7 @@ class SelfDistillationModule(LightningModule):
             values["clipped_teacher_mass"] = float(clipped[keep[: clipped.size(0)]].mean())
         return values
 
-    def _log_step(self, batch: StepBatch, out: dict, teacher_inputs: dict) -> None:
+    def _log_step(self, batch: StepBatch, out: LossOutput, teacher_inputs: TeacherInputs) -> None:
         rollout: Rollout = batch["rollout"]
         m = self.train_metrics
         valid = out["mask"]

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from lightning_sd.batch import LossOutput
 from lightning_sd.losses import chunked_divergence, clipped_teacher_mass, importance_weight, reduce_loss
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
 from lightning_sd.losses.support import prepare_logits
@@ -92,7 +93,7 @@ class Scorer:
         per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
         return per_token.masked_scatter(keep, values)
 
-    def reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> dict:
+    def reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> LossOutput:
         """`{"loss": the sum of the terms on mask (per sequence with sequence_mean), "value": normalized for
         logging, "per_token", "mask" (float), "count": the local normalizer, "signal": [R, C] bool}`."""
         reduction = self.loss.reduction
