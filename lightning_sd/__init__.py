@@ -14,6 +14,7 @@ from lightning_sd.callbacks import (
     TrainingProgressBar,
     continual_metrics,
 )
+from lightning_sd.batch import StepBatch
 from lightning_sd.contexts import TEMPLATES, RowView, template_context
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.sequence import SequentialTasksDataModule
@@ -33,6 +34,7 @@ from lightning_sd.losses import (
 )
 from lightning_sd.lora import apply_lora
 from lightning_sd.models import load_model
+from lightning_sd.methods import METHODS, Method, Step, Terms
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
@@ -49,7 +51,7 @@ from lightning_sd.teachers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "SamplingConfig", "Rollout", "sample",
+    "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "Method", "METHODS", "Step", "Terms", "StepBatch", "SamplingConfig", "Rollout", "sample",
     "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
     "build_teacher", "per_token_divergence", "chunked_divergence", "fused_full_kl", "reduce_loss",
     "completion_mask_skip_first", "importance_weight", "clipped_teacher_mass", "contrastive_target_logits",

@@ -293,7 +293,11 @@ def validate_config(cfg: DictConfig) -> dict:
     """Check every group of `cfg`; returns `{group: typed dataclass}`. Raises `ConfigError`."""
     typed = {}
     for group, schema in GROUP_SCHEMAS.items():
-        typed[group] = _typed(group, cfg.get(group), schema)
+        node = cfg.get(group)
+        if group == "loss" and node is not None and "_target_" in node:  # a user's own method class
+            node = OmegaConf.to_container(node, resolve=True)
+            node["name"] = node.pop("_target_")
+        typed[group] = _typed(group, node, schema)
     loss: LossConfig = typed["loss"]
     try:
         loss.validate()
@@ -348,7 +352,7 @@ def validate_config(cfg: DictConfig) -> dict:
             raise ConfigError(f"model.lora: unknown key(s) {unknown}; valid keys: {list(LORA_KEYS)}")
         if not isinstance(lora.get("r"), int) or lora["r"] < 1:
             raise ConfigError(f"model.lora.r must be an integer >= 1, got {lora.get('r')!r}")
-    if g.backend == "vllm" and loss.is_clip is None and loss.name not in ("sft",):
+    if g.backend == "vllm" and loss.is_clip is None and loss.method().samples:
         raise ConfigError("generation.backend=vllm samples with another engine, so the trainer's and the sampler's "
                           "token probabilities differ: set loss.is_clip (e.g. 2.0) to apply the importance-weight "
                           "correction")

@@ -15,6 +15,7 @@ import time
 import torch
 from lightning.pytorch import Callback
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.rollout import decode_completions, derive_seed, rollout_on
 from lightning_sd.sampling import SamplingConfig
 
@@ -58,7 +59,7 @@ class OnPolicyGeneration(Callback):
         self.gather_weights = gather_weights  # FSDP / ZeRO-3: gather once per rollout (trainer.gather_for_generation)
         self.verifier_failures = 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch: StepBatch, batch_idx) -> None:
         # SFT samples nothing; on-policy KD with lmbda < 1 skips some batches (same choice on every rank)
         decide = getattr(pl_module, "samples_batch", None)
         if not getattr(pl_module, "needs_rollouts", True) or (

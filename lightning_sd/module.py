@@ -1,6 +1,7 @@
 """`SelfDistillationModule`: the LightningModule that ties student, teacher policy, teacher context and
 objective together. Read `training_step` top to bottom: rollouts (put in the batch by the
-`OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> loss.
+`OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> the method's
+terms (`self.method`, a `lightning_sd.methods.Method`) -> reduce -> step. The batch's keys: `batch.StepBatch`.
 
 Shapes: R rollout rows (B prompts x n samples), P / P' student / teacher prompt lengths (left-padded),
 C completion length (right-padded), V vocabulary, H hidden size.
@@ -20,19 +21,18 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
-from lightning_sd.losses import (chunked_divergence, clipped_teacher_mass, completion_mask_skip_first,
-                                 contrastive_target_logits, importance_weight, reduce_loss)
-from lightning_sd.losses.diagnostics import gradient_clipped_mass
-from lightning_sd.losses.support import prepare_logits
-from lightning_sd.methods import (build_context, generate_analyses, group_advantages, is_dataset_rollout, nll_terms,
-                                  on_policy_batch, policy_gradient_terms, reference_rollout)
-from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
-from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
+from lightning_sd.losses import completion_mask_skip_first, contrastive_target_logits
+from lightning_sd.methods import (Method, Step, generate_analyses, is_dataset_rollout, on_policy_batch,
+                                  reference_rollout)
+from lightning_sd.objectives import LossConfig
+from lightning_sd.sampling import Rollout, SamplingConfig
+from lightning_sd.scoring import Scorer
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
 # The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
@@ -55,8 +55,10 @@ class SelfDistillationModule(LightningModule):
         tokenizer: its tokenizer (chat template applied to student and teacher prompts alike).
         teacher: a `TeacherPolicy` or a kind (`live`, `frozen`, `ema`, `trust_region`); `teacher_kwargs`
             go to `build_teacher` (e.g. `rate=0.01`).
-        loss: a `LossConfig` or a dict of its keys.
-        context: a teacher-context builder `(record, RowView) -> str | None`; default formats `loss.template`.
+        loss: a `LossConfig` or a dict of its keys; `loss.name` (or `loss._target_`) selects the method.
+        method: a `Method` object to use instead of the one the loss options select.
+        context: a teacher-context builder `(record, RowView) -> str | None`; default: the method's
+            (`Method.context`, formatting `loss.template`).
         task: an object with `verify(record, completion) -> Verdict` used for rewards and evaluation.
         optimizer: dict `{name: adamw|sgd, lr, weight_decay, betas, eps}`; scheduler: dict
             `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`.
@@ -71,6 +73,7 @@ class SelfDistillationModule(LightningModule):
         teacher: TeacherPolicy | str = "frozen",
         teacher_kwargs: dict | None = None,
         loss: LossConfig | dict | None = None,
+        method: Method | None = None,
         context: ContextBuilder | None = None,
         task: Any = None,
         optimizer: dict | None = None,
@@ -92,9 +95,10 @@ class SelfDistillationModule(LightningModule):
         if self.loss_cfg.chunk_size and self.teacher.kind == "trust_region":
             raise ValueError("loss.chunk_size (memory-bounded loss) does not support teacher=trust_region: its "
                              "teacher logits are an interpolation; set loss.chunk_size=null")
-        self.context = context or build_context(self.loss_cfg.template, feedback=self.loss_cfg.feedback,
-                                                strip_reasoning=self.loss_cfg.strip_reasoning,
-                                                reason_first=self.loss_cfg.reason_first)
+        self.method = method if method is not None else self.loss_cfg.method()
+        self.context = context or self.method.context()
+        self.scorer = Scorer(self.loss_cfg, student_weight=lambda: self._output_weight(self.student),
+                             teacher_weight=self.teacher_output_weight)
         self.task = task
         self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
                               "fused": None, **(optimizer or {})}
@@ -118,20 +122,19 @@ class SelfDistillationModule(LightningModule):
         self._counted_batches = 0  # micro-batches of the current optimizer step that reached the loss
         self._step_was_empty = False
         self._warned_truncation = False
-        self._last_step_seen = 0
         self._t_train_start = 0.0
 
-    # ------------------------------------------------------------------ method dispatch (loss.name)
+    # ------------------------------------------------------------------ what the method needs
     @property
     def needs_rollouts(self) -> bool:
-        """False for `sft`: it trains on the dataset's reference completions, so the generation callback
-        skips sampling."""
-        return self.loss_cfg.name != "sft"
+        """False for a method that trains on the dataset's reference completions (`sft`): the generation
+        callback skips sampling."""
+        return self.method.samples
 
     @property
     def needs_teacher(self) -> bool:
-        """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher forward is run."""
-        return self.loss_cfg.needs_teacher
+        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `lam=1`): no teacher forward."""
+        return self.method.needs_teacher
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
         """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration`). With
@@ -139,7 +142,7 @@ class SelfDistillationModule(LightningModule):
         batch_idx)` only, so every rank decides the same."""
         return self.needs_rollouts and on_policy_batch(self.loss_cfg.lmbda, seed, global_step, batch_idx)
 
-    def dataset_rollout(self, batch: dict) -> Rollout:
+    def dataset_rollout(self, batch: StepBatch) -> Rollout:
         """The batch's reference solutions as a `Rollout` (SFT, and on-policy KD's dataset batches)."""
         rollout = reference_rollout(batch["records"], batch["prompt_ids"], batch["prompt_mask"], self.tokenizer,
                                     pad_token_id=self.pad_token_id)
@@ -147,7 +150,7 @@ class SelfDistillationModule(LightningModule):
         return rollout
 
     # ------------------------------------------------------------------ hooks users override
-    def build_teacher_inputs(self, batch: dict, placebo: bool = False) -> dict:
+    def build_teacher_inputs(self, batch: StepBatch, placebo: bool = False) -> TeacherInputs:
         """Teacher prompts for each rollout row: `{"prompt_ids": [R, P'], "prompt_mask": [R, P'],
         "row_mask": [R] (0 = no privileged signal, row masked out), "texts": list[str]}`.
 
@@ -195,13 +198,13 @@ class SelfDistillationModule(LightningModule):
         fn = completion_hidden if self.loss_cfg.chunk_size else completion_logits
         return lambda net: fn(net, prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask)
 
-    def student_forward(self, batch: dict) -> torch.Tensor:
+    def student_forward(self, batch: StepBatch) -> torch.Tensor:
         """Student scores of the rollout tokens given the student prompt: logits `[R, C, V]`, or final hidden
         states `[R, C, H]` when `loss.chunk_size` is set."""
         rollout: Rollout = batch["rollout"]
         return self._run(rollout.prompt_ids, rollout.prompt_mask, rollout)(self.student)
 
-    def teacher_forward(self, batch: dict, teacher_inputs: dict) -> torch.Tensor:
+    def teacher_forward(self, batch: StepBatch, teacher_inputs: TeacherInputs) -> torch.Tensor:
         """Teacher scores (no grad) of the same rollout tokens given the teacher prompt: `[R, C, V]` logits
         (or `[R, C, H]` hidden states with `loss.chunk_size`)."""
         run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch["rollout"])
@@ -215,8 +218,8 @@ class SelfDistillationModule(LightningModule):
         with self.teacher.sampling_network(self.student) as network:
             return self._output_weight(network).detach()
 
-    def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: dict,
-                     teacher_inputs: dict) -> dict:
+    def compute_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, batch: StepBatch,
+                     teacher_inputs: TeacherInputs) -> LossOutput:
         """Returns `{"loss": scalar to backpropagate, "value": normalized loss for logging, "per_token": [R, C],
         "mask": [R, C], "count": local normalizer, "signal": [R, C] bool}`.
 
@@ -226,122 +229,32 @@ class SelfDistillationModule(LightningModule):
         (a GRPO row with zero advantage counts in `mask` but not here); an optimizer step whose global count of
         signal tokens is zero is skipped."""
         rollout: Rollout = batch["rollout"]
-        cfg = self.loss_cfg
-        if cfg.name in ("sft", "grpo") or (cfg.name == "rl_feedback" and cfg.lam > 0):
-            return self._method_loss(student_out, teacher_out, batch, teacher_inputs)
-        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
-        per_token, mask = self._distillation(student_out, teacher_out, rollout, mask)
-        return self._reduce(per_token, mask)
+        scorer = self.scorer
+        step = Step(rollout=rollout, records=batch["records"], rewards=batch.get("rewards"),
+                    mask=self.trainable_mask(rollout), row_mask=teacher_inputs["row_mask"],
+                    logprobs=lambda: scorer.student_logprobs(student_out, rollout),
+                    distillation=lambda mask: scorer.distillation(student_out, teacher_out, rollout, mask,
+                                                                  step.importance_weights),
+                    _weights=lambda: self.importance_weights(student_out, rollout))
+        terms = self.method.terms(step)
+        return scorer.reduce(terms.per_token, terms.mask, signal=terms.signal)
 
-    def _distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor):
-        if self.loss_cfg.chunk_size:
-            return self._chunked_terms(student_out, teacher_out, rollout, mask)
-        return distillation_terms(student_out, teacher_out, rollout.completion_ids, mask, self.loss_cfg,
-                                  is_weight=self.importance_weights(student_out, rollout))
+    def trainable_mask(self, rollout: Rollout) -> torch.Tensor:
+        """`[R, C]` the completion tokens that may train: `completion_mask` without the first `loss.skip_first`
+        tokens of each row (the one place `skip_first` is applied)."""
+        mask, skip = rollout.completion_mask, self.loss_cfg.skip_first
+        return completion_mask_skip_first(mask, skip) if skip else mask
 
     def importance_weights(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
-        """`[R, C]` detached token-level importance weights `min(exp(log S(y) - log S_sampler(y)), loss.is_clip)`,
-        or None when `loss.is_clip` is null or the completions were not sampled (dataset rows).
+        """`[R, C]` detached importance weights against the sampler, or None (`Scorer.importance_weights`)."""
+        return self.scorer.importance_weights(student_out, rollout)
 
-        `log S(y)` is the trainer's log-prob of each sampled token under exactly the distribution the sampler
-        drew from (`rollout.sampling`: its temperature, top-k and top-p), so the weight is 1 when the sampler
-        ran the same weights, whatever the sampling settings. `student_out`: logits `[R, C, V]`, or final hidden
-        states `[R, C, H]` with `loss.chunk_size`. Padding positions get weight 1."""
-        cfg = self.loss_cfg
-        if cfg.is_clip is None or is_dataset_rollout(rollout):
-            return None
-        config = rollout.sampling if rollout.sampling is not None else SamplingConfig(do_sample=False)
-        keep = rollout.completion_mask.bool()
-        if cfg.chunk_size:
-            weight = self._output_weight(self.student).detach()
-            hidden, tokens = student_out.detach()[keep], rollout.completion_ids[keep]
-            values = torch.cat([sampler_token_logprobs(hidden[a:a + cfg.chunk_size] @ weight.T,
-                                                       tokens[a:a + cfg.chunk_size], config)
-                                for a in range(0, hidden.size(0), cfg.chunk_size)]
-                               or [hidden.new_zeros(0, dtype=torch.float32)])
-            logp = torch.zeros(keep.shape, dtype=torch.float32, device=values.device).masked_scatter(keep, values)
-        else:
-            logp = sampler_token_logprobs(student_out, rollout.completion_ids, config)
-        w = importance_weight(logp, rollout.logprobs, cfg.is_clip)
-        return torch.where(keep, w, torch.ones_like(w))
-
-    def _student_logprobs(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """`[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad), from logits
-        `[R, C, V]` or, with `loss.chunk_size`, from hidden states chunk by chunk."""
-        cfg = self.loss_cfg
-        if not cfg.chunk_size:
-            return token_logprobs(student_out, rollout.completion_ids, cfg.temperature)
-        keep = rollout.completion_mask.bool()
-        values = token_logprobs_from_hidden(student_out[keep], self._output_weight(self.student),
-                                            rollout.completion_ids[keep], cfg.chunk_size, cfg.temperature)
-        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
-
-    def _method_loss(self, student_out, teacher_out, batch: dict, teacher_inputs: dict) -> dict:
-        """`sft`: cross-entropy on the reference completion. `grpo`: group-normalized policy gradient.
-        `rl_feedback` with `lam > 0`: `lam * GRPO + (1 - lam) * SDPO distillation`, each term on its own mask
-        (GRPO: rows with a reward; SDPO: rows with a sibling solution or feedback), normalized over their union."""
-        rollout: Rollout = batch["rollout"]
-        cfg = self.loss_cfg
-        base = rollout.completion_mask
-
-        def skip(m: torch.Tensor) -> torch.Tensor:
-            return completion_mask_skip_first(m, cfg.skip_first) if cfg.skip_first else m
-
-        logp = self._student_logprobs(student_out, rollout)
-        if cfg.name == "sft":
-            return self._reduce(nll_terms(logp), skip(base))
-        if batch.get("rewards") is None:
-            raise RuntimeError(f"loss={cfg.name} needs verifier rewards in the batch: give the module a task "
-                               "(data.task=..., or SelfDistillationModule(task=...)) and train with OnPolicyGeneration")
-        n = rollout.completion_ids.size(0) // len(batch["records"])
-        advantages, has_reward = group_advantages(batch["rewards"], n)
-        pg_mask = skip(base * has_reward.to(base.device, base.dtype)[:, None])
-        pg_signal = pg_mask.bool() & (advantages != 0).to(base.device)[:, None]  # equal rewards: no signal
-        pg = policy_gradient_terms(logp, advantages, self.importance_weights(student_out, rollout))
-        if cfg.name == "grpo" or cfg.lam == 1.0:
-            return self._reduce(pg, pg_mask, signal=pg_signal)
-        sd, sd_mask = self._distillation(student_out, teacher_out, rollout,
-                                         base * teacher_inputs["row_mask"][:, None].to(base.dtype))
-        zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
-        per_token = (cfg.lam * torch.where(pg_mask.bool(), pg, zero)
-                     + (1.0 - cfg.lam) * torch.where(sd_mask.bool(), sd.to(pg.dtype), zero))
-        return self._reduce(per_token, (pg_mask.bool() | sd_mask.bool()).to(base.dtype),
-                            signal=pg_signal | sd_mask.bool())
-
-    def _chunked_terms(self, student_h, teacher_h, rollout, mask):
-        cfg = self.loss_cfg
-        mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
-        keep = mask.bool()
-        t_weight = self.teacher_output_weight()
-        s_weight = self._output_weight(self.student)
-        values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
-                                    chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
-                                    **cfg.divergence_kwargs())
-        weights = self.importance_weights(student_h, rollout)
-        if weights is not None:
-            values = values * weights[keep]
-        per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        per_token = per_token.masked_scatter(keep, values)
-        return per_token, mask
-
-    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> dict:
-        reduction = self.loss_cfg.reduction
-        mask_f = mask.to(per_token.dtype)
-        if reduction == "sequence_mean":
-            count = float((mask_f.sum(-1) > 0).sum())
-        elif reduction == "token_mean":
-            count = float(mask_f.sum())
-        else:
-            count = 1.0
-        loss_sum = reduce_loss(per_token, mask_f, "sum" if reduction == "token_mean" else reduction,
-                               **({"num_sequences": 1} if reduction == "sequence_mean" else {}))
-        value = loss_sum.detach() / max(count, 1.0)
-        signal = mask.bool() if signal is None else signal.bool() & mask.bool()
-        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count,
-                "signal": signal}
+    def _token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
+                           rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scorer.token_diagnostics(student_out, teacher_out, tokens, rows)
 
     # ------------------------------------------------------------------ Lightning
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_step(self, batch: StepBatch, batch_idx: int):
         if "rollout" not in batch:
             if self.needs_rollouts and batch.get("on_policy", True):
                 raise RuntimeError(
@@ -368,10 +281,11 @@ class SelfDistillationModule(LightningModule):
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
         batch["diagnostics"] = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
-        if getattr(self, "keep_teacher_topk", 0) and teacher_out is not None:  # set by TokenView on the steps it shows
+        keep_topk = self.teacher_topk_requested()
+        if keep_topk and teacher_out is not None:
             from lightning_sd.token_view import teacher_topk
 
-            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, self.keep_teacher_topk)
+            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, keep_topk)
         if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)
             return self._nonfinite(batch, out)
         self.nonfinite_in_a_row = 0
@@ -387,7 +301,15 @@ class SelfDistillationModule(LightningModule):
             return out["loss"] * self._trainer.world_size / max(global_sum(self._trainer, out["count"]), 1.0)
         return out["loss"]
 
-    def _nonfinite(self, batch: dict, out: dict):
+    def teacher_topk_requested(self) -> int:
+        """How many of the teacher's top alternatives per token this step keeps in `batch["loss_terms"]`: the
+        most any callback asks for (a callback's `wants_teacher_topk()`, e.g. `TokenView` on the steps it
+        renders); 0 without a trainer."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return max((int(cb.wants_teacher_topk()) for cb in callbacks if hasattr(cb, "wants_teacher_topk")),
+                   default=0)
+
+    def _nonfinite(self, batch: StepBatch, out: LossOutput):
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
         bad = (~torch.isfinite(out["per_token"]) & out["mask"].bool()).any(-1).nonzero().flatten().tolist()
@@ -420,35 +342,8 @@ class SelfDistillationModule(LightningModule):
         return None  # Lightning skips backward and the optimizer step for this batch
 
     @torch.no_grad()
-    def _token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,
-                           rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`([R, C] log T(y) - log S(y) at loss.temperature, [min(R, rows), C] teacher mass on clipped entries of
-        the first `rows` rows, or None)` from logits `[R, C, V]` (or, with `loss.chunk_size`, hidden states
-        `[R, C, H]` through each model's output embedding), `rows` rows at a time; no grad."""
-        cfg = self.loss_cfg
-        s_weight = t_weight = None
-        if cfg.chunk_size:
-            s_weight, t_weight = self._output_weight(self.student).detach(), self.teacher_output_weight()
-        closed_form = cfg.entry_clip_mode == "gradient" and cfg.support == "full" and cfg.beta in (0.0, 1.0)
-        advantage, clipped = [], []
-        for a in range(0, student_out.size(0), rows):
-            s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
-            if s_weight is not None:
-                s, t = s @ s_weight.T, t @ t_weight.T
-            s_scaled = prepare_logits(s, torch.float32, cfg.temperature)
-            t_scaled = prepare_logits(t, torch.float32, cfg.temperature)
-            ids = tokens[a:a + rows, :, None]
-            s_lse, t_lse = s_scaled.logsumexp(-1, keepdim=True), t_scaled.logsumexp(-1, keepdim=True)
-            advantage.append(((t_scaled.gather(-1, ids) - t_lse) - (s_scaled.gather(-1, ids) - s_lse)).squeeze(-1))
-            if cfg.entry_clip is not None and a == 0:  # the first block only: a sample, at a quarter of the cost
-                clipped.append(gradient_clipped_mass(s_scaled - s_lse, t_scaled - t_lse, float(cfg.beta),
-                                                     cfg.entry_clip) if closed_form
-                               else clipped_teacher_mass(s, t, tokens=tokens[a:a + rows], **cfg.divergence_kwargs()))
-        return torch.cat(advantage), (torch.cat(clipped) if clipped else None)
-
-    @torch.no_grad()
-    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: dict, out: dict,
-                         teacher_inputs: dict) -> dict[str, float]:
+    def step_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, batch: StepBatch, out: LossOutput,
+                         teacher_inputs: TeacherInputs) -> dict[str, float]:
         """What this step teaches, as plain floats (logged as `train/<key>`, averaged into `metrics.json`):
 
         - `no_signal_rows`: share of rollout rows with no loss-bearing token (masked: no context, no successful
@@ -465,8 +360,8 @@ class SelfDistillationModule(LightningModule):
         values = {"no_signal_rows": float((~out["signal"].any(-1)).float().mean())}
         if teacher_out is None:
             return values
-        mask = rollout.completion_mask * teacher_inputs["row_mask"][:, None].to(rollout.completion_mask.dtype)
-        keep = (completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask).bool()
+        mask = self.trainable_mask(rollout)
+        keep = (mask * teacher_inputs["row_mask"][:, None].to(mask.dtype)).bool()
         if not keep.any():
             return values
         advantage, clipped = self._token_diagnostics(student_out, teacher_out, rollout.completion_ids)
@@ -477,7 +372,7 @@ class SelfDistillationModule(LightningModule):
             values["clipped_teacher_mass"] = float(clipped[keep[: clipped.size(0)]].mean())
         return values
 
-    def _log_step(self, batch: dict, out: dict, teacher_inputs: dict) -> None:
+    def _log_step(self, batch: StepBatch, out: LossOutput, teacher_inputs: TeacherInputs) -> None:
         rollout: Rollout = batch["rollout"]
         m = self.train_metrics
         valid = out["mask"]
@@ -529,10 +424,6 @@ class SelfDistillationModule(LightningModule):
             self.train_metrics["train_tokens_per_s"](tokens / max(seconds, 1e-9))
             self.log("train/train_tokens_per_s", self.train_metrics["train_tokens_per_s"], on_step=True,
                      on_epoch=False, batch_size=1)
-        if self.trainer.global_step != self._last_step_seen:  # an optimizer step happened in this batch
-            self._last_step_seen = self.trainer.global_step
-            if not self._step_was_empty:  # a step skipped for no signal: the teacher does not follow either
-                self.teacher.after_optimizer_step(self.student)
         self.log("train/empty_steps", float(self.empty_steps), on_step=True, on_epoch=False, batch_size=1)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -543,8 +434,21 @@ class SelfDistillationModule(LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not engine_owns_gradients(self.trainer.strategy):
             optimizer.zero_grad(set_to_none=True)
-        if self._step_was_empty:  # nothing was learned (the teacher will not follow either): counted
+        if not self._optimizer_stepped():
+            return
+        if self._step_was_empty:  # nothing was learned (the teacher does not follow either): counted
             self.empty_steps += 1
+        else:
+            # the teacher follows the student here, the one place it does: before any callback's
+            # on_train_batch_end (a checkpoint saved there holds the updated teacher) and the next rollout
+            self.teacher.after_optimizer_step(self.student)
+
+    def _optimizer_stepped(self) -> bool:
+        """Whether this call of `optimizer_step` ended an optimizer step (False only for the micro-batches of a
+        strategy that accumulates gradients itself, e.g. DeepSpeed, which calls the hook for every one)."""
+        should_accumulate = getattr(self.trainer.fit_loop, "_should_accumulate", None)
+        return not (self.trainer.strategy.handles_gradient_accumulation and should_accumulate is not None
+                    and should_accumulate())
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """The schedule advances with the optimizer steps that happened: not on a step skipped for no signal."""
@@ -634,25 +538,11 @@ class SelfDistillationModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        step = checkpoint.get("global_step", self._last_step_seen)
-        sharded = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        if step != self._last_step_seen and not sharded:
-            # ModelCheckpoint saves in the callbacks' on_train_batch_end, which runs before this module's (where
-            # the teacher follows the optimizer step): apply this step's teacher update now, once, so the
-            # checkpoint holds it and a resumed run does not miss it (on_train_batch_end then sees it done).
-            # Sharded weights (FSDP, ZeRO-3) were gathered into the checkpoint already: left as they are there.
-            # A step skipped for no signal has no teacher update.
-            self._last_step_seen = step
-            if not self._step_was_empty:
-                self.teacher.after_optimizer_step(self.student)
-            if self.teacher.persistent:
-                for key, value in self.teacher.state_dict(prefix="teacher.").items():
-                    if key in checkpoint["state_dict"]:
-                        checkpoint["state_dict"][key] = value.detach().clone()
+        # the teacher followed the last optimizer step in `optimizer_step`, before any checkpoint of that step
         if not self.teacher.persistent:  # frozen/external copies are rebuilt at start-up, not saved
             for key in [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]:
                 del checkpoint["state_dict"][key]
-        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps, "last_step_seen": self._last_step_seen,
+        checkpoint["lightning_sd"] = {"nonfinite_steps": self.nonfinite_steps,
                                       "nonfinite_in_a_row": self.nonfinite_in_a_row,
                                       "empty_steps": self.empty_steps, "warned_truncation": self._warned_truncation,
                                       "diagnostic_totals": {k: list(v) for k, v in self.diagnostic_totals.items()}}
@@ -661,7 +551,6 @@ class SelfDistillationModule(LightningModule):
         state = checkpoint.get("lightning_sd", {})
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        self._last_step_seen = state.get("last_step_seen", 0)
         self.empty_steps = state.get("empty_steps", 0)
         self._warned_truncation = state.get("warned_truncation", False)
         self.diagnostic_totals = {k: list(v) for k, v in state.get("diagnostic_totals", {}).items()}

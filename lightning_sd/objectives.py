@@ -12,11 +12,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from lightning_sd.contexts import check_template
-from lightning_sd.losses import completion_mask_skip_first, per_token_divergence
+from lightning_sd.losses import per_token_divergence
+from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
 
-LOSS_NAMES = ("distill", "self_critique", "continual", "rl_feedback", "on_policy_kd", "grpo", "sft")
+LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
 # losses whose whole signal is a teacher's divergence on the completion (they accept `lmbda`, `reason_first`)
-DISTILLATION_NAMES = ("distill", "self_critique", "continual", "on_policy_kd")
+DISTILLATION_NAMES = distillation_names()
 SUPPORTS = ("full", "topk", "sampled")
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
 
@@ -37,6 +38,8 @@ class LossConfig:
       step (all micro-batches, all ranks).
     - teacher context: `template` (a name in `lightning_sd.contexts.TEMPLATES` or a format string).
     - `chunk_size`: when set, the memory-bounded path computes the loss from hidden states chunk by chunk.
+    - `name`: the method, a name in `lightning_sd.methods.METHODS` or the dotted path of a user's own `Method`
+      subclass (`package.module.Class`; a config may write it as `_target_`).
     - method-specific keys (null/default where unused): `lam` (GRPO share of the loss: `rl_feedback` mixes
       `lam * GRPO + (1 - lam) * SDPO`, `grpo` is `lam=1`), `reason_first` / `reason_max_new_tokens` (the
       teacher first generates an analysis of the reference solution), `lmbda` (fraction of batches on student
@@ -70,15 +73,18 @@ class LossConfig:
     nonfinite: str = "skip"
     nonfinite_limit: int | None = 10
 
+    def method(self) -> Method:
+        """The method object these options select (`loss.name`, or `loss._target_`)."""
+        return method_class(self.name)(self)
+
     @property
     def needs_teacher(self) -> bool:
-        """False for `sft`, `grpo` and `rl_feedback` with `lam=1`: no teacher context, no teacher forward."""
-        return not (self.name in ("sft", "grpo") or (self.name == "rl_feedback" and self.lam == 1.0))
+        """Whether the method runs a teacher (False for `sft`, `grpo`, `rl_feedback` with `lam=1`)."""
+        return self.method().needs_teacher
 
     def validate(self) -> None:
         """Reject impossible combinations with a message naming the option."""
-        if self.name not in LOSS_NAMES:
-            raise ValueError(f"loss.name={self.name!r} is not one of {LOSS_NAMES}")
+        method = self.method()
         if self.support not in SUPPORTS:
             raise ValueError(f"loss.support={self.support!r} is not one of {SUPPORTS}")
         if not 0.0 <= self.beta <= 1.0:
@@ -118,32 +124,23 @@ class LossConfig:
         check_template(self.template)
         if self.reason_max_new_tokens < 1:
             raise ValueError(f"loss.reason_max_new_tokens must be >= 1, got {self.reason_max_new_tokens}")
-        if self.name == "grpo" and self.lam != 1.0:
-            raise ValueError(f"loss=grpo is the pure policy gradient (loss.lam=1, got {self.lam}); to mix it with "
-                             "self-distillation use loss=rl_feedback loss.lam=...")
-        if self.lmbda < 1.0 and self.name not in DISTILLATION_NAMES:
-            raise ValueError(f"loss.lmbda={self.lmbda} (dataset completions for some batches) applies to "
-                             f"{DISTILLATION_NAMES}, not to loss={self.name}: set loss.lmbda=1")
+        method.validate()
         if self.contrast is not None:
             if not self.contrast > 0:
                 raise ValueError(f"loss.contrast must be > 0 (the step toward the teacher's context) or null, got "
                                  f"{self.contrast}")
-            if self.name not in DISTILLATION_NAMES:
-                raise ValueError(f"loss.contrast (contrastive teacher) applies to {DISTILLATION_NAMES}, not to "
-                                 f"loss={self.name}")
             if self.chunk_size is not None:
                 raise ValueError("loss.contrast combines the student's and both teachers' logits: it does not work "
                                  "with the memory-bounded loss; set loss.chunk_size=null")
             if self.template in ("sdpo",):
                 raise ValueError("loss.contrast needs a format-string teacher template (a placebo is the same "
                                  "template around another record's fields), not loss.template=sdpo")
-        if self.reason_first and self.name not in DISTILLATION_NAMES:
-            raise ValueError(f"loss.reason_first applies to {DISTILLATION_NAMES} (a teacher that sees a reference "
-                             f"solution), not to loss={self.name}")
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "LossConfig":
         values = dict(values or {})
+        if "_target_" in values:  # a user's own method class (Hydra's spelling)
+            values["name"] = values.pop("_target_")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -186,14 +183,14 @@ def distillation_terms(
     cfg: LossConfig,
     is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token distillation loss `[R, C]` and the mask `[R, C]` it counts on (after `skip_first`).
+    """Per-token distillation loss `[R, C]` and the mask `[R, C]` it counts on (`mask` as given: the module
+    applies `loss.skip_first` to every method's mask before).
 
     `student_logits`, `teacher_logits`: `[R, C, V]`, aligned on the completion tokens `completion_ids` `[R, C]`
     (position t predicts token t). `is_weight` `[R, C]` (detached importance weights, see
     `SelfDistillationModule.importance_weights`) multiplies each token's divergence.
     """
     per_token = per_token_divergence(student_logits, teacher_logits, tokens=completion_ids, **cfg.divergence_kwargs())
-    mask = completion_mask_skip_first(mask, cfg.skip_first) if cfg.skip_first else mask
     if is_weight is not None:
         per_token = per_token * is_weight.to(per_token.dtype)
     return per_token, mask

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_sd.batch import StepBatch
+
 POSITIVE = (214, 39, 40)  # red: the student's distribution is far from the teacher's here
 NEGATIVE = (31, 119, 180)  # blue: negative per-token value (sampled estimator only)
 
@@ -200,7 +202,7 @@ def teacher_topk(module: Any, teacher_out: torch.Tensor, k: int, row_chunk: int 
     return {"ids": torch.cat(ids).cpu(), "probs": torch.cat(probs).cpu()}
 
 
-def rows_from_batch(batch: dict, tokenizer: Any, rows: Sequence[int]) -> list[TokenRow]:
+def rows_from_batch(batch: StepBatch, tokenizer: Any, rows: Sequence[int]) -> list[TokenRow]:
     """`TokenRow`s for rollout rows `rows` of a trained batch (after `training_step`: it needs
     `batch["loss_terms"]`, and uses `teacher_topk` there when the module kept it)."""
     rollout = batch["rollout"]

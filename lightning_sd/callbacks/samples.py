@@ -10,12 +10,13 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.logging_utils import run_folder, wandb_logger
 
 COLUMNS = ["step", "record_id", "prompt", "completion", "reward", "mean_divergence", "tokens"]
 
 
-def sample_rows(batch: dict, step: int, limit: int) -> list[dict]:
+def sample_rows(batch: StepBatch, step: int, limit: int) -> list[dict]:
     """One dict per rollout row (the first sample of each prompt first), at most `limit`."""
     rollout, terms = batch["rollout"], batch["loss_terms"]
     per_token, mask = terms["per_token"].float(), terms["mask"].float()

@@ -2,8 +2,8 @@
 its teacher-student divergence, with the teacher's top alternatives on hover. Saved as
 `<run folder>/token_views/step_000010.html` and, with a W&B logger, logged as `token_view` (an HTML panel).
 
-On the steps it renders it sets `module.keep_teacher_topk = topk` before the training step, so the module
-keeps the teacher's top-k tokens and probabilities per completion token in `batch["loss_terms"]` (computed
+On the steps it renders it asks for the teacher's alternatives (`wants_teacher_topk`, which the module reads
+from its callbacks at the training step), so the module keeps the teacher's top-k tokens and probabilities per completion token in `batch["loss_terms"]` (computed
 from the logits the loss already has; other steps pay nothing).
 """
 
@@ -39,10 +39,13 @@ class TokenView(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._render, self._step = self._due(trainer, batch_idx), trainer.global_step
-        pl_module.keep_teacher_topk = self.topk if self._render else 0
+
+    def wants_teacher_topk(self) -> int:
+        """The teacher alternatives per token this step should keep: `topk` on a step this callback renders,
+        else 0 (read by `SelfDistillationModule.training_step`)."""
+        return self.topk if self._render else 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.keep_teacher_topk = 0
         if not self._render or "loss_terms" not in batch or "rollout" not in batch:
             return
         self._render = False

@@ -19,9 +19,12 @@ mix of the two gradients.
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 import torch
+
+from lightning_sd.methods.base import Method, Step, Terms, register
 
 
 GRPO_EPS = 1e-4
@@ -61,4 +64,48 @@ def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor,
     return -adv * logp
 
 
-__all__ = ["GRPO_EPS", "group_advantages", "policy_gradient_terms"]
+def policy_gradient(step: Step, method: str) -> Terms:
+    """The GRPO terms of a step: on the rows with a reward; a row whose advantage is 0 (equal rewards in its
+    group) carries no signal."""
+    logp = step.logprobs()
+    if step.rewards is None:
+        raise RuntimeError(f"loss={method} needs verifier rewards in the batch: give the module a task "
+                           "(data.task=..., or SelfDistillationModule(task=...)) and train with OnPolicyGeneration")
+    advantages, has_reward = group_advantages(step.rewards, step.group_size)
+    base = step.mask
+    mask = base * has_reward.to(base.device, base.dtype)[:, None]
+    signal = mask.bool() & (advantages != 0).to(base.device)[:, None]
+    return Terms(policy_gradient_terms(logp, advantages, step.importance_weights), mask, signal)
+
+
+@register
+class Grpo(Method):
+    """`loss=grpo`: the pure group-normalized policy gradient (no teacher)."""
+
+    name = "grpo"
+    teacher = False
+    rewards = True
+    distills = False
+
+    @property
+    def policy_gradient(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        if self.loss.lam != 1.0:
+            raise ValueError(f"loss=grpo is the pure policy gradient (loss.lam=1, got {self.loss.lam}); to mix it "
+                             "with self-distillation use loss=rl_feedback loss.lam=...")
+        super().validate()
+
+    def check(self, teacher: Any, generation: Any, data: Any) -> None:
+        super().check(teacher, generation, data)
+        if self.policy_gradient and generation.n < 2:  # a warning: every loss option must validate on its own
+            warnings.warn(f"loss={self.loss.name} with loss.lam={self.loss.lam} normalizes rewards within each "
+                          f"prompt's group, so with generation.n={generation.n} every advantage is 0 and the GRPO "
+                          "term learns nothing: set generation.n >= 2 (the papers use 8)", stacklevel=3)
+
+    def terms(self, step: Step) -> Terms:
+        return policy_gradient(step, self.loss.name)
+
+
+__all__ = ["GRPO_EPS", "group_advantages", "policy_gradient_terms", "policy_gradient", "Grpo"]

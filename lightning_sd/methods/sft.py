@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lightning_sd.methods.base import Method, Step, Terms, register
 from lightning_sd.sampling import Rollout
 
 DATASET = "dataset"  # `Rollout.extras["source"]` of completions that were not sampled
@@ -60,4 +61,17 @@ def nll_terms(logp: torch.Tensor) -> torch.Tensor:
     return -logp
 
 
-__all__ = ["DATASET", "reference_rollout", "is_dataset_rollout", "nll_terms"]
+@register
+class Sft(Method):
+    """`loss=sft`: cross-entropy on the dataset's reference completions; no rollout, no teacher."""
+
+    name = "sft"
+    samples = False
+    teacher = False
+    distills = False
+
+    def terms(self, step: Step) -> Terms:
+        return Terms(nll_terms(step.logprobs()), step.mask)
+
+
+__all__ = ["DATASET", "reference_rollout", "is_dataset_rollout", "nll_terms", "Sft"]

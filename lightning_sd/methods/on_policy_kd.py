@@ -9,6 +9,8 @@ hang the collectives of the decode loop).
 
 from __future__ import annotations
 
+from lightning_sd.methods.base import register
+from lightning_sd.methods.distill import Distill
 from lightning_sd.rollout import derive_seed
 
 _SALT = 0x6B64  # separates this stream from the sampling seeds derived from the same integers
@@ -25,4 +27,13 @@ def on_policy_batch(lmbda: float, seed: int, global_step: int, batch_idx: int) -
     return u < lmbda
 
 
-__all__ = ["on_policy_batch"]
+@register
+class OnPolicyKD(Distill):
+    """`loss=on_policy_kd`: an external teacher's divergence on the student's samples (the teacher sees the
+    student's own prompt, `loss.template=student_prompt`); `loss.lmbda < 1` trains some batches on the
+    dataset's completions (`on_policy_batch`)."""
+
+    name = "on_policy_kd"
+
+
+__all__ = ["on_policy_batch", "OnPolicyKD"]

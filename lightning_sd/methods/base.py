@@ -1,0 +1,184 @@
+"""A method as one object: `Method` declares what a training step needs (student samples or the dataset's
+reference completions, a teacher forward, verifier rewards), owns its teacher-context builder, and turns a
+`Step` (the typed record of one micro-batch's scores) into per-token `Terms`. The module runs the same step for
+every method and never asks for its name; `METHODS` maps `loss.name` to the class, and a dotted path
+(`loss.name=package.module.Class`, or `_target_: package.module.Class` in a loss YAML) names a user's own class
+(`method_for`).
+
+Shapes: R rollout rows, C completion length.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from lightning_sd.contexts import ContextBuilder
+from lightning_sd.methods.teacher_context import build_context
+from lightning_sd.sampling import Rollout
+
+
+@dataclass
+class Terms:
+    """What a method's `terms` returns: `per_token` `[R, C]` loss terms (summed over `mask`, then normalized by
+    `loss.reduction`), `mask` `[R, C]` the tokens they count on, and `signal` `[R, C]` bool, the tokens whose
+    term can carry a gradient (None: all of `mask`; a GRPO row with zero advantage is in `mask`, not here)."""
+
+    per_token: torch.Tensor
+    mask: torch.Tensor
+    signal: torch.Tensor | None = None
+
+
+@dataclass
+class Step:
+    """One micro-batch as a method's `terms` sees it.
+
+    - `rollout`: the completions trained on (`completion_ids` `[R, C]`, ...), sampled or the dataset's.
+    - `records`: the B prompt records; rows of record i are `rollout.prompt_index == i` (R = B x group size).
+    - `rewards`: `[R]` verifier rewards (None: no verifier ran; an entry is None where it failed).
+    - `mask`: `[R, C]` the completion tokens that may train, `loss.skip_first` already applied.
+    - `row_mask`: `[R]` bool, rows whose teacher context exists (all True when no teacher runs).
+    - `logprobs()`: `[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad).
+    - `distillation(mask)`: `[R, C]` per-token divergence from the teacher's scores (`loss.beta`, `support`,
+      ...), multiplied by the importance weights.
+    - `importance_weights`: `[R, C]` detached weights against the sampler's distribution, or None
+      (`loss.is_clip` null, or dataset completions); computed once per step.
+    """
+
+    rollout: Rollout
+    records: list[dict]
+    rewards: list[float | None] | None
+    mask: torch.Tensor
+    row_mask: torch.Tensor
+    logprobs: Callable[[], torch.Tensor]
+    distillation: Callable[[torch.Tensor], torch.Tensor]
+    _weights: Callable[[], torch.Tensor | None] = field(repr=False, default=lambda: None)
+
+    @cached_property
+    def importance_weights(self) -> torch.Tensor | None:
+        return self._weights()
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per prompt (`generation.n`)."""
+        return self.rollout.completion_ids.size(0) // len(self.records)
+
+    def teacher_mask(self) -> torch.Tensor:
+        """`mask` restricted to the rows with a teacher context."""
+        return self.mask * self.row_mask[:, None].to(self.mask.dtype)
+
+
+class Method:
+    """Base class of the methods. A subclass sets the class attributes that say what it needs and implements
+    `terms`; `context` and `check` have defaults.
+
+    - `name`: the `loss.name` it registers under (`register`).
+    - `samples`: trains on the student's samples (False: on the dataset's reference completions, no rollout).
+    - `teacher`: runs a teacher forward on the teacher context (`needs_teacher` may depend on the options).
+    - `rewards`: learns from verifier rewards (the data needs a verifier).
+    - `distills`: its signal is a teacher's divergence on the completion, so it accepts `loss.lmbda < 1`
+      (dataset batches), `loss.contrast` and `loss.reason_first`.
+    """
+
+    name: ClassVar[str] = ""
+    samples: ClassVar[bool] = True
+    teacher: ClassVar[bool] = True
+    rewards: ClassVar[bool] = False
+    distills: ClassVar[bool] = True
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss  # the `LossConfig`
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher
+
+    @property
+    def uses_rewards(self) -> bool:
+        """Rewards are needed for the loss itself or for the RL-feedback teacher context (`loss.template=sdpo`)."""
+        return self.rewards or self.loss.template == "sdpo"
+
+    def context(self) -> ContextBuilder:
+        """The teacher-context builder `(record, RowView) -> str | None` (None: the row has no privileged
+        signal and is masked out); default: `loss.template` with the loss options."""
+        cfg = self.loss
+        return build_context(cfg.template, feedback=cfg.feedback, strip_reasoning=cfg.strip_reasoning,
+                             reason_first=cfg.reason_first)
+
+    def validate(self) -> None:
+        """Reject options this method cannot use (called by `LossConfig.validate`)."""
+        cfg = self.loss
+        if self.distills:
+            return
+        label = self.name or type(self).__name__
+        if cfg.lmbda < 1.0:
+            raise ValueError(f"loss.lmbda={cfg.lmbda} (dataset completions for some batches) applies to the "
+                             f"distillation methods {distillation_names()}, not to loss={label}: set loss.lmbda=1")
+        if cfg.contrast is not None:
+            raise ValueError(f"loss.contrast (contrastive teacher) applies to {distillation_names()}, not to "
+                             f"loss={label}")
+        if cfg.reason_first:
+            raise ValueError(f"loss.reason_first applies to {distillation_names()} (a teacher that sees a reference "
+                             f"solution), not to loss={label}")
+
+    def check(self, teacher: Any, generation: Any, data: Any) -> None:
+        """What the method needs from the other config groups, at start-up: a ValueError naming the options when
+        it cannot work (a warning when it would run but learn nothing)."""
+        cfg = self.loss
+        verifier = getattr(data, "verifier", None)
+        if self.uses_rewards and (verifier == "none" or (not data.task and verifier is None)):
+            raise ValueError(f"loss={cfg.name} (template {cfg.template!r}, lam={cfg.lam}) learns from verifier "
+                             "rewards: pick a task with a verifier (data=arithmetic|facts|json_format, or "
+                             "data.task=...) or set data.verifier (math, normalized, ...; docs/configuration.md)")
+        if cfg.template == "sdpo" and generation.n < 2 and not cfg.feedback:
+            raise ValueError("the sdpo teacher context needs a successful sibling rollout (generation.n >= 2) or "
+                             f"verifier feedback (loss.feedback=true); got generation.n={generation.n}, "
+                             "loss.feedback=false")
+
+    def terms(self, step: Step) -> Terms:
+        raise NotImplementedError(f"{type(self).__name__}.terms")
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` selectable as `loss.name=<cls.name>`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name` to register under")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def distillation_names() -> tuple[str, ...]:
+    return tuple(name for name, cls in METHODS.items() if cls.distills)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of `loss.name`: a registered name, or the dotted path `package.module.Class` of a `Method`
+    subclass."""
+    if name in METHODS:
+        return METHODS[name]
+    if "." not in name:
+        raise ValueError(f"loss.name={name!r} is not one of {tuple(METHODS)} (or the dotted path of your own "
+                         "Method subclass, package.module.Class)")
+    module, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"loss.name={name!r} does not name an importable class: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"loss.name={name!r} is not a subclass of lightning_sd.methods.Method")
+    return cls
+
+
+def method_for(loss: Any) -> Method:
+    """The method object of a `LossConfig`."""
+    return method_class(loss.name)(loss)
+
+
+__all__ = ["Terms", "Step", "Method", "METHODS", "register", "distillation_names", "method_class", "method_for"]
