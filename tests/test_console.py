@@ -49,7 +49,7 @@ def test_train_py_console_has_a_header_each_line_once_and_a_summary(tmp_path):
     repeated = {line: n for line, n in collections.Counter(lines).items() if n > 1}
     assert not repeated, repeated
     text = "\n".join(lines)
-    assert "model    tiny" in text and "method   self_critique" in text and f"output   {run_dir}" in text
+    assert "model    tiny" in text and "method   continual" in text and f"output   {run_dir}" in text
     assert "loss:\n" not in proc.stdout and "entry_clip_mode" not in proc.stdout  # no config dump by default
     assert "Tip:" not in text and "in eval mode" not in text and "LeafSpec" not in text
     for label in ("student accuracy", "teacher-with-context", "gap (teacher - student)", "steps", "tokens/s",

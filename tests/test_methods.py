@@ -107,7 +107,7 @@ def test_reason_first_puts_the_teachers_own_greedy_analysis_into_its_context(tin
 
 # ----------------------------------------------------------------------------------------------------- continual
 
-def test_continual_teacher_sees_the_demonstration_and_first_three_tokens_are_skipped(tiny, records):
+def test_continual_teacher_sees_the_demonstration_as_an_example_response_and_first_tokens_are_skipped(tiny, records):
     model, tok = tiny
     cfg = loss_option("continual")
     assert (cfg.skip_first, cfg.reduction, cfg.beta, cfg.support) == (3, "sequence_mean", 0.0, "full")
@@ -116,7 +116,7 @@ def test_continual_teacher_sees_the_demonstration_and_first_three_tokens_are_ski
     inputs = module.build_teacher_inputs(batch)
     for r, (t_row, s_row) in enumerate(zip(prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"]),
                                            prompt_rows(batch["rollout"].prompt_ids, batch["rollout"].prompt_mask))):
-        demo = ids(tok, "This is an example for a response to the question:\n" + records[r]["solution"])
+        demo = ids(tok, "Example response:\n" + records[r]["solution"])
         assert contains(t_row, demo) and not contains(s_row, ids(tok, records[r]["solution"]))
     # hand-built completions of lengths 5, 3, 1 and 6 valid tokens (right-padded)
     lengths = [5, 3, 1, 6]
