@@ -1,7 +1,7 @@
-"""Regenerate the tables of docs/results.md and docs/recipes.md from experiments/results/<name>/results.json (no
-number in those tables is typed by hand): every block between `<!-- results:<name> -->` and
-`<!-- /results:<name> -->` is replaced by the table of that experiment, with the machine, the code version and
-the wall time of its runs.
+"""Regenerate the tables of docs/results.md, docs/recipes.md and docs/default_run.md from
+experiments/results/<name>/results.json (no number in those tables is typed by hand): every block between
+`<!-- results:<name> -->` and `<!-- /results:<name> -->` is replaced by the table of that experiment, with the
+machine, the code version and the wall time of its runs.
 
     python experiments/report.py                 # rewrite the docs in place
     python experiments/report.py --check         # exit 1 if a doc is not up to date
@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "recipes.md"]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "recipes.md", ROOT / "docs" / "default_run.md"]
 
 # experiment -> [(column title, metric key)]
 COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -27,6 +27,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("facts A after B", "facts_a_after_facts_b"), ("forgetting", "forgetting"),
         ("real capitals before", "before_real_capitals"), ("real capitals after B", "real_capitals_after_facts_b"),
         ("KL(trained \\|\\| base), nats/token", "drift_kl"), ("train s", "train_seconds")],
+    "knowledge_injection_paper_recipe": [],  # the same columns as knowledge_injection (set below)
     "knowledge_injection_pilot": [
         ("teacher with the fact, A / B (before)", "teacher_before_facts_a|teacher_before_facts_b"),
         ("facts A after A", "facts_a_after_facts_a"), ("facts B after B", "facts_b_after_facts_b"),
@@ -51,7 +52,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
+COLUMNS["recipes_facts"] = [c for c in COLUMNS["recipes"] if c[1] != "mean_clipped_teacher_mass"]  # no clip there
 
 
 def fmt(s: dict | None, digits: int = 2) -> str:
