@@ -7,13 +7,15 @@ impossible value stops the run at start-up with a message naming the key (`loss.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_sd.module import OptimizerConfig, SchedulerConfig
 from lightning_sd.objectives import LossConfig
+from lightning_sd.sampling import SamplingConfig
 from lightning_sd.teachers import TEACHER_KINDS
 
 
@@ -42,15 +44,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: Optional[str] = None
+    task: Optional[str] = "fictional_facts"
+    # empty: an option's dict is merged into this one key by key, so anything here would join every task's options
     task_kwargs: dict = field(default_factory=dict)
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
-    n_train: Optional[int] = None
-    n_eval: Optional[int] = None
+    n_train: Optional[int] = 96
+    n_eval: Optional[int] = 24
     batch_size: int = 8
-    eval_batch_size: Optional[int] = None
-    max_prompt_length: Optional[int] = None
+    eval_batch_size: Optional[int] = 32
+    max_prompt_length: Optional[int] = 512
     truncation: str = "left"
     system_prompt: Optional[str] = None
     seed: int = 0
@@ -74,34 +77,11 @@ class TeacherConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(SamplingConfig):
+    """The `generation` group: every setting of the sampler (`SamplingConfig`, its fields and defaults) and the
+    engine that samples."""
+
     backend: str = "hf"
-    n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    stop_token_ids: Optional[list] = None
-    fixed_length: bool = False
-    seed: int = 0
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    fused: Optional[bool] = None  # null: a fused update kernel where torch has one and no strategy shards params
-
-
-@dataclass
-class SchedulerConfig:
-    name: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -117,7 +97,7 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     val_check_interval: Optional[int] = None
     enable_checkpointing: bool = True
-    checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: Optional[int] = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
     gradient_checkpointing: bool = False
@@ -172,7 +152,7 @@ class EvalConfig:
     before: bool = True
     after: bool = True
     teacher: bool = True
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
 
 
 @dataclass
@@ -266,12 +246,12 @@ def _typed(group: str, node: Any, schema: type) -> Any:
                           f"e.g. {group}.{key}=...") from None
 
 
-def sampling_config(g: GenerationConfig):
+def sampling_config(g: GenerationConfig) -> SamplingConfig:
     """The `SamplingConfig` of a `generation` group (its keys minus `backend`)."""
-    from lightning_sd.sampling import SamplingConfig
+    return SamplingConfig(**{f.name: getattr(g, f.name) for f in fields(SamplingConfig)})
 
-    return SamplingConfig(**{k: v for k, v in asdict(g).items() if k in SamplingConfig.__dataclass_fields__})
 
+EMA_MAX_RATE = 0.5  # teacher.rate above this is almost surely a decay typed as a rate
 
 TEACHER_KEYS_READ = {"rate": ("ema",), "mix": ("trust_region",), "model": ("external",)}
 
@@ -308,6 +288,11 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"teacher.kind={t.kind!r} is not one of {TEACHER_KINDS}")
     if t.kind == "ema" and not (t.rate and 0 < t.rate <= 1):
         raise ConfigError(f"teacher=ema needs teacher.rate in (0, 1], got {t.rate}")
+    if t.kind == "ema" and t.rate > EMA_MAX_RATE:
+        raise ConfigError(f"teacher.rate={t.rate} is the weight of the student in each update (teacher = (1 - rate) "
+                          f"* teacher + rate * student), not the decay: {t.rate} makes the teacher almost the live "
+                          f"student. For an EMA with decay d set teacher.rate=1-d (decay 0.99: teacher.rate=0.01); "
+                          f"for the student itself use teacher=live. Rates above {EMA_MAX_RATE} are refused")
     if t.kind == "trust_region" and (t.mix is None or not 0 <= t.mix <= 1):
         raise ConfigError(f"teacher=trust_region needs teacher.mix in [0, 1], got {t.mix}")
     if t.kind == "external":
@@ -319,7 +304,7 @@ def validate_config(cfg: DictConfig) -> dict:
     if g.backend not in ("hf", "vllm"):
         raise ConfigError(f"generation.backend={g.backend!r} is not one of 'hf', 'vllm'")
     try:  # the sampler's own rules (n, max_new_tokens, temperature, top_p, top_k), before anything is loaded
-        sampling_config(g).validate()
+        g.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     d: DataConfig = typed["data"]

@@ -57,6 +57,13 @@ def engine_owns_gradients(strategy) -> bool:
     return strategy_kind(strategy) == "deepspeed"
 
 
+def ends_optimizer_step(trainer) -> bool:
+    """Whether the current micro-batch is the last one of an optimizer step, by Lightning's own gradient
+    accumulation decision (always True without accumulation)."""
+    should_accumulate = getattr(trainer.fit_loop, "_should_accumulate", None)
+    return should_accumulate is None or not should_accumulate()
+
+
 # ---------------------------------------------------------------------------------------------- FSDP
 
 

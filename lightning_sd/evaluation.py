@@ -13,8 +13,12 @@ import torch
 from lightning_sd.contexts import RowView
 from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.forward import completion_logits
+from lightning_sd.generation import score_rollouts
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
+
+
+VERIFIER_TIMEOUT_S = 5.0  # seconds a verifier may take on one evaluation completion
 
 
 @dataclass
@@ -49,12 +53,9 @@ def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=N
     texts = decode_completions(module.tokenizer, rollout)
     correct, failures = [], 0
     if module.task is not None:
-        from lightning_sd.data.tasks.base import safe_verify
-
-        for r, text in enumerate(texts):
-            verdict = safe_verify(module.task, batch["records"][int(rollout.prompt_index[r])], text)
-            failures += verdict is None
-            correct.append(float(verdict is not None and verdict.reward >= 1.0))
+        rewards, _, failures = score_rollouts(module.task, batch["records"], texts, rollout.prompt_index,
+                                              timeout_s=VERIFIER_TIMEOUT_S)
+        correct = [float(reward is not None and reward >= 1.0) for reward in rewards]
     lengths = rollout.completion_mask.sum(-1).float().tolist()
     return {"texts": texts, "correct": correct, "lengths": lengths, "prompt_index": rollout.prompt_index.tolist(),
             "failures": failures}

@@ -22,7 +22,8 @@ from lightning_sd.sampling import SamplingConfig
 
 def score_rollouts(task, records: list[dict], texts: list[str], prompt_index: torch.Tensor,
                    timeout_s: float | None = 10.0) -> tuple[list[float | None], list[str | None], int]:
-    """Verify each completion: rewards (None where the verifier failed), feedback texts, failure count."""
+    """Verify each completion: rewards (None where the verifier failed), feedback texts, failure count (the
+    one place failures are counted; `FailureCounters` keeps the run's total from the batch's count)."""
     from lightning_sd.data.tasks.base import safe_verify
 
     rewards, feedback, failures = [], [], 0
@@ -57,7 +58,6 @@ class OnPolicyGeneration(Callback):
         self.verifier_timeout_s = verifier_timeout_s
         self.backend = backend  # None: the built-in sampler; else e.g. rollout_backends.VllmBackend
         self.gather_weights = gather_weights  # FSDP / ZeRO-3: gather once per rollout (trainer.gather_for_generation)
-        self.verifier_failures = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch: StepBatch, batch_idx) -> None:
         # SFT samples nothing; on-policy KD with lmbda < 1 skips some batches (same choice on every rank)
@@ -79,11 +79,4 @@ class OnPolicyGeneration(Callback):
         if task is not None:
             rewards, feedback, failures = score_rollouts(task, batch["records"], texts, rollout.prompt_index,
                                                          self.verifier_timeout_s)
-            self.verifier_failures += failures
             batch["rewards"], batch["feedback"], batch["verifier_failures"] = rewards, feedback, failures
-
-    def state_dict(self) -> dict:
-        return {"verifier_failures": self.verifier_failures}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.verifier_failures = state_dict.get("verifier_failures", 0)

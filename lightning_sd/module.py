@@ -13,7 +13,8 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torchmetrics
@@ -24,7 +25,8 @@ from torch import nn
 from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
-from lightning_sd.distributed import all_ranks, engine_owns_gradients, global_sum, shards_parameters
+from lightning_sd.distributed import (all_ranks, ends_optimizer_step, engine_owns_gradients, global_sum,
+                                      shards_parameters)
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.losses import completion_mask_skip_first, contrastive_target_logits
@@ -47,6 +49,27 @@ SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len") + DIAGNOST
 PROGRESS_BAR = ("loss", "divergence", "reward", "truncated", "teacher_advantage")
 
 
+@dataclass
+class OptimizerConfig:
+    """The `optimizer` group (`configure_optimizers`); the defaults are conf/optimizer/adamw.yaml's."""
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # null: a fused update kernel where torch has one and no strategy shards params
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler` group: a warmup, then constant, linear or cosine decay to `min_lr_ratio`."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
 class SelfDistillationModule(LightningModule):
     """On-policy self-distillation of a causal LM.
 
@@ -60,9 +83,10 @@ class SelfDistillationModule(LightningModule):
         context: a teacher-context builder `(record, RowView) -> str | None`; default: the method's
             (`Method.context`, formatting `loss.template`).
         task: an object with `verify(record, completion) -> Verdict` used for rewards and evaluation.
-        optimizer: dict `{name: adamw|sgd, lr, weight_decay, betas, eps}`; scheduler: dict
-            `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`.
-        eval_sampling: sampling settings for `validation_step` (default greedy, 64 new tokens).
+        optimizer: dict of `OptimizerConfig` keys `{name: adamw|sgd, lr, weight_decay, betas, eps, fused}`;
+            scheduler: dict of `SchedulerConfig` keys `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`;
+            a key left out takes the schema's default.
+        eval_sampling: sampling settings for `validation_step` (default greedy, `SamplingConfig`'s length).
     """
 
     def __init__(
@@ -100,13 +124,12 @@ class SelfDistillationModule(LightningModule):
         self.scorer = Scorer(self.loss_cfg, student_weight=lambda: self._output_weight(self.student),
                              teacher_weight=self.teacher_output_weight)
         self.task = task
-        self.optimizer_cfg = {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
-                              "fused": None, **(optimizer or {})}
-        self.scheduler_cfg = {"name": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, **(scheduler or {})}
+        self.optimizer_cfg = {**asdict(OptimizerConfig()), **(optimizer or {})}
+        self.scheduler_cfg = {**asdict(SchedulerConfig()), **(scheduler or {})}
         self.max_prompt_length = max_prompt_length
         self.truncation = truncation
         self.system_prompt = system_prompt
-        self.eval_sampling = eval_sampling or SamplingConfig(do_sample=False, max_new_tokens=64)
+        self.eval_sampling = eval_sampling or SamplingConfig(do_sample=False)
         self.run_dir = run_dir
         self.strict_loading = False  # a frozen teacher is not saved; it is rebuilt from the initial model
         metric_names = ("loss", "divergence", "completion_len", "truncated", "reward", "gen_tokens_per_s",
@@ -446,9 +469,7 @@ class SelfDistillationModule(LightningModule):
     def _optimizer_stepped(self) -> bool:
         """Whether this call of `optimizer_step` ended an optimizer step (False only for the micro-batches of a
         strategy that accumulates gradients itself, e.g. DeepSpeed, which calls the hook for every one)."""
-        should_accumulate = getattr(self.trainer.fit_loop, "_should_accumulate", None)
-        return not (self.trainer.strategy.handles_gradient_accumulation and should_accumulate is not None
-                    and should_accumulate())
+        return not self.trainer.strategy.handles_gradient_accumulation or ends_optimizer_step(self.trainer)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         """The schedule advances with the optimizer steps that happened: not on a step skipped for no signal."""

@@ -23,15 +23,16 @@ from lightning_sd.cpu_linear import onednn_linears
 class SamplingConfig:
     """Every setting of the rollout sampler. `top_k=0` and `top_p=1.0` switch those filters off;
     `do_sample=False` is greedy decoding. `fixed_length=True` always decodes `max_new_tokens` steps (stop
-    tokens still end the *mask*): used by benchmarks so that runs do the same work."""
+    tokens still end the *mask*): used by benchmarks so that runs do the same work. The defaults are those of
+    the `generation` group's default option (conf/generation/default.yaml), whose schema derives from this."""
 
     n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    max_new_tokens: int = 48
+    temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
-    stop_token_ids: Sequence[int] | None = None
+    stop_token_ids: list[int] | None = None
     fixed_length: bool = False
     seed: int = 0
 
@@ -154,73 +155,55 @@ def sample(
     FSDP / ZeRO-3); it is called every `sync_every` steps. Returns a `Rollout` with R = B * n rows.
     """
     with onednn_linears(model, rows_hint=prompt_ids.size(0) * config.n):
-        return _decode(model, prompt_ids, prompt_mask, config, pad_token_id=pad_token_id,
-                       stop_token_ids=stop_token_ids, generator=generator, keep_going=keep_going,
-                       sync_every=sync_every)
-
-
-def _decode(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    config: SamplingConfig,
-    *,
-    pad_token_id: int,
-    stop_token_ids: Sequence[int],
-    generator: torch.Generator | None = None,
-    keep_going: Callable[[bool], bool] | None = None,
-    sync_every: int = 1,
-) -> Rollout:
-    """The decode loop of `sample` (KV cache, one forward per new token)."""
-    config.validate()
-    n = config.n
-    device = prompt_ids.device
-    ids = prompt_ids.repeat_interleave(n, dim=0)
-    mask = prompt_mask.repeat_interleave(n, dim=0).long()
-    rows = ids.size(0)
-    prompt_index = torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n)
-    stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
-    positions = position_ids_from_mask(mask)
-    cache = _make_cache(model)
-    cache_arg = _cache_kwarg(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
-                logits_to_keep=1)
-    logits = out.logits[:, -1]
-    next_pos = positions[:, -1] + 1
-    tokens, logps = [], []
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    attn = mask
-    for step in range(config.max_new_tokens):
-        if config.do_sample:
-            logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
-            tok = sample_categorical(logp_all, generator)
-        else:
-            logp_all = logits.float().log_softmax(-1)
-            tok = logp_all.argmax(-1)
-        logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        tokens.append(tok)
-        logps.append(torch.where(done, torch.zeros_like(logp), logp))
-        done = done | torch.isin(tok, stop)
-        if step == config.max_new_tokens - 1:
-            break
-        if not config.fixed_length and (step + 1) % sync_every == 0:
-            local_done = bool(done.all())
-            if not (keep_going(local_done) if keep_going else not local_done):
-                break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    **{cache_arg: cache}, use_cache=True)
+        config.validate()
+        n = config.n
+        device = prompt_ids.device
+        ids = prompt_ids.repeat_interleave(n, dim=0)
+        mask = prompt_mask.repeat_interleave(n, dim=0).long()
+        rows = ids.size(0)
+        prompt_index = torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n)
+        stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
+        positions = position_ids_from_mask(mask)
+        cache = _make_cache(model)
+        cache_arg = _cache_kwarg(model)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
+                    logits_to_keep=1)
         logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    completion = torch.stack(tokens, dim=1)
-    logprobs = torch.stack(logps, dim=1)
-    # valid = up to and including the first stop token
-    is_stop = torch.isin(completion, stop)
-    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
-    completion_mask = (stops_before == 0).long()
-    truncated = ~is_stop.any(-1)
-    completion = completion.masked_fill(completion_mask == 0, pad_token_id)
-    logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
-    return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
-                   logprobs=logprobs, truncated=truncated, prompt_index=prompt_index, sampling=config)
+        next_pos = positions[:, -1] + 1
+        tokens, logps = [], []
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        attn = mask
+        for step in range(config.max_new_tokens):
+            if config.do_sample:
+                logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
+                tok = sample_categorical(logp_all, generator)
+            else:
+                logp_all = logits.float().log_softmax(-1)
+                tok = logp_all.argmax(-1)
+            logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+            tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+            tokens.append(tok)
+            logps.append(torch.where(done, torch.zeros_like(logp), logp))
+            done = done | torch.isin(tok, stop)
+            if step == config.max_new_tokens - 1:
+                break
+            if not config.fixed_length and (step + 1) % sync_every == 0:
+                local_done = bool(done.all())
+                if not (keep_going(local_done) if keep_going else not local_done):
+                    break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                        **{cache_arg: cache}, use_cache=True)
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        completion = torch.stack(tokens, dim=1)
+        logprobs = torch.stack(logps, dim=1)
+        # valid = up to and including the first stop token
+        is_stop = torch.isin(completion, stop)
+        stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+        completion_mask = (stops_before == 0).long()
+        truncated = ~is_stop.any(-1)
+        completion = completion.masked_fill(completion_mask == 0, pad_token_id)
+        logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
+        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
+                       logprobs=logprobs, truncated=truncated, prompt_index=prompt_index, sampling=config)

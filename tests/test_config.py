@@ -123,6 +123,36 @@ def test_every_group_key_is_in_its_schema():
             assert set(data) - {"defaults"} <= names, (group, option, set(data) - names)
 
 
+# the loss schema's defaults are the base every method's own options override (a `LossConfig(name=...)` built in
+# Python fills the keys it leaves out from them), not one method's recipe
+NOT_THE_DEFAULT_OPTION = {"loss"}
+# a dict default is merged into every option's dict key by key (it would add its keys to each), so it stays empty
+MERGED_DICTS = {("data", "task_kwargs")}
+
+
+def test_the_schema_defaults_are_the_default_options_values():
+    """Each group's schema defaults equal the values of the group's default option in conf/train.yaml (the YAML
+    wins), so that a dataclass built in Python and `python train.py` start from the same settings."""
+    from dataclasses import asdict
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    defaults = yaml.safe_load((CONF / "train.yaml").read_text())["defaults"]
+    chosen = {group: option for entry in defaults if isinstance(entry, dict) for group, option in entry.items()
+              if group in GROUP_SCHEMAS and group not in NOT_THE_DEFAULT_OPTION}
+    assert set(chosen) == set(GROUP_SCHEMAS) - NOT_THE_DEFAULT_OPTION
+    # name every default option on the command line: a method's loss option would otherwise pick the teacher
+    cfg = compose_cfg([f"{group}={option}" for group, option in chosen.items()])
+    for group in chosen:
+        want = OmegaConf.to_container(cfg[group], resolve=True)
+        have = asdict(GROUP_SCHEMAS[group]())
+        assert set(have) == set(want), (group, set(have) ^ set(want))
+        assert all(have[k] == {} for g, k in MERGED_DICTS if g == group)
+        differ = {k: (have[k], want[k]) for k in want if have[k] != want[k] and (group, k) not in MERGED_DICTS}
+        assert not differ, f"{group}: schema default != conf/{group}/{chosen[group]}.yaml: {differ}"
+
+
 @pytest.mark.parametrize("override,message", [
     ("+loss.bta=0.5", "loss.bta"),
     ("loss.support=sampled", "loss.beta"),
@@ -131,6 +161,7 @@ def test_every_group_key_is_in_its_schema():
     ("loss.beta=1.5", "loss.beta"),
     ("loss.entry_clip_mode=both", "loss.entry_clip_mode"),
     ("teacher=ema teacher.rate=0", "teacher.rate"),
+    ("teacher=ema teacher.rate=0.99", "teacher.rate=0.99 is the weight of the student"),
     ("generation.top_p=0", "generation.top_p"),
     ("trainer.precision=bf17", "trainer.precision"),
     ("data.truncation=right", "data.truncation"),
@@ -186,3 +217,10 @@ def test_each_loss_selects_its_methods_teacher_and_the_command_line_wins(loss, k
     assert (typed["teacher"].kind, typed["teacher"].rate) == (kind, rate)
     typed = validate_config(compose_cfg(TINY + [f"loss={loss}", "teacher=live"]))
     assert typed["teacher"].kind == "live"
+
+
+def test_an_ema_rate_of_one_half_is_accepted_and_above_it_refused():
+    typed = validate_config(compose_cfg(TINY + ["teacher=ema", "teacher.rate=0.5"]))
+    assert typed["teacher"].rate == 0.5
+    with pytest.raises(ConfigError, match=r"decay 0\.99: teacher\.rate=0\.01"):
+        validate_config(compose_cfg(TINY + ["teacher=ema", "teacher.rate=0.51"]))

@@ -101,9 +101,9 @@ def test_sampler_logprobs_equal_trainer_logprobs(tiny, records):
     model, tok = tiny
     model.eval()
     batch = make_batch(tok, records)  # prompts of different lengths -> different left padding
-    out = sample(model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(n=2, max_new_tokens=10),
-                 pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(model, batch["prompt_ids"], batch["prompt_mask"],  # temperature 1: the trainer's distribution
+                 SamplingConfig(n=2, max_new_tokens=10, temperature=1.0), pad_token_id=tok.pad_token_id,
+                 stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = completion_logits(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
     logp = token_logprobs(logits, out.completion_ids)

@@ -22,6 +22,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_sd.distributed import ends_optimizer_step
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -84,7 +86,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the periodic save
-        if trainer.fit_loop.epoch_loop._should_accumulate():  # stop at an optimizer step, never inside one
+        if not ends_optimizer_step(trainer):  # stop at an optimizer step, never inside one
             return
         if not trainer.strategy.reduce_boolean_decision(self._stop_signal is not None, all=False):
             return  # (every rank stops at the same step when any rank was signalled)

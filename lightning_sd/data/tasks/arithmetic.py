@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from lightning_sd.data.records import DataError
-from lightning_sd.data.tasks.base import Task, Verdict, check_split, extract_answer, normalize_number, split_of
+from lightning_sd.data.tasks.base import Task, Verdict, distinct_records, extract_answer, normalize_number
 
 NAMES = [("Tom", "he"), ("Ana", "she"), ("Ben", "he"), ("Mia", "she"), ("Leo", "he"), ("Zoe", "she"),
          ("Sam", "he"), ("Lily", "she"), ("Omar", "he"), ("Nina", "she"), ("Raj", "he"), ("Emma", "she"),
@@ -91,26 +91,13 @@ class ArithmeticTask(Task):
                 "answer": str(value), "instruction": self.instruction}
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        check_split(split, self.splits, self.name)
-        rng = random.Random(f"{self.name}/{split}/{seed}")
-        out: list[dict] = []
-        seen: set[str] = set()
-        for _ in range(200 * n + 1000):
-            if len(out) == n:
-                break
+        def candidate(rng: random.Random):
             start, steps = self._numbers(rng)
-            key = f"{start}" + "".join(f"{op}{k}" for op, k in steps)
-            if split_of(key, self.eval_share, self.val_share) != split:
-                continue
-            rec = self._record(rng, start, steps)
-            if rec["prompt"] in seen:
-                continue
-            seen.add(rec["prompt"])
-            out.append({**rec, "id": f"{self.name}/{split}/{seed}/{len(out)}", "task": self.name, "split": split})
-        if len(out) < n:
-            raise DataError(f"arithmetic: could not make {n} different {split} problems with n_steps={self.n_steps},"
-                            f" max_operand={self.max_operand}; raise max_operand or ask for fewer")
-        return out
+            return f"{start}" + "".join(f"{op}{k}" for op, k in steps), lambda: self._record(rng, start, steps)
+
+        return distinct_records(self, split, n, seed, candidate, unique="prompt", shortage=(
+            f"arithmetic: could not make {n} different {split} problems with n_steps={self.n_steps}, "
+            f"max_operand={self.max_operand}; raise max_operand or ask for fewer"))
 
     def verify(self, record: dict, completion: str) -> Verdict:
         predicted = extract_answer(completion)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -17,6 +18,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lightning_sd.data.records import DataError, save_jsonl
 
@@ -65,6 +67,34 @@ def check_split(split: str, splits: tuple[str, ...] = ("train", "eval"), task: s
         raise DataError(f"split={split!r} is not one of {task}'s splits {splits}"
                         + (" (data.eval_split=val needs a task with a validation split: data=arithmetic or a facts task)"
                            if split == "val" else ""))
+
+
+def distinct_records(task: Task, split: str, n: int, seed: int,
+                     candidate: Callable[[random.Random], tuple[str, Callable[[], dict]]], unique: str,
+                     shortage: str) -> list[dict]:
+    """`n` different records of `split`, drawn by rejection: `candidate(rng)` returns the candidate's split key
+    (`split_of` assigns it to a split with the task's `eval_share` and `val_share`) and a function that makes
+    its record (called only for the split asked for); a record whose `unique` field repeats an earlier one is
+    dropped. The random stream depends on the task's name, the split and `seed` only. Raises
+    `DataError(shortage)` when `n` records cannot be found (the split is too small)."""
+    check_split(split, task.splits, task.name)
+    rng = random.Random(f"{task.name}/{split}/{seed}")
+    out: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            break
+        key, make = candidate(rng)
+        if split_of(key, task.eval_share, getattr(task, "val_share", 0.0)) != split:
+            continue
+        rec = make()
+        if rec[unique] in seen:
+            continue
+        seen.add(rec[unique])
+        out.append({**rec, "id": f"{task.name}/{split}/{seed}/{len(out)}", "task": task.name, "split": split})
+    if len(out) < n:
+        raise DataError(shortage)
+    return out
 
 
 def stable_hash(text: str, byteorder: str = "big") -> int:

@@ -14,7 +14,7 @@ import random
 from typing import Any
 
 from lightning_sd.data.records import DataError
-from lightning_sd.data.tasks.base import Task, Verdict, check_split, split_of
+from lightning_sd.data.tasks.base import Task, Verdict, distinct_records
 
 NAMES = ["Ana", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wei", "Yara"]
@@ -105,24 +105,14 @@ class JsonFormatTask(Task):
                 f" {key_list}. Reply with only the JSON.")
 
     def records(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        check_split(split, self.splits, self.name)
-        rng = random.Random(f"{self.name}/{split}/{seed}")
-        out: list[dict] = []
-        seen: set[str] = set()
-        for _ in range(200 * n + 1000):
-            if len(out) == n:
-                break
+        def candidate(rng: random.Random):
             target = self._target(rng)
             answer = json.dumps(target)
-            if answer in seen or split_of(answer, self.eval_share) != split:
-                continue
-            seen.add(answer)
-            out.append({"prompt": self._prompt(target), "solution": answer, "answer": answer,
-                        "id": f"{self.name}/{split}/{seed}/{len(out)}", "task": self.name, "split": split})
-        if len(out) < n:
-            raise DataError(f"json_format: could not make {n} different {split} records with n_keys={self.n_keys};"
-                            f" ask for fewer or raise n_keys")
-        return out
+            return answer, lambda: {"prompt": self._prompt(target), "solution": answer, "answer": answer}
+
+        return distinct_records(self, split, n, seed, candidate, unique="answer", shortage=(
+            f"json_format: could not make {n} different {split} records with n_keys={self.n_keys}; ask for fewer "
+            f"or raise n_keys"))
 
     def verify(self, record: dict, completion: str) -> Verdict:
         errors = check_json(completion, json.loads(record["answer"]))
