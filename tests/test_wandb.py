@@ -62,7 +62,8 @@ def test_offline_wandb_run_has_config_metrics_samples_views_and_eval(tmp_path, w
 
     run_dir = tmp_path / "run"
     run_train(TINY + ["logger=wandb", "trainer.max_steps=4", "logger.log_samples_every=2",
-                      "callbacks.token_view_every=2", "loss.beta=0.5"], run_dir)
+                      "callbacks.token_view_every=2", "loss.beta=0.5",
+                      "loss.lmbda=1"], run_dir)  # every step samples, so every row has the rollout metrics
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
     run = read_offline_run(offline)
 
