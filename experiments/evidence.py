@@ -413,7 +413,7 @@ def write_results(exp, results: list[dict], summary: dict, wall_seconds: float) 
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(summary["rows"])
-    lines = [f"| arm | metric | mean | std | min | max | n |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | metric | mean | std | min | max | n |", "|---|---|---|---|---|---|---|"]
     for arm, metrics in summary["arms"].items():
         for k, s in metrics.items():
             if s["n"]:

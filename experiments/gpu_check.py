@@ -157,7 +157,6 @@ def part_bf16_live_grad() -> dict:
 
 
 def part_uneven(strategy_name: str) -> dict:
-    import torch
     from lightning.pytorch import Callback
 
     from lightning_sd.generation import OnPolicyGeneration
@@ -347,7 +346,7 @@ def main() -> int:
         for line in result.get("stderr_tail", []):
             print(f"    {line[:240]}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    print(f"\n| part | status | seconds | detail |\n|---|---|---|---|")
+    print("\n| part | status | seconds | detail |\n|---|---|---|---|")
     for name, r in results.items():
         status = {True: "PASS", False: "FAIL", None: "SKIP"}[r.get("ok")]
         print(f"| {name} | {status} | {r['seconds_total']:.0f} | {r.get('detail', '')} |")

@@ -53,7 +53,6 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 
 
 COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
-COLUMNS["default_run_on_policy"] = COLUMNS["default_run"]  # the same run with loss.lmbda=1
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
 COLUMNS["recipes_facts"] = [c for c in COLUMNS["recipes"] if c[1] != "mean_clipped_teacher_mass"]  # no clip there
 

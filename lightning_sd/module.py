@@ -379,7 +379,6 @@ class SelfDistillationModule(LightningModule):
           computing it for every row costs about as much as the loss itself).
         Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
         rollout: Rollout = batch["rollout"]
-        cfg = self.loss_cfg
         values = {"no_signal_rows": float((~out["signal"].any(-1)).float().mean())}
         if teacher_out is None:
             return values

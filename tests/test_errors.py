@@ -58,7 +58,7 @@ def test_missing_or_empty_privileged_field_named_at_start_up(tmp_path, loss, fie
     with pytest.raises(DataError) as err:
         file_run(tmp_path, [GOOD, GOOD, {**GOOD, field: "  "}], f"loss={loss}")
     msg = str(err.value)
-    assert f"train.jsonl:3" in msg and f"field {field!r} is empty" in msg and "loss.template=" in msg
+    assert "train.jsonl:3" in msg and f"field {field!r} is empty" in msg and "loss.template=" in msg
     no_field = {k: v for k, v in GOOD.items() if k != field}
     with pytest.raises(DataError, match=rf"train\.jsonl:2 .*field '{field}' is missing"):
         file_run(tmp_path, [GOOD, no_field], f"loss={loss}")

@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from floor import MachineRates, ModelShape, StepWork, measure_rates, step_floor  # noqa: E402
+from floor import ModelShape, StepWork, measure_rates, step_floor  # noqa: E402
 
 PHASES = ("generation", "teacher_prompts", "teacher_forward", "student_forward", "backward", "optimizer", "other")
 # the teacher sees the prompt, a blank line and the reference solution: the same text as TRL's SDFT default
