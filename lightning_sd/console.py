@@ -113,7 +113,9 @@ def summary_rows(metrics: dict, run_dir: str) -> list[tuple[str, str]]:
         failures = sum(int(e.get("verifier_failures") or 0) for e in (before, after))
         if failures:
             rows.append(("verifier failures", f"{failures} (warnings above name the rows)"))
-    train = metrics.get("train_metrics") or {}
+    # the run means of the speeds (train_diagnostics); the last step's values only where no mean was recorded
+    train = {**(metrics.get("train_metrics") or {}),
+             **{f"train/{k}": v for k, v in (metrics.get("train_diagnostics") or {}).items()}}
     rows.append(("steps", str(metrics.get("global_step", "?"))))
     rows.append(("time", f"{metrics.get('train_seconds', 0):.0f} s training, {metrics.get('total_seconds', 0):.0f} s "
                          "in all"))

@@ -45,7 +45,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 # step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>
 DIAGNOSTICS = ("no_signal_rows", "teacher_advantage", "teacher_advantage_std", "clipped_teacher_mass")
 # averaged over the run into metrics.json (`diagnostics_summary`)
-SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len") + DIAGNOSTICS
+SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len", "gen_tokens_per_s",
+              "train_tokens_per_s") + DIAGNOSTICS
 PROGRESS_BAR = ("loss", "divergence", "reward", "truncated", "teacher_advantage")
 
 
@@ -443,7 +444,10 @@ class SelfDistillationModule(LightningModule):
         if "rollout" in batch and self._t_train_start:
             seconds = time.perf_counter() - self._t_train_start
             tokens = float(batch["rollout"].completion_mask.sum())
-            self.train_metrics["train_tokens_per_s"](tokens / max(seconds, 1e-9))
+            rate = tokens / max(seconds, 1e-9)
+            self.train_metrics["train_tokens_per_s"](rate)
+            total = self.diagnostic_totals.setdefault("train_tokens_per_s", [0.0, 0])
+            total[0], total[1] = total[0] + rate, total[1] + 1
             self.log("train/train_tokens_per_s", self.train_metrics["train_tokens_per_s"], on_step=True,
                      on_epoch=False, batch_size=1)
         self.log("train/empty_steps", float(self.empty_steps), on_step=True, on_epoch=False, batch_size=1)

@@ -101,6 +101,9 @@ def test_summary_rows_show_before_after_gap_and_where_things_are(tmp_path):
     assert rows["gap (teacher - student)"] == "0.500 -> 0.250"
     assert rows["verifier failures"].startswith("3 ")
     assert rows["steps"] == "7" and rows["tokens/s"] == "100 generated, 50 trained"
+    # the run means of the speeds win over the last step's values
+    means = {**metrics, "train_diagnostics": {"gen_tokens_per_s": 80.0, "train_tokens_per_s": 30.0}}
+    assert dict(summary_rows(means, str(tmp_path)))["tokens/s"] == "80 generated, 30 trained"
     assert rows["peak memory"] == "1.50 GiB (RAM)" and "token views" not in rows  # no token_views folder
     assert summary_table(metrics, str(tmp_path)).count("\n") == len(rows)
 
