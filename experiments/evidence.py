@@ -19,7 +19,9 @@ samples all change with the seed, and arms with the same seed see the same probl
 - before training: the student's greedy accuracy and, if `measure.teacher_before`, the teacher's accuracy with
   its privileged context on the same held-out prompts (the gap is what self-distillation can transfer);
 - during training: `PeriodicEvaluation` (greedy accuracy every `measure.curve_every` steps, else at the start
-  and the end) against the rollouts and tokens generated for training so far;
+  and the end; with `measure.curve_sampled_n` > 0, sampled accuracy: that many samples per prompt at
+  `measure.sampled_temperature`, the same sampling seed at every point) against the rollouts and tokens
+  generated for training so far;
 - after training: greedy accuracy, sampled accuracy (`measure.sampled_n` samples per prompt at
   `measure.sampled_temperature`), mean completion length, for sequences of tasks the accuracy matrix
   (`continual.json`), and if `measure.drift` the per-token KL(trained || base) on general prompts.
@@ -202,10 +204,14 @@ def run_one(spec: dict) -> dict:
     curve = None
     if spec["train"]:
         steps = int(cfg.trainer.max_steps)
-        curve = PeriodicEvaluation(int(measure.get("curve_every") or steps), eval_batches)
+        curve_n = int(measure.get("curve_sampled_n") or 0)
+        curve_sampling = None if not curve_n else SamplingConfig(
+            n=curve_n, do_sample=True, temperature=float(measure.get("sampled_temperature", 1.0)),
+            max_new_tokens=module.eval_sampling.max_new_tokens, seed=2000 + int(spec["seed"]))
+        curve = PeriodicEvaluation(int(measure.get("curve_every") or steps), eval_batches, curve_sampling)
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
         ckpt = last if os.path.isfile(last) else None
-        if ckpt is None:  # the step-0 point is the greedy "before" evaluation: not measured twice
+        if ckpt is None and curve_sampling is None:  # the greedy step-0 point is the "before" evaluation
             curve.points = [{"step": 0, "samples": 0, "tokens": 0, "accuracy": before["student_accuracy"],
                              "mean_completion_tokens": before["mean_completion_tokens"]}]
         logger = build_logger(run.typed["logger"], run_dir, resume=ckpt is not None)

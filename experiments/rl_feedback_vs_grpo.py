@@ -50,9 +50,11 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
             xs = sorted(by_x)
             ax.plot(xs, [sum(by_x[x]) / len(by_x[x]) for x in xs], color=colors[arm], lw=2.2, marker="o", ms=4,
                     label=f"{arm} (mean of {len(curves)} seeds)")
-    axes[0].set_ylabel("held-out accuracy (greedy)")
+    sampled = int(exp.measure.get("curve_sampled_n") or 0)
+    how = f"{sampled} samples per prompt at T={exp.measure.sampled_temperature}" if sampled else "greedy"
+    axes[0].set_ylabel(f"held-out accuracy ({how})")
     axes[0].set_title("Accuracy vs generated training samples", fontsize=10)
-    axes[1].set_ylabel("mean answer length (tokens, greedy)")
+    axes[1].set_ylabel(f"mean answer length (tokens, {'sampled' if sampled else 'greedy'})")
     axes[1].set_title("Answer length", fontsize=10)
     for ax in axes:
         ax.set_xlabel("rollouts generated for training")

@@ -63,8 +63,10 @@ def test_get_task_errors_and_split_check():
         get_task("arithmetic", steps=3)
     with pytest.raises(DataError, match=r"split='test' is not one of arithmetic's splits \('train', 'val', 'eval'\)"):
         get_task("arithmetic").records("test", 3)
-    with pytest.raises(DataError, match=r"split='val' is not one of json_format's splits .*eval_split=val needs"):
-        get_task("json_format").records("val", 3)
+    from lightning_sd.data.tasks.base import check_split
+
+    with pytest.raises(DataError, match=r"split='val' is not one of mine's splits .*eval_split=val needs"):
+        check_split("val", ("train", "eval"), "mine")
 
 
 def test_facts_splits_ask_the_same_facts_with_disjoint_phrasings():
@@ -106,6 +108,16 @@ def test_arithmetic_validation_split_is_disjoint_and_leaves_the_test_split_uncha
     assert len(val) > 40 and not val & train and not val & test and not train & test
     no_val = ArithmeticTask(n_steps=1, max_operand=50, val_share=0.0)
     assert no_val.records("eval", 64) == task.records("eval", 64)
+
+
+def test_json_format_validation_split_is_disjoint_and_leaves_the_test_split_unchanged():
+    task = JsonFormatTask(n_keys=2)
+    train, val, test = ({r["answer"] for r in task.records(split, n)} for split, n in (("train", 256), ("val", 48),
+                                                                                      ("eval", 64)))
+    assert len(val) == 48 and not val & train and not val & test and not train & test
+    assert JsonFormatTask(n_keys=2, val_share=0.0).records("eval", 64) == task.records("eval", 64)
+    with pytest.raises(DataError, match="eval_share=0.5 and val_share=0.5"):
+        JsonFormatTask(eval_share=0.5, val_share=0.5)
 
 
 def test_data_eval_split_val_evaluates_on_the_validation_split():

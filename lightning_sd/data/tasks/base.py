@@ -65,7 +65,8 @@ class Task(ABC):
 def check_split(split: str, splits: tuple[str, ...] = ("train", "eval"), task: str = "this task") -> None:
     if split not in splits:
         raise DataError(f"split={split!r} is not one of {task}'s splits {splits}"
-                        + (" (data.eval_split=val needs a task with a validation split: data=arithmetic or a facts task)"
+                        + (" (data.eval_split=val needs a task with a validation split: every built-in task has one; a task of "
+                           "your own lists 'val' in its `splits`)"
                            if split == "val" else ""))
 
 

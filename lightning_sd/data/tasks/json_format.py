@@ -79,14 +79,19 @@ def check_json(reply: str, expected: dict) -> list[str]:
 
 class JsonFormatTask(Task):
     """A person described in words, to be written as a JSON object with `n_keys` typed keys ("name" plus
-    `n_keys - 1` of age, city, is_student, height_cm, pet). `answer` and `solution` hold the correct JSON."""
+    `n_keys - 1` of age, city, is_student, height_cm, pet). `answer` and `solution` hold the correct JSON.
+    Splits by a hash of the target JSON: `eval_share` held-out test ("eval"), `val_share` validation ("val")."""
 
     name = "json_format"
+    splits = ("train", "val", "eval")
 
-    def __init__(self, n_keys: int = 2, eval_share: float = 0.2) -> None:
+    def __init__(self, n_keys: int = 2, eval_share: float = 0.2, val_share: float = 0.1) -> None:
         if not 1 <= n_keys <= len(FIELDS):
             raise DataError(f"json_format: n_keys={n_keys} must be between 1 and {len(FIELDS)}")
-        self.n_keys, self.eval_share = n_keys, eval_share
+        if not 0 < eval_share < 1 or not 0 <= val_share < 1 - eval_share:
+            raise DataError(f"json_format: eval_share={eval_share} and val_share={val_share} must be shares of the "
+                            "records (eval_share > 0, val_share >= 0, together below 1)")
+        self.n_keys, self.eval_share, self.val_share = n_keys, eval_share, val_share
 
     def _target(self, rng: random.Random) -> dict:
         keys = ["name"] + sorted(rng.sample(list(FIELDS)[1:], self.n_keys - 1), key=list(FIELDS).index)

@@ -1,0 +1,22 @@
+"""RL-feedback (SDPO) vs GRPO on the JSON-format task, where the base model succeeds about a quarter of the time
+and the verifier explains each failure. See experiments/conf/rl_feedback_json.yaml.
+
+    python experiments/rl_feedback_json.py                                    # the search (validation split)
+    python experiments/rl_feedback_json.py name=rl_feedback_json_test seeds=[0,1,2] \\
+        -- data.eval_split=eval                                                # the test run
+
+Writes results.json, results.csv, summary.md and a plot of sampled accuracy against generated rollouts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import evidence  # noqa: E402
+from rl_feedback_vs_grpo import plot, row  # noqa: E402
+
+if __name__ == "__main__":
+    evidence.main("rl_feedback_json", row, plot)
