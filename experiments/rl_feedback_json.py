@@ -1,9 +1,8 @@
 """RL-feedback (SDPO) vs GRPO on the JSON-format task, where the base model succeeds about a quarter of the time
 and the verifier explains each failure. See experiments/conf/rl_feedback_json.yaml.
 
-    python experiments/rl_feedback_json.py                                    # the search (validation split)
-    python experiments/rl_feedback_json.py name=rl_feedback_json_test seeds=[0,1,2] \\
-        -- data.eval_split=eval                                                # the test run
+    python experiments/rl_feedback_json.py                  # 2 arms x 3 seeds, held-out test split
+    python experiments/rl_feedback_json.py name=rl_feedback_json_val -- data.eval_split=val   # for a search
 
 Writes results.json, results.csv, summary.md and a plot of sampled accuracy against generated rollouts.
 """
