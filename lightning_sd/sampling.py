@@ -23,7 +23,9 @@ from lightning_sd.cpu_linear import onednn_linears
 class SamplingConfig:
     """Every setting of the rollout sampler. `top_k=0` and `top_p=1.0` switch those filters off;
     `do_sample=False` is greedy decoding. `fixed_length=True` always decodes `max_new_tokens` steps (stop
-    tokens still end the *mask*): used by benchmarks so that runs do the same work. The defaults are those of
+    tokens still end the *mask*): used by benchmarks so that runs do the same work. `share_prefill=True` (with
+    n > 1) prefills each distinct prompt once and repeats its KV cache n ways instead of prefilling all R rows;
+    the samples are the same either way (False: the benchmarks' baseline). The defaults are those of
     the `generation` group's default option (conf/generation/default.yaml), whose schema derives from this."""
 
     n: int = 1
@@ -35,6 +37,7 @@ class SamplingConfig:
     stop_token_ids: list[int] | None = None
     fixed_length: bool = False
     seed: int = 0
+    share_prefill: bool = True
 
     def validate(self) -> None:
         if self.n < 1:
@@ -135,6 +138,62 @@ def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = N
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
+def cache_expandable(cache) -> bool:
+    """Whether every layer of `cache` can be repeated along its batch dimension (`batch_repeat_interleave`):
+    true for the dynamic full-attention and sliding-window layers, false for e.g. linear-attention states."""
+    return hasattr(cache, "batch_repeat_interleave") and all(
+        hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", []))
+
+
+def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                  cache_arg: str) -> torch.Tensor:
+    """One cached forward of `ids` `[rows, L]`; returns the last position's logits `[rows, V]`."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, cache, cache_arg: str,
+            share: bool) -> torch.Tensor:
+    """Fill `cache` with the prompts `[B, P]` (left-padded) for R = B * n rows; returns the logits `[R, V]` of the
+    first completion token. `share`: run the B distinct prompts once, then repeat the cache and the logits n
+    ways (rows of one prompt adjacent); else run all R rows. Both give the same cache and logits."""
+    mask = prompt_mask.long()
+    if share and n > 1:
+        logits = _forward_last(model, prompt_ids, mask, position_ids_from_mask(mask), cache, cache_arg)
+        cache.batch_repeat_interleave(n)
+        return logits.repeat_interleave(n, dim=0)
+    ids, mask = prompt_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    return _forward_last(model, ids, mask, position_ids_from_mask(mask), cache, cache_arg)
+
+
+def draw(logits: torch.Tensor, config: SamplingConfig,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token `[R]` of every row from logits `[R, V]` and its log-prob `[R]` under the distribution it
+    was drawn from (processed by temperature, top-k, top-p; greedy: the raw log-softmax). One uniform per row
+    is drawn from `generator` when sampling, none when greedy."""
+    if config.do_sample:
+        logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
+        tok = sample_categorical(logp_all, generator)
+    else:
+        logp_all = logits.float().log_softmax(-1)
+        tok = logp_all.argmax(-1)
+    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def stop_masked(completion: torch.Tensor, logprobs: torch.Tensor, stop: torch.Tensor,
+                pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completions `[R, C]` and log-probs `[R, C]` cut after the first stop token of each row: returns
+    `(completion, completion_mask, logprobs, truncated [R])`, padding where the mask is 0."""
+    is_stop = torch.isin(completion, stop)
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+    completion_mask = (stops_before == 0).long()
+    truncated = ~is_stop.any(-1)
+    completion = completion.masked_fill(completion_mask == 0, pad_token_id)
+    logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
+    return completion, completion_mask, logprobs, truncated
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -153,6 +212,8 @@ def sample(
     `prompt_ids`/`prompt_mask`: `[B, P]` left-padded. `keep_going(local_done) -> bool` lets the caller combine
     the "all rows finished" flag across ranks (all ranks must run the same number of forward passes under
     FSDP / ZeRO-3); it is called every `sync_every` steps. Returns a `Rollout` with R = B * n rows.
+    With `config.share_prefill` and n > 1 the B prompts are prefilled once and their KV cache repeated n ways
+    (same tokens and log-probs as prefilling all R rows: the draws consume `generator` identically).
     """
     with onednn_linears(model, rows_hint=prompt_ids.size(0) * config.n):
         config.validate()
@@ -163,24 +224,16 @@ def sample(
         rows = ids.size(0)
         prompt_index = torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n)
         stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
-        positions = position_ids_from_mask(mask)
         cache = _make_cache(model)
         cache_arg = _cache_kwarg(model)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1]
-        next_pos = positions[:, -1] + 1
+        logits = prefill(model, prompt_ids, prompt_mask, n, cache, cache_arg,
+                         share=config.share_prefill and cache_expandable(cache))
+        next_pos = position_ids_from_mask(mask)[:, -1] + 1
         tokens, logps = [], []
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         attn = mask
         for step in range(config.max_new_tokens):
-            if config.do_sample:
-                logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
-                tok = sample_categorical(logp_all, generator)
-            else:
-                logp_all = logits.float().log_softmax(-1)
-                tok = logp_all.argmax(-1)
-            logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+            tok, logp = draw(logits, config, generator)
             tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
             tokens.append(tok)
             logps.append(torch.where(done, torch.zeros_like(logp), logp))
@@ -192,18 +245,9 @@ def sample(
                 if not (keep_going(local_done) if keep_going else not local_done):
                     break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        **{cache_arg: cache}, use_cache=True)
-            logits = out.logits[:, -1]
+            logits = _forward_last(model, tok[:, None], attn, next_pos[:, None], cache, cache_arg)
             next_pos = next_pos + 1
-        completion = torch.stack(tokens, dim=1)
-        logprobs = torch.stack(logps, dim=1)
-        # valid = up to and including the first stop token
-        is_stop = torch.isin(completion, stop)
-        stops_before = is_stop.long().cumsum(-1) - is_stop.long()
-        completion_mask = (stops_before == 0).long()
-        truncated = ~is_stop.any(-1)
-        completion = completion.masked_fill(completion_mask == 0, pad_token_id)
-        logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
+        completion, completion_mask, logprobs, truncated = stop_masked(
+            torch.stack(tokens, dim=1), torch.stack(logps, dim=1), stop, pad_token_id)
         return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
                        logprobs=logprobs, truncated=truncated, prompt_index=prompt_index, sampling=config)
