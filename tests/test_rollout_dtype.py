@@ -168,3 +168,41 @@ def test_config_accepts_a_generation_dtype(overrides):
 
     typed = validate_config(compose_cfg(TINY + ["loss=distill"] + overrides.split()))
     assert build_sampling(typed["generation"]).dtype == overrides.split()[0].split("=")[1]
+
+
+def test_training_rollouts_in_bf16_under_bf16_mixed(tiny, records):
+    """Through a real Trainer (bf16-mixed): the callback's rollout is the plain bf16 `sample` of the initial
+    student at the step's seed, its copy size is logged, and the student trains in fp32."""
+    import copy
+
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_sd import OnPolicyGeneration
+    from lightning_sd.rollout import derive_seed
+
+    model, tok = tiny
+    initial = copy.deepcopy(model)
+    config = SamplingConfig(n=2, max_new_tokens=6, temperature=1.0, dtype="bf16")
+    module = SelfDistillationModule(model, tok, teacher="frozen",
+                                    loss={"name": "distill", "template": "answer_hint", "is_clip": 2.0})
+    seen = []
+
+    class Keep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch["rollout"])
+
+    trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[OnPolicyGeneration(config), Keep()])
+    trainer.fit(module, DataLoader([records], batch_size=None, collate_fn=lambda recs: make_batch(tok, recs)))
+    batch = make_batch(tok, records)
+    initial.eval()
+    expected = sample(initial, batch["prompt_ids"], batch["prompt_mask"], config, pad_token_id=tok.pad_token_id,
+                      stop_token_ids=[tok.eos_token_id],
+                      generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, 0, 0)))
+    assert torch.equal(seen[0].completion_ids, expected.completion_ids)
+    assert torch.equal(seen[0].logprobs, expected.logprobs)
+    assert float(trainer.callback_metrics["train/rollout_copy_bytes"]) == expected.extras["rollout_copy_bytes"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))
