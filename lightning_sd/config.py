@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightning_sd.module import OptimizerConfig, SchedulerConfig
 from lightning_sd.objectives import LossConfig
-from lightning_sd.sampling import SamplingConfig
+from lightning_sd.sampling import ROLLOUT_DTYPES, SamplingConfig
 from lightning_sd.teachers import TEACHER_KINDS
 
 
@@ -246,6 +246,27 @@ def _typed(group: str, node: Any, schema: type) -> Any:
                           f"e.g. {group}.{key}=...") from None
 
 
+TRUE_PRECISIONS = {"bf16-true": "bf16", "16-true": "fp16", "64-true": "float64"}  # precisions that cast the model
+
+
+def check_generation_dtype(g: GenerationConfig, m: ModelConfig, tr: TrainerConfig, loss: LossConfig) -> None:
+    """`generation.dtype` (already a known name): the built-in sampler only, whole weights on each rank, and
+    `loss.is_clip` set when the rollout runs on a copy in another dtype than the student trains in."""
+    if g.dtype is None:
+        return
+    if g.backend != "hf":
+        raise ConfigError(f"generation.dtype={g.dtype} applies to generation.backend=hf only (vLLM has its own dtype); "
+                          "set generation.dtype=null")
+    if tr.strategy in ("fsdp", "deepspeed_zero3"):
+        raise ConfigError(f"generation.dtype={g.dtype} is not supported with trainer.strategy={tr.strategy} (the "
+                          "rollout's copy of the weights needs them whole on each rank); set generation.dtype=null")
+    student = TRUE_PRECISIONS.get(tr.precision, m.dtype)
+    if ROLLOUT_DTYPES.get(student) != ROLLOUT_DTYPES[g.dtype] and loss.is_clip is None and loss.method().samples:
+        raise ConfigError(f"generation.dtype={g.dtype} samples from a {g.dtype} copy of a student that trains in "
+                          f"{student}, so the trainer's and the sampler's token probabilities differ: set "
+                          "loss.is_clip (e.g. 2.0) to apply the importance-weight correction")
+
+
 def sampling_config(g: GenerationConfig) -> SamplingConfig:
     """The `SamplingConfig` of a `generation` group (its keys minus `backend`)."""
     return SamplingConfig(**{f.name: getattr(g, f.name) for f in fields(SamplingConfig)})
@@ -341,6 +362,7 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError("generation.backend=vllm samples with another engine, so the trainer's and the sampler's "
                           "token probabilities differ: set loss.is_clip (e.g. 2.0) to apply the importance-weight "
                           "correction")
+    check_generation_dtype(g, typed["model"], tr, loss)
     if typed["optimizer"].name not in ("adamw", "sgd"):
         raise ConfigError(f"optimizer.name={typed['optimizer'].name!r} is not one of 'adamw', 'sgd'")
     if typed["scheduler"].name not in ("constant", "linear", "cosine"):

@@ -134,7 +134,7 @@ class SelfDistillationModule(LightningModule):
         self.run_dir = run_dir
         self.strict_loading = False  # a frozen teacher is not saved; it is rebuilt from the initial model
         metric_names = ("loss", "divergence", "completion_len", "truncated", "reward", "gen_tokens_per_s",
-                        "train_tokens_per_s", "masked_rows", "on_policy") + DIAGNOSTICS
+                        "train_tokens_per_s", "masked_rows", "on_policy", "rollout_copy_bytes") + DIAGNOSTICS
         self.train_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in metric_names})
         self.val_accuracy = torchmetrics.MeanMetric()
         self.nonfinite_steps = 0
@@ -410,6 +410,8 @@ class SelfDistillationModule(LightningModule):
                 values["reward"] = torch.tensor(sum(rewards) / len(rewards))
         if batch.get("gen_seconds"):
             values["gen_tokens_per_s"] = lengths.sum() / batch["gen_seconds"]
+        if rollout.extras.get("rollout_copy_bytes"):  # generation.dtype: the rollout's cast copy of the weights
+            values["rollout_copy_bytes"] = float(rollout.extras["rollout_copy_bytes"])
         if self.loss_cfg.lmbda < 1.0:
             values["on_policy"] = float(not is_dataset_rollout(rollout))
         if truncated > 0.5 and not is_dataset_rollout(rollout) and not self._warned_truncation:

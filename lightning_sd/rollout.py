@@ -56,7 +56,8 @@ def stop_ids(tokenizer, extra: list[int] | None = None) -> list[int]:
 
 def rollout_on(trainer, pl_module, network: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                config: SamplingConfig, seed: int, *, backend=None, gather: bool = True) -> Rollout:
-    """Sample from `network` under the trainer's precision context, in lock-step across ranks: every rank
+    """Sample from `network` under the trainer's precision context (with `config.dtype` set: in that dtype, on
+    a cast copy of the weights, without the precision context), in lock-step across ranks: every rank
     decodes until *all* ranks are done, so sharded forwards never wait on a rank that stopped.
 
     Under FSDP / DeepSpeed ZeRO-3 the weights of `network` are gathered once for the whole rollout
@@ -74,7 +75,10 @@ def rollout_on(trainer, pl_module, network: nn.Module, prompt_ids: torch.Tensor,
             return not local_done
         return not strategy.reduce_boolean_decision(local_done, all=True)
 
-    precision = strategy.precision_plugin.forward_context() if strategy is not None else _null()
+    # generation.dtype set: the rollout computes in that dtype (`sampling.compute_network`), outside the precision
+    # plugin's context (its autocast or default dtype)
+    own_precision = strategy is not None and config.dtype is None
+    precision = strategy.precision_plugin.forward_context() if own_precision else _null()
     sync_every = 1 if prompt_ids.device.type == "cpu" else 8
     with sampling_mode(network), gathered_for_generation(trainer, network, enabled=gather) as net, precision:
         return sample(net, prompt_ids, prompt_mask, config, pad_token_id=pl_module.pad_token_id,

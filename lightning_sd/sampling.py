@@ -11,19 +11,31 @@ Conventions: prompts are LEFT-padded `[R, P]`; completions are RIGHT-padded `[R,
 
 from __future__ import annotations
 
+import copy
+import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
+
+# `generation.dtype`: the dtype a rollout computes in (null: the model's own, under the caller's autocast)
+ROLLOUT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass
 class SamplingConfig:
     """Every setting of the rollout sampler. `top_k=0` and `top_p=1.0` switch those filters off;
     `do_sample=False` is greedy decoding. `fixed_length=True` always decodes `max_new_tokens` steps (stop
-    tokens still end the *mask*): used by benchmarks so that runs do the same work. The defaults are those of
+    tokens still end the *mask*): used by benchmarks so that runs do the same work. `share_prefill=True` (with
+    n > 1) prefills each distinct prompt once and repeats its KV cache n ways instead of prefilling all R rows;
+    the samples are the same either way (False: the benchmarks' baseline). `dtype` (`bf16`, `fp16`, `fp32`;
+    None: the model's own dtype under the caller's autocast, if any) runs the rollout without autocast on a copy
+    of the weights cast to that dtype, made once per rollout (`compute_network`); the log-probs it returns are
+    the copy's, so `loss.is_clip` can weight the difference to the trainer. The defaults are those of
     the `generation` group's default option (conf/generation/default.yaml), whose schema derives from this."""
 
     n: int = 1
@@ -35,8 +47,12 @@ class SamplingConfig:
     stop_token_ids: list[int] | None = None
     fixed_length: bool = False
     seed: int = 0
+    share_prefill: bool = True
+    dtype: str | None = None
 
     def validate(self) -> None:
+        if self.dtype is not None and self.dtype not in ROLLOUT_DTYPES:
+            raise ValueError(f"generation.dtype={self.dtype!r} is not one of null, bf16, fp16, fp32")
         if self.n < 1:
             raise ValueError(f"generation.n must be >= 1, got {self.n}")
         if self.max_new_tokens < 1:
@@ -60,7 +76,7 @@ class Rollout:
     logprobs: torch.Tensor  # [R, C] log-prob of each sampled token under the sampler's (processed) distribution
     truncated: torch.Tensor  # [R] bool: no stop token within max_new_tokens
     prompt_index: torch.Tensor  # [R] long: index of the prompt in the batch
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # e.g. "rollout_copy_bytes": size of a `generation.dtype` copy
     sampling: SamplingConfig | None = None  # the distribution `logprobs` come from; None: not sampled (dataset)
 
 
@@ -135,6 +151,101 @@ def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = N
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
+def floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of `model` (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+    """A copy of `model` whose floating-point parameters and buffers are new `dtype` tensors (parameters without
+    grad), cast as `model.to(dtype)` would, and the bytes of those new tensors. `model` is left as it was, and
+    no full-precision copy is made on the way: each tensor is cast straight from the original. Other tensors
+    are shared with `model`; tied weights stay tied (one cast per tensor)."""
+    memo: dict[int, torch.Tensor] = {}
+    size = 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo:
+            continue
+        if not t.is_floating_point():
+            memo[id(t)] = t
+            continue
+        cast = t.detach().to(dtype=dtype, copy=True)
+        memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cast
+        size += cast.numel() * cast.element_size()
+    return copy.deepcopy(model, memo), size
+
+
+@contextmanager
+def compute_network(model: torch.nn.Module, dtype: str | None) -> Iterator[tuple[torch.nn.Module, int]]:
+    """`(network, copy bytes)` for a rollout in `dtype` (a `ROLLOUT_DTYPES` name). None: `model` itself, under
+    whatever autocast the caller set. Else autocast is off inside, and the network is `model` when that is its
+    dtype already, or a `cast_copy` of it (dropped on exit)."""
+    if dtype is None:
+        yield model, 0
+        return
+    target = ROLLOUT_DTYPES[dtype]
+    net, size = (model, 0) if floating_dtype(model) in (target, None) else cast_copy(model, target)
+    device = next(model.parameters(), torch.empty(0)).device
+    with torch.autocast(device.type, enabled=False):
+        yield net, size
+
+
+def cache_expandable(cache) -> bool:
+    """Whether every layer of `cache` can be repeated along its batch dimension (`batch_repeat_interleave`):
+    true for the dynamic full-attention and sliding-window layers, false for e.g. linear-attention states."""
+    return hasattr(cache, "batch_repeat_interleave") and all(
+        hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", []))
+
+
+def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                  cache_arg: str) -> torch.Tensor:
+    """One cached forward of `ids` `[rows, L]`; returns the last position's logits `[rows, V]`."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, cache, cache_arg: str,
+            share: bool) -> torch.Tensor:
+    """Fill `cache` with the prompts `[B, P]` (left-padded) for R = B * n rows; returns the logits `[R, V]` of the
+    first completion token. `share`: run the B distinct prompts once, then repeat the cache and the logits n
+    ways (rows of one prompt adjacent); else run all R rows. Both give the same cache and logits."""
+    mask = prompt_mask.long()
+    if share and n > 1:
+        logits = _forward_last(model, prompt_ids, mask, position_ids_from_mask(mask), cache, cache_arg)
+        cache.batch_repeat_interleave(n)
+        return logits.repeat_interleave(n, dim=0)
+    ids, mask = prompt_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    return _forward_last(model, ids, mask, position_ids_from_mask(mask), cache, cache_arg)
+
+
+def draw(logits: torch.Tensor, config: SamplingConfig,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token `[R]` of every row from logits `[R, V]` and its log-prob `[R]` under the distribution it
+    was drawn from (processed by temperature, top-k, top-p; greedy: the raw log-softmax). One uniform per row
+    is drawn from `generator` when sampling, none when greedy."""
+    if config.do_sample:
+        logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
+        tok = sample_categorical(logp_all, generator)
+    else:
+        logp_all = logits.float().log_softmax(-1)
+        tok = logp_all.argmax(-1)
+    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def stop_masked(completion: torch.Tensor, logprobs: torch.Tensor, stop: torch.Tensor,
+                pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completions `[R, C]` and log-probs `[R, C]` cut after the first stop token of each row: returns
+    `(completion, completion_mask, logprobs, truncated [R])`, padding where the mask is 0."""
+    is_stop = torch.isin(completion, stop)
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+    completion_mask = (stops_before == 0).long()
+    truncated = ~is_stop.any(-1)
+    completion = completion.masked_fill(completion_mask == 0, pad_token_id)
+    logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
+    return completion, completion_mask, logprobs, truncated
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -153,57 +264,69 @@ def sample(
     `prompt_ids`/`prompt_mask`: `[B, P]` left-padded. `keep_going(local_done) -> bool` lets the caller combine
     the "all rows finished" flag across ranks (all ranks must run the same number of forward passes under
     FSDP / ZeRO-3); it is called every `sync_every` steps. Returns a `Rollout` with R = B * n rows.
+    With `config.share_prefill` and n > 1 the B prompts are prefilled once and their KV cache repeated n ways
+    (same tokens and log-probs as prefilling all R rows: the draws consume `generator` identically).
     """
-    with onednn_linears(model, rows_hint=prompt_ids.size(0) * config.n):
-        config.validate()
-        n = config.n
-        device = prompt_ids.device
-        ids = prompt_ids.repeat_interleave(n, dim=0)
-        mask = prompt_mask.repeat_interleave(n, dim=0).long()
-        rows = ids.size(0)
-        prompt_index = torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n)
-        stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
-        positions = position_ids_from_mask(mask)
-        cache = _make_cache(model)
-        cache_arg = _cache_kwarg(model)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache}, use_cache=True,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1]
-        next_pos = positions[:, -1] + 1
-        tokens, logps = [], []
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        attn = mask
-        for step in range(config.max_new_tokens):
-            if config.do_sample:
-                logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
-                tok = sample_categorical(logp_all, generator)
-            else:
-                logp_all = logits.float().log_softmax(-1)
-                tok = logp_all.argmax(-1)
-            logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-            tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-            tokens.append(tok)
-            logps.append(torch.where(done, torch.zeros_like(logp), logp))
-            done = done | torch.isin(tok, stop)
-            if step == config.max_new_tokens - 1:
+    config.validate()
+    with compute_network(model, config.dtype) as (net, copy_bytes), \
+            onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n):
+        rollout = _sample_rows(net, prompt_ids, prompt_mask, config, pad_token_id, stop_token_ids, generator,
+                               keep_going, sync_every)
+    if copy_bytes:
+        rollout.extras["rollout_copy_bytes"] = copy_bytes
+    return rollout
+
+
+def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 config: SamplingConfig, pad_token_id: int, stop_token_ids: Sequence[int],
+                 generator: torch.Generator | None, keep_going: Callable[[bool], bool] | None,
+                 sync_every: int) -> Rollout:
+    """Prefill and decode: prompts `[B, P]` -> a `Rollout` of R = B * n rows (`sample`)."""
+    n = config.n
+    device = prompt_ids.device
+    ids = prompt_ids.repeat_interleave(n, dim=0)
+    mask = prompt_mask.repeat_interleave(n, dim=0).long()
+    stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
+    cache = _make_cache(model)
+    cache_arg = _cache_kwarg(model)
+    logits = prefill(model, prompt_ids, prompt_mask, n, cache, cache_arg,
+                     share=config.share_prefill and cache_expandable(cache))
+
+    def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return _forward_last(model, tok[:, None], attn, pos[:, None], cache, cache_arg)
+
+    tokens, logps = decode(step, logits, mask, config, stop, pad_token_id, generator, keep_going, sync_every)
+    completion, completion_mask, logprobs, truncated = stop_masked(tokens, logps, stop, pad_token_id)
+    return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
+                   logprobs=logprobs, truncated=truncated, sampling=config,
+                   prompt_index=torch.arange(prompt_ids.size(0), device=device).repeat_interleave(n))
+
+
+def decode(step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+           mask: torch.Tensor, config: SamplingConfig, stop: torch.Tensor, pad_token_id: int,
+           generator: torch.Generator | None, keep_going: Callable[[bool], bool] | None,
+           sync_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw up to `config.max_new_tokens` tokens per row, starting from the first token's logits `[R, V]` and
+    the prompt mask `[R, P]`; `step(tokens [R], attention mask [R, L], positions [R]) -> logits [R, V]` runs
+    one cached forward. Returns tokens and their log-probs `[R, C]` (pad id and 0 after a row's stop token)."""
+    rows = logits.size(0)
+    next_pos = position_ids_from_mask(mask)[:, -1] + 1
+    tokens, logps = [], []
+    done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    attn = mask
+    for t in range(config.max_new_tokens):
+        tok, logp = draw(logits, config, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        tokens.append(tok)
+        logps.append(torch.where(done, torch.zeros_like(logp), logp))
+        done = done | torch.isin(tok, stop)
+        if t == config.max_new_tokens - 1:
+            break
+        if not config.fixed_length and (t + 1) % sync_every == 0:
+            local_done = bool(done.all())
+            if not (keep_going(local_done) if keep_going else not local_done):
                 break
-            if not config.fixed_length and (step + 1) % sync_every == 0:
-                local_done = bool(done.all())
-                if not (keep_going(local_done) if keep_going else not local_done):
-                    break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        **{cache_arg: cache}, use_cache=True)
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
-        completion = torch.stack(tokens, dim=1)
-        logprobs = torch.stack(logps, dim=1)
-        # valid = up to and including the first stop token
-        is_stop = torch.isin(completion, stop)
-        stops_before = is_stop.long().cumsum(-1) - is_stop.long()
-        completion_mask = (stops_before == 0).long()
-        truncated = ~is_stop.any(-1)
-        completion = completion.masked_fill(completion_mask == 0, pad_token_id)
-        logprobs = logprobs.masked_fill(completion_mask == 0, 0.0)
-        return Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=completion, completion_mask=completion_mask,
-                       logprobs=logprobs, truncated=truncated, prompt_index=prompt_index, sampling=config)
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        logits = step(tok, attn, next_pos)
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

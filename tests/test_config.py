@@ -163,6 +163,7 @@ def test_the_schema_defaults_are_the_default_options_values():
     ("teacher=ema teacher.rate=0", "teacher.rate"),
     ("teacher=ema teacher.rate=0.99", "teacher.rate=0.99 is the weight of the student"),
     ("generation.top_p=0", "generation.top_p"),
+    ("generation.dtype=bf17", "generation.dtype"),
     ("trainer.precision=bf17", "trainer.precision"),
     ("data.truncation=right", "data.truncation"),
     ("optimizer.lr=abc", "optimizer.lr"),

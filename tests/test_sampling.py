@@ -168,3 +168,71 @@ def test_sample_categorical_draws_each_entry_at_its_probability_and_never_a_zero
     b = sample_categorical(lp, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert torch.isfinite(lp.gather(-1, a[:, None])).all()
+
+
+def _sample_both_ways(model, tok, batch, **settings):
+    """The same rollout with the prompts prefilled once per prompt (shared) and once per row (unshared)."""
+    return [sample(model, batch["prompt_ids"], batch["prompt_mask"],
+                   SamplingConfig(share_prefill=share, **settings), pad_token_id=tok.pad_token_id,
+                   stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(5))
+            for share in (True, False)]
+
+
+def _assert_same_rollout(a, b):
+    """Same tokens and masks; log-probs within 1e-6: the shared prefill multiplies B rows where the unshared one
+    multiplies R, and a matmul kernel may sum in another order for another row count (on this CPU they are
+    bitwise equal)."""
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=1.3, top_k=20, top_p=0.9),
+                                      dict(do_sample=False)])
+def test_shared_prefill_gives_the_unshared_samples(tiny, records, settings):
+    """n=3 at a fixed seed, prompts of different lengths (different left padding): prefilling each prompt once
+    and repeating its KV cache draws the same tokens with the same log-probs as prefilling every row."""
+    model, tok = tiny
+    model.eval()
+    batch = make_batch(tok, records)
+    assert len(set(batch["prompt_mask"].sum(-1).tolist())) == len(records)  # every prompt padded differently
+    shared, unshared = _sample_both_ways(model, tok, batch, n=3, max_new_tokens=12, **settings)
+    assert shared.prompt_index.tolist() == [i for i in range(len(records)) for _ in range(3)]
+    _assert_same_rollout(shared, unshared)
+
+
+def _prefill_rows(model) -> list[int]:
+    """Records the number of rows of every forward of `model` (first entry: the prefill)."""
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("n, prefill_rows", [(3, 2), (1, 2)])
+def test_shared_prefill_runs_each_prompt_once(tiny, records, n, prefill_rows):
+    """The prefill sees the B distinct prompts, the decode steps all R = B * n rows; with n = 1 both switch
+    settings take the same path and give the same rollout."""
+    model, tok = tiny
+    model.eval()
+    rows = _prefill_rows(model)
+    batch = make_batch(tok, records[:2])
+    shared, unshared = _sample_both_ways(model, tok, batch, n=n, max_new_tokens=3, fixed_length=True)
+    assert rows[:3] == [prefill_rows, 2 * n, 2 * n]  # shared: the prefill, then two decode steps
+    assert rows[3:] == [2 * n] * 3  # unshared
+    _assert_same_rollout(shared, unshared)
+
+
+def test_cache_without_batch_repeat_is_not_shared():
+    """A cache layer that cannot be repeated along the batch (e.g. linear-attention states) makes `sample`
+    prefill every row instead."""
+    from types import SimpleNamespace
+
+    from lightning_sd.sampling import cache_expandable
+
+    def repeatable():
+        return SimpleNamespace(batch_repeat_interleave=lambda n: None)
+
+    assert cache_expandable(SimpleNamespace(batch_repeat_interleave=None, layers=[repeatable(), repeatable()]))
+    assert not cache_expandable(SimpleNamespace(batch_repeat_interleave=None, layers=[repeatable(), object()]))
+    assert not cache_expandable(object())
