@@ -39,6 +39,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("answer tokens (greedy)", "completion_tokens_greedy"), ("tokens generated for training", "generated_tokens"),
         ("train s", "train_seconds")],
     "rl_feedback_vs_grpo": [],  # columns from the curve points (accuracy_at_<k>_samples)
+    "rl_feedback_json": [],  # the same, with the greedy accuracy and the training reward (CURVE_EXTRA)
     "recipes": [
         ("val before", "val_before"), ("teacher with context", "teacher_with_context"), ("val after", "val_after"),
         ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
@@ -55,6 +56,13 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
 COLUMNS["recipes_facts"] = [c for c in COLUMNS["recipes"] if c[1] != "mean_clipped_teacher_mass"]  # no clip there
+
+
+# curve experiments: columns after the accuracy points
+CURVE_EXTRA: dict[str, list[tuple[str, str]]] = {
+    "rl_feedback_json": [("greedy before", "greedy_before"), ("greedy after", "greedy_after"),
+                         ("mean training reward", "mean_train_reward")],
+}
 
 
 def fmt(s: dict | None, digits: int = 2) -> str:
@@ -78,6 +86,7 @@ def table(name: str, res: dict) -> str:
         keys = sorted({k for arm in summary.values() for k in arm if k.startswith("accuracy_at_")},
                       key=lambda k: int(re.findall(r"\d+", k)[0]))
         columns = [(f"accuracy after {re.findall(r'[0-9]+', k)[0]} samples", k) for k in keys]
+        columns += CURVE_EXTRA.get(name, [])
         columns += [("steps with a success in the group (of 24)", "steps_with_a_success"),
                     ("answer tokens before", "completion_tokens_before"),
                     ("answer tokens after", "completion_tokens_after"), ("train s", "train_seconds")]

@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="loss.chunk_size; comma list to compare configurations, e.g. none,512")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--generation-dtype", default=None,
+                   help="generation.dtype: sample from a copy of the student in this dtype (bf16 | fp16 | fp32)")
+    p.add_argument("--is-clip", type=float, default=None, help="loss.is_clip (truncated importance weights)")
+    p.add_argument("--no-share-prefill", action="store_true", help="generation.share_prefill=false")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (allocations, caches)")
     p.add_argument("--seed", type=int, default=0)
@@ -321,14 +325,15 @@ def run_worker(args: argparse.Namespace) -> dict:
     batch = make_batch(tokenizer, records)
     chunk = chunk_sizes(args.chunk_size)[0]
     loss = dict(beta=args.beta, support=args.support, top_k=args.top_k, reduction=args.reduction, chunk_size=chunk,
-                template=TEACHER_TEMPLATE)
+                template=TEACHER_TEMPLATE, is_clip=args.is_clip)
     TimedModule, StepStart, RandomRollouts = timed_module_class()
     module = TimedModule(student, tokenizer, teacher=args.teacher,
                          teacher_kwargs={"rate": args.teacher_rate} if args.teacher == "ema" else
                          {"mix": 0.5} if args.teacher == "trust_region" else None,
                          loss=loss, optimizer={"name": "adamw", "lr": args.lr})
     sampling = SamplingConfig(n=1, max_new_tokens=args.completion_len, temperature=args.temperature,
-                              fixed_length=True, seed=args.seed)
+                              fixed_length=True, seed=args.seed, dtype=args.generation_dtype,
+                              share_prefill=not args.no_share_prefill)
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(_SameBatch(batch, total), batch_size=1, collate_fn=_first)
     if device.type == "cuda":

@@ -9,8 +9,11 @@ decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length
 `min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
 Neither side clips gradients; both use torch's fused AdamW at the same learning rate (TRL's default
 `adamw_torch_fused`; ours `optimizer.fused=null`, which fuses on one device). Precision and gradient checkpointing
-are the same on both sides: fp32 and checkpointing on (TRL's default) unless `--bf16` /
-`--no-gradient-checkpointing`.
+are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf16=True`) unless `--fp32`,
+and checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf16 our side samples from a bf16
+copy of the student made once per rollout (`generation.dtype=bf16`, the fast path) and therefore corrects the
+sampler/trainer mismatch with truncated importance weights (`loss.is_clip=2`); TRL samples under autocast and
+needs none. `--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights).
 
 Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
 that both see the same machine state. Medians are over all measured steps of all runs of a side.
@@ -64,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="both sides keep activations (default: both recompute them, TRL's default)")
-    p.add_argument("--bf16", action="store_true", help="both sides in bf16 mixed precision (default fp32)")
+    p.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16 mixed precision)")
+    p.add_argument("--autocast-rollouts", action="store_true",
+                   help="bf16: ours samples under autocast like TRL (default: from a bf16 copy, with IS weights)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -78,7 +83,9 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
     for k in keys:
         if getattr(args, k) is not None:
             out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    out += ["--precision", "bf16-mixed" if args.bf16 else "32-true"]
+    out += ["--precision", "32-true" if args.fp32 else "bf16-mixed"]
+    if not args.fp32 and not args.autocast_rollouts:
+        out += ["--generation-dtype", "bf16", "--is-clip", "2.0"]
     out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
                   "--chunk-size", "none"]
@@ -123,7 +130,7 @@ def run_trl_worker(args: argparse.Namespace) -> dict:
         distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
         num_loss_tokens_to_skip=0, teacher_model_kind="base", learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=0.0, seed=args.seed,
-        shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=args.bf16, fp16=False, report_to="none",
+        shuffle_dataset=False, use_cpu=device.type == "cpu", bf16=not args.fp32, fp16=False, report_to="none",
         gradient_checkpointing=not args.no_gradient_checkpointing,
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
         model_init_kwargs={"dtype": resolve_dtype(args.dtype)},
