@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lightning_sd.contexts import check_template
-from lightning_sd.losses import per_token_divergence
+from lightning_sd.losses import apply_importance_weight, per_token_divergence
 from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
 
 LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
@@ -188,9 +188,7 @@ def distillation_terms(
 
     `student_logits`, `teacher_logits`: `[R, C, V]`, aligned on the completion tokens `completion_ids` `[R, C]`
     (position t predicts token t). `is_weight` `[R, C]` (detached importance weights, see
-    `SelfDistillationModule.importance_weights`) multiplies each token's divergence.
+    `SelfDistillationModule.importance_weights`) multiplies each token's divergence (`apply_importance_weight`).
     """
     per_token = per_token_divergence(student_logits, teacher_logits, tokens=completion_ids, **cfg.divergence_kwargs())
-    if is_weight is not None:
-        per_token = per_token * is_weight.to(per_token.dtype)
-    return per_token, mask
+    return apply_importance_weight(per_token, is_weight), mask

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_sd.losses import apply_importance_weight
 from lightning_sd.methods.base import Method, Step, Terms, register
 
 
@@ -58,9 +59,7 @@ def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor,
     `is_weight`: `[R, C]` detached importance weights against the sampler's distribution (None: no weight,
     e.g. dataset completions; see `SelfDistillationModule.importance_weights`).
     """
-    adv = advantages.to(device=logp.device, dtype=logp.dtype)[:, None]
-    if is_weight is not None:
-        adv = adv * is_weight.to(device=logp.device, dtype=logp.dtype)
+    adv = apply_importance_weight(advantages.to(device=logp.device, dtype=logp.dtype)[:, None], is_weight)
     return -adv * logp
 
 
