@@ -151,10 +151,11 @@ def test_periodic_evaluation_counts_rollouts_and_survives_a_resume():
     from lightning_sd.callbacks import PeriodicEvaluation
 
     cb = PeriodicEvaluation(3, batches=[])
-    cb.points, cb.samples, cb.tokens, cb._last_step = [{"step": 3, "samples": 24}], 24, 300, 3
+    cb.points, cb.samples, cb.tokens, cb._steps.last_step = [{"step": 3, "samples": 24}], 24, 300, 3
     again = PeriodicEvaluation(3, batches=[])
     again.load_state_dict(cb.state_dict())
-    assert (again.points, again.samples, again.tokens, again._last_step) == (cb.points, 24, 300, 3)
+    assert (again.points, again.samples, again.tokens, again._steps.last_step) == (cb.points, 24, 300, 3)
+    assert cb.state_dict()["last_step"] == 3  # the key of checkpoints written before
     with pytest.raises(ValueError, match="every_n_steps"):
         PeriodicEvaluation(0, batches=[])
 
