@@ -157,7 +157,7 @@ class SelfDistillationModule(LightningModule):
 
     @property
     def needs_teacher(self) -> bool:
-        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `lam=1`): no teacher forward."""
+        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `grpo_mix=1`): no teacher forward."""
         return self.method.needs_teacher
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
@@ -294,7 +294,7 @@ class SelfDistillationModule(LightningModule):
                 placebo_inputs = self.build_teacher_inputs(batch, placebo=True)
                 placebo_out = self.teacher_forward(batch, placebo_inputs)
                 teacher_inputs["row_mask"] = teacher_inputs["row_mask"] & placebo_inputs["row_mask"]
-        else:  # sft, grpo, rl_feedback with lam=1: no teacher forward
+        else:  # sft, grpo, rl_feedback with grpo_mix=1: no teacher forward
             rows = batch["rollout"].completion_ids.size(0)
             teacher_inputs = {"row_mask": torch.ones(rows, dtype=torch.bool, device=batch["rollout"].completion_ids.device)}
             teacher_out = None

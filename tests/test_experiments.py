@@ -219,3 +219,12 @@ def test_teacher_probe_reports_zero_disagreement_for_the_students_own_prompt(tmp
     assert own["p_opens_with_digit"] == pytest.approx(result["student_p_opens_with_digit"])
     assert "| `answer_note` |" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["rollouts"] == 4
+
+
+def test_results_stored_with_the_former_loss_key_names_still_read():
+    import evidence
+
+    stored = {"config": {"loss": {"name": "rl_feedback", "template": "sdpo", "lam": 1.0}}}
+    assert evidence.has_teacher(stored) is False  # grpo_mix=1: GRPO alone, no teacher
+    stored["config"]["loss"]["lam"] = 0.5
+    assert evidence.has_teacher(stored) is True

@@ -94,7 +94,7 @@ class _Alternating:
     {"beta": 0.5, "support": "topk", "top_k": 5},
     {"beta": 1.0, "support": "sampled"},
     {"beta": 0.0, "support": "full", "chunk_size": 5},
-    {"name": "grpo", "lam": 1.0},
+    {"name": "grpo", "grpo_mix": 1.0},
 ], ids=["full", "topk", "sampled", "chunked", "grpo"])
 def test_every_loss_path_is_unchanged_by_weights_of_an_exact_sampler(tiny, records, loss):
     """T=0.7 with top-k and top-p: the IS-weighted loss equals the unweighted one (the weights are 1). Before the

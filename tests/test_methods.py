@@ -190,7 +190,7 @@ def test_sdpo_strips_reasoning_blocks_from_the_sibling():
 def test_sdpo_teacher_ids_hold_a_sibling_and_feedback_and_rows_without_signal_are_masked(tiny, records):
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
-                                    loss=loss_option("rl_feedback", lam=0.0))
+                                    loss=loss_option("rl_feedback", grpo_mix=0.0))
     batch = sampled_batch(module, tok, records[:2], n=3, max_new_tokens=3)
     batch["completion_text"] = ["alpha right", "beta wrong", "gamma wrong", "delta wrong", "eps wrong", "zeta wrong"]
     batch["rewards"] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
@@ -238,7 +238,7 @@ def toy_batch(tok, records, n=2, c=4):
 @pytest.mark.parametrize("name", ["rl_feedback", "grpo"])
 def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
     model, tok = tiny
-    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option(name, lam=1.0))
+    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option(name, grpo_mix=1.0))
     assert not module.needs_teacher
     torch.manual_seed(0)
     batch = toy_batch(tok, records)
@@ -268,17 +268,20 @@ def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
     assert torch.allclose(g_module, g_hand, atol=1e-6)
 
 
-def test_lam_mixes_grpo_and_sdpo_terms_on_their_own_masks(tiny, records):
+def test_grpo_mix_mixes_grpo_and_sdpo_terms_on_their_own_masks(tiny, records):
     model, tok = tiny
-    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=0.25, is_clip=None))
+    module = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=0.25, is_clip=None))
     torch.manual_seed(1)
     batch = toy_batch(tok, records)
     batch["rewards"] = [1.0, 0.0, None, 0.0]
     s, t = torch.randn(4, 4, len(tok)), torch.randn(4, 4, len(tok))
     row_mask = torch.tensor([False, True, True, False])  # SDPO signal on rows 1, 2 only
     out = module.compute_loss(s, t, batch, {"row_mask": row_mask})
-    pure_pg = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=1.0, is_clip=None))
-    pure_sd = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=0.0, is_clip=None))
+    pure_pg = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=1.0, is_clip=None))
+    pure_sd = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=0.0, is_clip=None))
     pg = pure_pg.compute_loss(s, t, batch, {"row_mask": row_mask})
     sd = pure_sd.compute_loss(s, t, batch, {"row_mask": row_mask})
     assert pg["mask"][2].sum() == 0  # the failed verifier's row has no GRPO term
@@ -304,10 +307,10 @@ def test_rl_feedback_with_lam_1_runs_no_teacher_forward(tiny, records):
 
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
-                                    loss=loss_option("rl_feedback", lam=1.0), task=ArithmeticTask())
+                                    loss=loss_option("rl_feedback", grpo_mix=1.0), task=ArithmeticTask())
 
     def no_teacher(*_a, **_k):
-        raise AssertionError("the teacher must not run when lam=1")
+        raise AssertionError("the teacher must not run when grpo_mix=1")
 
     module.teacher.score = no_teacher
     module.build_teacher_inputs = no_teacher
@@ -413,8 +416,8 @@ def test_on_policy_kd_trains_on_samples_and_on_dataset_completions_with_an_exter
 def test_method_options_that_cannot_work_are_rejected_with_the_option_named():
     from lightning_sd.methods import check_method
 
-    with pytest.raises(ValueError, match="loss=rl_feedback loss.lam"):
-        loss_option("grpo", lam=0.5)
+    with pytest.raises(ValueError, match="loss=rl_feedback loss.grpo_mix"):
+        loss_option("grpo", grpo_mix=0.5)
     with pytest.raises(ValueError, match="loss.lmbda"):
         loss_option("sft", lmbda=0.5)
     with pytest.raises(ValueError, match="loss.reason_first"):
