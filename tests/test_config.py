@@ -82,7 +82,7 @@ def test_every_option_composes_and_instantiates(group, option, tiny_folder, json
     run = build_run(cfg, run_dir=str(tmp_path))
     run.datamodule.setup("fit")
     batch = next(iter(run.datamodule.train_dataloader()))
-    assert batch["prompt_ids"].shape[0] == batch["prompt_mask"].shape[0] > 0
+    assert batch.prompt_ids.shape[0] == batch.prompt_mask.shape[0] > 0
     kwargs = dict(run.trainer_kwargs)
     if kwargs["accelerator"] == "gpu" or kwargs.get("strategy") not in ("auto", None):
         return  # composes and builds; the Trainer for GPUs / multi-process strategies is exercised elsewhere

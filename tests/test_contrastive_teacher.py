@@ -59,7 +59,7 @@ def test_a_placebo_equal_to_the_real_context_gives_exactly_zero_loss_in_the_modu
     same = [dict(records[1], id=str(i)) for i in range(3)]
     loss, batch = _one_step_loss(tiny, same, contrast=1.0)
     assert loss == 0.0
-    assert torch.all(batch["loss_terms"]["per_token"] == 0)
+    assert torch.all(batch.loss_terms["per_token"] == 0)
 
 
 def test_different_records_give_a_positive_loss_and_use_the_next_records_solution(tiny, records):

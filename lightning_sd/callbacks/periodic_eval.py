@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from lightning.pytorch import Callback
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.distributed import StepWatch
 
 
@@ -49,8 +50,8 @@ class PeriodicEvaluation(Callback):
             self._measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rollout = batch.get("rollout") if isinstance(batch, dict) else None
-        if rollout is not None and batch.get("on_policy", False):
+        rollout = batch.rollout if isinstance(batch, StepBatch) else None
+        if rollout is not None and batch.on_policy:
             self.samples += int(rollout.completion_ids.size(0))
             self.tokens += int(rollout.completion_mask.sum())
         if not self._steps.moved(trainer):  # no optimizer step in this batch (gradient accumulation)
