@@ -215,11 +215,8 @@ HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-c
                           "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
 
 
-def check_before_printing(argv: list[str]) -> None:
-    """`--cfg job|all`: Hydra prints the composed config and never runs `main`; validate it first, so that a
-    config the run would reject is not printed as if it were fine. Exits with status 1 and the message."""
-    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
-        return
+def config_overrides(argv: list[str]) -> list[str]:
+    """The config overrides of a command line: without Hydra's flags (and their values) and `hydra.*`."""
     overrides, skip = [], False
     for a in argv:
         if skip or a in HYDRA_FLAGS_WITH_VALUE:
@@ -227,6 +224,26 @@ def check_before_printing(argv: list[str]) -> None:
             continue
         if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(a)
+    return overrides
+
+
+def check_renamed(argv: list[str]) -> None:
+    """A renamed key on the command line (`loss.lam=0.9`) stops the run with its new name, before Hydra would
+    reject it as an unknown key. Exits with status 1 and the message."""
+    from lightning_sd.config import ConfigError, check_renamed_overrides
+
+    try:
+        check_renamed_overrides(config_overrides(argv))
+    except ConfigError as err:
+        raise SystemExit(f"ConfigError: {err}") from None
+
+
+def check_before_printing(argv: list[str]) -> None:
+    """`--cfg job|all`: Hydra prints the composed config and never runs `main`; validate it first, so that a
+    config the run would reject is not printed as if it were fine. Exits with status 1 and the message."""
+    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+        return
+    overrides = config_overrides(argv)
     from hydra import compose, initialize_config_dir
 
     from lightning_sd.config import ConfigError, validate_config
@@ -248,5 +265,6 @@ def check_before_printing(argv: list[str]) -> None:
 if __name__ == "__main__":
     import sys
 
+    check_renamed(sys.argv[1:])
     check_before_printing(sys.argv[1:])
     main()

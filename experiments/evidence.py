@@ -69,9 +69,9 @@ def compose_train(overrides: list[str]):
 
 def has_teacher(result: dict) -> bool:
     """Whether the run's loss shows a teacher a privileged context (`LossConfig.needs_teacher`)."""
-    from lightning_sd.objectives import LossConfig
+    from lightning_sd.objectives import LossConfig, with_current_names
 
-    return LossConfig(**result["config"]["loss"]).needs_teacher
+    return LossConfig(**with_current_names(result["config"]["loss"])).needs_teacher
 
 
 def run_overrides(exp, arm: str, seed: int) -> list[str]:

@@ -47,11 +47,12 @@ def _records(n: int) -> list[dict]:
 
 
 def _batch(tok, records):
+    from lightning_sd.batch import StepBatch
     from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 
     texts = [format_prompt(tok, r["prompt"]) for r in records]
     enc = encode_prompts(tok, texts, pad_token_id=ensure_pad_token(tok))
-    return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
+    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
 
 
 def _loader(batches):
@@ -92,7 +93,7 @@ def _fixed_rollout(tok, batch, lengths):
 
     from lightning_sd.sampling import Rollout
 
-    n = len(batch["records"])
+    n = len(batch.records)
     width = max(lengths)
     g = torch.Generator().manual_seed(0)
     completion = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
@@ -100,8 +101,8 @@ def _fixed_rollout(tok, batch, lengths):
     for r in range(n):
         completion[r, : lengths[r]] = torch.randint(0, 250, (lengths[r],), generator=g)
         mask[r, : lengths[r]] = 1
-    device = batch["prompt_ids"].device
-    return Rollout(prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"].long(),
+    device = batch.prompt_ids.device
+    return Rollout(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask.long(),
                    completion_ids=completion.to(device), completion_mask=mask.to(device),
                    logprobs=torch.zeros(n, width, device=device), truncated=torch.ones(n, dtype=torch.bool, device=device),
                    prompt_index=torch.arange(n, device=device))
@@ -142,7 +143,7 @@ def part_bf16_live_grad() -> dict:
 
         class Capture(Callback):
             def on_train_batch_start(self, trainer, pl_module, b, i):
-                b["rollout"] = _fixed_rollout(tok, b, lengths)
+                b.rollout = _fixed_rollout(tok, b, lengths)
 
             def on_after_backward(self, trainer, pl_module):
                 grads[precision] = torch.cat([p.grad.detach().float().flatten() for p in pl_module.student.parameters()
@@ -208,7 +209,7 @@ def part_uneven(strategy_name: str) -> dict:
     class Keep(OnPolicyGeneration):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-            pl_module._last_rollout = batch["rollout"]
+            pl_module._last_rollout = batch.rollout
             gathers["rollout"] = gathers["n"]
 
     gen = Keep({"max_new_tokens": MAX_NEW, "do_sample": True, "seed": 3})
@@ -250,12 +251,12 @@ def part_bench(strategy_name: str, gather: bool = True) -> dict:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            r = rollout_on(trainer, pl_module, pl_module.student, batch["prompt_ids"], batch["prompt_mask"], sampling,
+            r = rollout_on(trainer, pl_module, pl_module.student, batch.prompt_ids, batch.prompt_mask, sampling,
                            seed=batch_idx, gather=gather)
             torch.cuda.synchronize()
             timings["gen"].append(time.perf_counter() - t0)
             timings["tokens"].append(r.completion_ids.numel())
-            batch["rollout"], batch["completion_text"] = r, [""] * r.completion_ids.size(0)
+            batch.rollout, batch.completion_text = r, [""] * r.completion_ids.size(0)
             self.t_step = t0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

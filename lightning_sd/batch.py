@@ -1,9 +1,8 @@
-"""The keys of a training batch, in one place: `StepBatch` names every key, who writes it and its shape. The
-data module's collator writes the prompt keys, the rollout callback (`OnPolicyGeneration`) the rollout and the
-verifier's verdicts, the module what the step computed (`loss_terms`, `diagnostics`) for the callbacks that show
-it. The batch stays a plain dict at run time (Lightning moves it to the device as one); these types say what it
-holds. `TeacherInputs` and `LossOutput` type the two other records of a step: the teacher's prompts and the
-reduced loss.
+"""The training batch, in one place: `StepBatch` is a dataclass whose fields say who writes each and its shape.
+The data module's collator creates it with the prompt fields, the rollout callback (`OnPolicyGeneration`) adds
+the rollout and the verifier's verdicts, the module what the step computed (`loss_terms`, `diagnostics`) for the
+callbacks that show it. `TeacherInputs` and `LossOutput` type the two other records of a step: the teacher's
+prompts and the reduced loss.
 
 Shapes: B prompts, R = B x n rollout rows (rows of one prompt adjacent), P prompt length (left-padded), C
 completion length (right-padded), k the teacher alternatives kept per token.
@@ -11,7 +10,8 @@ completion length (right-padded), k the teacher alternatives kept per token.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, TypedDict
 
 import torch
 
@@ -28,36 +28,68 @@ class LossTerms(TypedDict, total=False):
     teacher_topk: dict[str, torch.Tensor]
 
 
-class StepBatch(TypedDict, total=False):
-    """One training micro-batch.
+@dataclass
+class StepBatch:
+    """One training micro-batch (also an evaluation batch: the collator's fields only). A field is None until
+    its writer has run; callbacks read it with attribute access (`batch.rollout`).
 
-    From the collator (`PromptDataModule`): `records` (the B raw records, privileged fields included),
-    `prompt_ids` / `prompt_mask` `[B, P]`, `prompt_text` (the B chat-formatted prompts).
+    From the collator (`PromptCollator`):
+    - `records`: the B raw records, privileged fields included.
+    - `prompt_ids` / `prompt_mask`: `[B, P]` the chat-formatted prompts, left-padded (mask 1 on prompt tokens).
+    - `prompt_text`: the B chat-formatted prompts.
 
-    From the rollout callback (`OnPolicyGeneration`): `on_policy` (False: this batch trains on the dataset's
-    completions, no rollout was sampled), `rollout` (`Rollout`, R rows; the module builds it from the records'
-    solutions when none was sampled), `completion_text` (R str), `gen_seconds` (sampling time), and with a
-    verifier `rewards` (R floats, None where the verifier failed), `feedback` (R str or None) and
-    `verifier_failures` (count in this batch).
+    From the rollout callback (`OnPolicyGeneration`):
+    - `on_policy`: True when it sampled this batch; False when the batch trains on the dataset's completions (SFT,
+      or on-policy KD's dataset batches with `loss.lmbda < 1`); None when no rollout callback saw the batch.
+    - `rollout`: the R rows (`Rollout`: `prompt_ids` / `prompt_mask` `[R, P]`, `completion_ids` /
+      `completion_mask` / `logprobs` `[R, C]`); the module builds it from the records' solutions when none was
+      sampled.
+    - `completion_text`: the R decoded completions (the reference solutions on a dataset batch).
+    - `gen_seconds`: the sampling time.
+    - with a verifier: `rewards` (R floats, None where the verifier failed), `feedback` (R str or None) and
+      `verifier_failures` (count in this batch).
 
-    From the module's training step: `loss_terms` (`LossTerms`), `diagnostics` (the step's diagnostics, plain
-    floats by name, `SelfDistillationModule.step_diagnostics`) and, with `loss.reason_first`, `analyses` (the
-    teacher's B generated analyses of the reference solutions, shown in its context)."""
+    From the module's training step:
+    - `loss_terms` (`LossTerms`): what the step trained on, per token.
+    - `diagnostics`: the step's diagnostics, plain floats by name (`SelfDistillationModule.step_diagnostics`).
+    - `analyses`: with `loss.reason_first`, the teacher's B generated analyses of the reference solutions.
+
+    Lightning moves it to the device as it moves any dataclass: the tensors (the rollout's included) move, lists,
+    strings and numbers stay as they are."""
 
     records: list[dict]
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
-    prompt_text: list[str]
-    on_policy: bool
-    rollout: Rollout
-    completion_text: list[str]
-    gen_seconds: float
-    rewards: list[float | None]
-    feedback: list[str | None]
-    verifier_failures: int
-    loss_terms: LossTerms
-    diagnostics: dict[str, float]
-    analyses: list[str]
+    prompt_text: list[str] = field(default_factory=list)
+    on_policy: bool | None = None
+    rollout: Rollout | None = None
+    completion_text: list[str] | None = None
+    gen_seconds: float | None = None
+    rewards: list[float | None] | None = None
+    feedback: list[str | None] | None = None
+    verifier_failures: int | None = None
+    loss_terms: LossTerms | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    analyses: list[str] | None = None
+
+
+COLLATOR_FIELDS = ("records", "prompt_ids", "prompt_mask")  # what every batch needs from its data loader
+
+
+def as_step_batch(batch: StepBatch | Mapping[str, Any]) -> StepBatch:
+    """`batch` itself when it is a `StepBatch`; a mapping (the batch of a data loader of one's own: at least
+    `records`, `prompt_ids` `[B, P]`, `prompt_mask` `[B, P]`, any other key a `StepBatch` field) as one.
+    Raises ValueError naming the keys that are missing or not fields."""
+    if isinstance(batch, StepBatch):
+        return batch
+    names = [f.name for f in fields(StepBatch)]
+    missing = [k for k in COLLATOR_FIELDS if k not in batch]
+    unknown = sorted(set(batch) - set(names))
+    if missing or unknown:
+        raise ValueError(f"a batch needs the keys {list(COLLATOR_FIELDS)} and no others than the fields of "
+                         f"lightning_sd.batch.StepBatch {names}: missing {missing}, unknown {unknown} (per-record "
+                         "data belongs in the records)")
+    return StepBatch(**batch)
 
 
 class TeacherInputs(TypedDict, total=False):
@@ -85,4 +117,4 @@ class LossOutput(TypedDict):
     signal: torch.Tensor
 
 
-__all__ = ["LossTerms", "StepBatch", "TeacherInputs", "LossOutput"]
+__all__ = ["LossTerms", "StepBatch", "as_step_batch", "TeacherInputs", "LossOutput"]

@@ -8,13 +8,13 @@ impossible value stops the run at start-up with a message naming the key (`loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_sd.module import OptimizerConfig, SchedulerConfig
-from lightning_sd.objectives import LossConfig
+from lightning_sd.objectives import LossConfig, check_renamed_keys
 from lightning_sd.sampling import ROLLOUT_DTYPES, SamplingConfig
 from lightning_sd.teachers import TEACHER_KINDS
 
@@ -290,11 +290,22 @@ def warn_ignored_teacher_keys(t) -> list[str]:
     return ignored
 
 
+def check_renamed_overrides(overrides: Iterable[str]) -> None:
+    """Command-line overrides of a renamed key (`loss.lam=0.9`, `+loss.lam=0.9`, `~loss.lam`): a `ConfigError`
+    naming the new key, where Hydra alone would answer with its generic "not in struct"."""
+    for item in overrides:
+        group, _, key = item.lstrip("+~").split("=", 1)[0].partition(".")
+        if group == "loss":
+            check_renamed_keys([key], ConfigError)
+
+
 def validate_config(cfg: DictConfig) -> dict:
     """Check every group of `cfg`; returns `{group: typed dataclass}`. Raises `ConfigError`."""
     typed = {}
     for group, schema in GROUP_SCHEMAS.items():
         node = cfg.get(group)
+        if group == "loss" and node is not None:  # a config file that still sets a renamed key
+            check_renamed_keys(node.keys(), ConfigError)
         if group == "loss" and node is not None and "_target_" in node:  # a user's own method class
             node = OmegaConf.to_container(node, resolve=True)
             node["name"] = node.pop("_target_")

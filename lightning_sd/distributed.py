@@ -64,6 +64,35 @@ def ends_optimizer_step(trainer) -> bool:
     return should_accumulate is None or not should_accumulate()
 
 
+class StepWatch:
+    """Sees each optimizer step once, from a callback's `on_train_batch_end` (after the step, when
+    `trainer.global_step` has moved): `moved(trainer)` is True on the first micro-batch end at a new
+    `global_step` and False on the micro-batches of gradient accumulation that did not step. It also sees step
+    0 (the weights before any update) at the first micro-batch end; after that it agrees with
+    `ends_optimizer_step` asked at the same place.
+
+    Unlike `ends_optimizer_step` (asked while a step is under way), it keeps the last step seen (`last_step`,
+    -1 before the first), which a callback saves in its checkpoint state (`state()` / `load()`, key
+    `"last_step"`), so that after a resume the step of the checkpoint is not seen twice."""
+
+    def __init__(self) -> None:
+        self.last_step = -1
+
+    def moved(self, trainer) -> bool:
+        """Whether `trainer.global_step` differs from the last step seen; records it."""
+        step = int(trainer.global_step)
+        if step == self.last_step:
+            return False
+        self.last_step = step
+        return True
+
+    def state(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load(self, state: dict) -> None:
+        self.last_step = int(state.get("last_step", -1))
+
+
 # ---------------------------------------------------------------------------------------------- FSDP
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lightning_sd.batch import StepBatch, as_step_batch
 from lightning_sd.contexts import RowView
 from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.forward import completion_logits
@@ -46,14 +47,14 @@ def _generate(module, network, prompt_ids, prompt_mask, sampling: SamplingConfig
                       generator=generator)
 
 
-def generate_and_verify(module, batch: dict, sampling: SamplingConfig, network=None) -> dict:
+def generate_and_verify(module, batch: StepBatch, sampling: SamplingConfig, network=None) -> dict:
     """Sample from `network` (default: the student) for the batch's prompts and verify with `module.task`."""
-    rollout = _generate(module, network or module.student, batch["prompt_ids"].to(module.device),
-                        batch["prompt_mask"].to(module.device), sampling)
+    rollout = _generate(module, network or module.student, batch.prompt_ids.to(module.device),
+                        batch.prompt_mask.to(module.device), sampling)
     texts = decode_completions(module.tokenizer, rollout)
     correct, failures = [], 0
     if module.task is not None:
-        rewards, _, failures = score_rollouts(module.task, batch["records"], texts, rollout.prompt_index,
+        rewards, _, failures = score_rollouts(module.task, batch.records, texts, rollout.prompt_index,
                                               timeout_s=VERIFIER_TIMEOUT_S)
         correct = [float(reward is not None and reward >= 1.0) for reward in rewards]
     lengths = rollout.completion_mask.sum(-1).float().tolist()
@@ -81,26 +82,27 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
     sampling = sampling or module.eval_sampling
     student_correct, teacher_correct, lengths, samples = [], [], [], []
     failures = 0
-    for batch in batches:
+    for batch in map(as_step_batch, batches):
         out = generate_and_verify(module, batch, sampling)
         student_correct += out["correct"]
         lengths += out["lengths"]
         failures += out["failures"]
         if progress is not None:
-            progress(len(batch["records"]), int(sum(out["lengths"])))
+            progress(len(batch.records), int(sum(out["lengths"])))
         if with_teacher:
-            texts, ok = teacher_prompts(module, batch["records"])
+            texts, ok = teacher_prompts(module, batch.records)
             enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length,
                                  truncation=module.truncation, pad_token_id=module.pad_token_id)
             with module.teacher.sampling_network(module.student) as net:
-                t_out = generate_and_verify(module, {"prompt_ids": enc.ids, "prompt_mask": enc.mask,
-                                                     "records": batch["records"]}, sampling, network=net)
+                teacher_batch = StepBatch(records=batch.records, prompt_ids=enc.ids, prompt_mask=enc.mask,
+                                          prompt_text=texts)
+                t_out = generate_and_verify(module, teacher_batch, sampling, network=net)
             teacher_correct += [c for c, r in zip(t_out["correct"], [ok[i] for i in t_out["prompt_index"]]) if r]
             failures += t_out["failures"]
             if progress is not None:
-                progress(len(batch["records"]), int(sum(t_out["lengths"])))
+                progress(len(batch.records), int(sum(t_out["lengths"])))
         for i, text in enumerate(out["texts"][: max(0, keep_samples - len(samples))]):
-            rec = batch["records"][out["prompt_index"][i]]
+            rec = batch.records[out["prompt_index"][i]]
             samples.append({"prompt": rec["prompt"], "completion": text,
                             "correct": out["correct"][i] if out["correct"] else None})
     n = len(student_correct)

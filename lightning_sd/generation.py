@@ -1,6 +1,6 @@
 """`OnPolicyGeneration`: before each training step, sample completions from the *current* student for the
-batch's prompts and put them into the batch (`batch["rollout"]`, `batch["completion_text"]`, and, when the
-module has a task with a verifier, `batch["rewards"]` / `batch["feedback"]`).
+batch's prompts and put them into the batch (`batch.rollout`, `batch.completion_text`, and, when the
+module has a task with a verifier, `batch.rewards` / `batch.feedback`).
 
 Sampling runs in eval mode under `torch.no_grad()` with the KV cache on and gradient checkpointing off,
 inside the precision plugin's forward context (so it sees the same precision as training), and restores
@@ -64,19 +64,19 @@ class OnPolicyGeneration(Callback):
         decide = getattr(pl_module, "samples_batch", None)
         if not getattr(pl_module, "needs_rollouts", True) or (
                 decide is not None and not decide(self.config.seed, trainer.global_step, batch_idx)):
-            batch["on_policy"] = False
+            batch.on_policy = False
             return
-        batch["on_policy"] = True
+        batch.on_policy = True
         seed = derive_seed(self.config.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
         t0 = time.perf_counter()
-        rollout = rollout_on(trainer, pl_module, pl_module.student, batch["prompt_ids"], batch["prompt_mask"],
+        rollout = rollout_on(trainer, pl_module, pl_module.student, batch.prompt_ids, batch.prompt_mask,
                              self.config, seed, backend=self.backend, gather=self.gather_weights)
-        batch["gen_seconds"] = time.perf_counter() - t0
-        batch["rollout"] = rollout
+        batch.gen_seconds = time.perf_counter() - t0
+        batch.rollout = rollout
         texts = decode_completions(pl_module.tokenizer, rollout)
-        batch["completion_text"] = texts
+        batch.completion_text = texts
         task = getattr(pl_module, "task", None)
         if task is not None:
-            rewards, feedback, failures = score_rollouts(task, batch["records"], texts, rollout.prompt_index,
+            rewards, feedback, failures = score_rollouts(task, batch.records, texts, rollout.prompt_index,
                                                          self.verifier_timeout_s)
-            batch["rewards"], batch["feedback"], batch["verifier_failures"] = rewards, feedback, failures
+            batch.rewards, batch.feedback, batch.verifier_failures = rewards, feedback, failures

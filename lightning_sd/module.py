@@ -1,7 +1,7 @@
 """`SelfDistillationModule`: the LightningModule that ties student, teacher policy, teacher context and
 objective together. Read `training_step` top to bottom: rollouts (put in the batch by the
 `OnPolicyGeneration` callback) -> teacher inputs -> teacher scores (no grad) -> student scores -> the method's
-terms (`self.method`, a `lightning_sd.methods.Method`) -> reduce -> step. The batch's keys: `batch.StepBatch`.
+terms (`self.method`, a `lightning_sd.methods.Method`) -> reduce -> step. The batch's fields: `batch.StepBatch`.
 
 Shapes: R rollout rows (B prompts x n samples), P / P' student / teacher prompt lengths (left-padded),
 C completion length (right-padded), V vocabulary, H hidden size.
@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs
+from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs, as_step_batch
 from lightning_sd.contexts import ContextBuilder, RowView
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.distributed import (all_ranks, ends_optimizer_step, engine_owns_gradients, global_sum,
@@ -157,7 +157,7 @@ class SelfDistillationModule(LightningModule):
 
     @property
     def needs_teacher(self) -> bool:
-        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `lam=1`): no teacher forward."""
+        """False for a method without a teacher (`sft`, `grpo`, `rl_feedback` with `grpo_mix=1`): no teacher forward."""
         return self.method.needs_teacher
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
@@ -168,9 +168,9 @@ class SelfDistillationModule(LightningModule):
 
     def dataset_rollout(self, batch: StepBatch) -> Rollout:
         """The batch's reference solutions as a `Rollout` (SFT, and on-policy KD's dataset batches)."""
-        rollout = reference_rollout(batch["records"], batch["prompt_ids"], batch["prompt_mask"], self.tokenizer,
+        rollout = reference_rollout(batch.records, batch.prompt_ids, batch.prompt_mask, self.tokenizer,
                                     pad_token_id=self.pad_token_id)
-        batch["completion_text"] = [r["solution"] for r in batch["records"]]
+        batch.completion_text = [r["solution"] for r in batch.records]
         return rollout
 
     # ------------------------------------------------------------------ hooks users override
@@ -180,21 +180,21 @@ class SelfDistillationModule(LightningModule):
 
         `placebo=True` (the contrastive teacher, `loss.contrast`): the same template around the *next* record's
         fields in the batch, with this record's own `prompt` (and `instruction`)."""
-        rollout: Rollout = batch["rollout"]
-        records = batch["records"]
+        rollout: Rollout = batch.rollout
+        records = batch.records
         if placebo:
             records = [{**records[(i + 1) % len(records)], **{k: rec[k] for k in ("prompt", "instruction") if k in rec}}
                        for i, rec in enumerate(records)]
         n = rollout.prompt_ids.size(0) // len(records)
         texts: list[str] = []
         row_mask = []
-        completions = batch.get("completion_text") or [""] * rollout.prompt_ids.size(0)
-        rewards = batch.get("rewards")
-        feedback = batch.get("feedback")
+        completions = batch.completion_text or [""] * rollout.prompt_ids.size(0)
+        rewards = batch.rewards
+        feedback = batch.feedback
         analyses = (generate_analyses(self, records, self.loss_cfg.reason_max_new_tokens)
                     if self.loss_cfg.reason_first else None)
         if analyses is not None:
-            batch["analyses"] = analyses
+            batch.analyses = analyses
         for r in range(rollout.prompt_ids.size(0)):
             i = int(rollout.prompt_index[r])
             group = range(i * n, (i + 1) * n)
@@ -225,13 +225,13 @@ class SelfDistillationModule(LightningModule):
     def student_forward(self, batch: StepBatch) -> torch.Tensor:
         """Student scores of the rollout tokens given the student prompt: logits `[R, C, V]`, or final hidden
         states `[R, C, H]` when `loss.chunk_size` is set."""
-        rollout: Rollout = batch["rollout"]
+        rollout: Rollout = batch.rollout
         return self._run(rollout.prompt_ids, rollout.prompt_mask, rollout)(self.student)
 
     def teacher_forward(self, batch: StepBatch, teacher_inputs: TeacherInputs) -> torch.Tensor:
         """Teacher scores (no grad) of the same rollout tokens given the teacher prompt: `[R, C, V]` logits
         (or `[R, C, H]` hidden states with `loss.chunk_size`)."""
-        run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch["rollout"])
+        run = self._run(teacher_inputs["prompt_ids"], teacher_inputs["prompt_mask"], batch.rollout)
         return self.teacher.score(self.student, run)
 
     def _output_weight(self, network: nn.Module) -> torch.Tensor:
@@ -252,9 +252,9 @@ class SelfDistillationModule(LightningModule):
         does not depend on how the batch was split. `signal` marks the tokens whose term can carry a gradient
         (a GRPO row with zero advantage counts in `mask` but not here); an optimizer step whose global count of
         signal tokens is zero is skipped."""
-        rollout: Rollout = batch["rollout"]
+        rollout: Rollout = batch.rollout
         scorer = self.scorer
-        step = Step(rollout=rollout, records=batch["records"], rewards=batch.get("rewards"),
+        step = Step(rollout=rollout, records=batch.records, rewards=batch.rewards,
                     mask=self.trainable_mask(rollout), row_mask=teacher_inputs["row_mask"],
                     logprobs=lambda: scorer.student_logprobs(student_out, rollout),
                     distillation=lambda mask: scorer.distillation(student_out, teacher_out, rollout, mask,
@@ -279,12 +279,12 @@ class SelfDistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: StepBatch, batch_idx: int):
-        if "rollout" not in batch:
-            if self.needs_rollouts and batch.get("on_policy", True):
+        if batch.rollout is None:
+            if self.needs_rollouts and batch.on_policy is not False:
                 raise RuntimeError(
                     "batch has no 'rollout': add lightning_sd.OnPolicyGeneration(...) to the Trainer's callbacks "
                     "(it samples completions from the student before each training step)")
-            batch["rollout"] = self.dataset_rollout(batch)  # SFT, or a dataset batch of on-policy KD (lmbda)
+            batch.rollout = self.dataset_rollout(batch)  # SFT, or a dataset batch of on-policy KD (lmbda)
         self._t_train_start = time.perf_counter()
         placebo_out = None
         if self.needs_teacher:
@@ -294,22 +294,22 @@ class SelfDistillationModule(LightningModule):
                 placebo_inputs = self.build_teacher_inputs(batch, placebo=True)
                 placebo_out = self.teacher_forward(batch, placebo_inputs)
                 teacher_inputs["row_mask"] = teacher_inputs["row_mask"] & placebo_inputs["row_mask"]
-        else:  # sft, grpo, rl_feedback with lam=1: no teacher forward
-            rows = batch["rollout"].completion_ids.size(0)
-            teacher_inputs = {"row_mask": torch.ones(rows, dtype=torch.bool, device=batch["rollout"].completion_ids.device)}
+        else:  # sft, grpo, rl_feedback with grpo_mix=1: no teacher forward
+            rows = batch.rollout.completion_ids.size(0)
+            teacher_inputs = {"row_mask": torch.ones(rows, dtype=torch.bool, device=batch.rollout.completion_ids.device)}
             teacher_out = None
         student_out = self.student_forward(batch)
         if placebo_out is not None:
             teacher_out = contrastive_target_logits(student_out, teacher_out, placebo_out, self.loss_cfg.contrast)
             del placebo_out
         out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
-        batch["loss_terms"] = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
-        batch["diagnostics"] = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
+        batch.loss_terms = {"per_token": out["per_token"].detach(), "mask": out["mask"]}
+        batch.diagnostics = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
         keep_topk = self.teacher_topk_requested()
         if keep_topk and teacher_out is not None:
             from lightning_sd.token_view import teacher_topk
 
-            batch["loss_terms"]["teacher_topk"] = teacher_topk(self, teacher_out, keep_topk)
+            batch.loss_terms["teacher_topk"] = teacher_topk(self, teacher_out, keep_topk)
         if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)
             return self._nonfinite(batch, out)
         self.nonfinite_in_a_row = 0
@@ -326,7 +326,7 @@ class SelfDistillationModule(LightningModule):
         return out["loss"]
 
     def teacher_topk_requested(self) -> int:
-        """How many of the teacher's top alternatives per token this step keeps in `batch["loss_terms"]`: the
+        """How many of the teacher's top alternatives per token this step keeps in `batch.loss_terms`: the
         most any callback asks for (a callback's `wants_teacher_topk()`, e.g. `TokenView` on the steps it
         renders); 0 without a trainer."""
         callbacks = self._trainer.callbacks if self._trainer is not None else []
@@ -337,16 +337,16 @@ class SelfDistillationModule(LightningModule):
         self.nonfinite_steps += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, batch_size=1)
         bad = (~torch.isfinite(out["per_token"]) & out["mask"].bool()).any(-1).nonzero().flatten().tolist()
-        ids = sorted({str(batch["records"][int(batch["rollout"].prompt_index[r])].get("id")) for r in bad})
+        ids = sorted({str(batch.records[int(batch.rollout.prompt_index[r])].get("id")) for r in bad})
         where = (f"non-finite loss at step {self.global_step} (non-finite per-token terms in rollout rows "
                  f"{bad or 'none: the sum overflowed'}, record ids {ids})")
         if self.loss_cfg.nonfinite == "stop":
             rank = self._trainer.global_rank if self._trainer is not None and self._trainer.world_size > 1 else None
             name = f"nonfinite_batch_step{self.global_step}" + (f"_rank{rank}" if rank is not None else "") + ".pt"
             path = os.path.join(self.run_dir or ".", name)
-            torch.save({"records": batch["records"], "rollout": batch["rollout"], "per_token": out["per_token"],
-                        "mask": out["mask"], "completion_text": batch.get("completion_text"),
-                        "prompt_text": batch.get("prompt_text"), "step": self.global_step, "bad_rows": bad}, path)
+            torch.save({"records": batch.records, "rollout": batch.rollout, "per_token": out["per_token"],
+                        "mask": out["mask"], "completion_text": batch.completion_text,
+                        "prompt_text": batch.prompt_text, "step": self.global_step, "bad_rows": bad}, path)
             raise FloatingPointError(f"{where}; the batch is saved in {path} (inspect it with torch.load(path, "
                                      "weights_only=False); set loss.nonfinite=skip to skip such steps instead)")
         self.nonfinite_in_a_row += 1
@@ -379,7 +379,7 @@ class SelfDistillationModule(LightningModule):
           the clip bounds, averaged over the trained positions of the step's first 4 rollout rows (a sample:
           computing it for every row costs about as much as the loss itself).
         Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
-        rollout: Rollout = batch["rollout"]
+        rollout: Rollout = batch.rollout
         values = {"no_signal_rows": float((~out["signal"].any(-1)).float().mean())}
         if teacher_out is None:
             return values
@@ -396,20 +396,20 @@ class SelfDistillationModule(LightningModule):
         return values
 
     def _log_step(self, batch: StepBatch, out: LossOutput, teacher_inputs: TeacherInputs) -> None:
-        rollout: Rollout = batch["rollout"]
+        rollout: Rollout = batch.rollout
         m = self.train_metrics
         valid = out["mask"]
         div = (out["per_token"].detach() * valid).sum() / valid.sum().clamp(min=1)
         lengths = rollout.completion_mask.sum(-1).float()
         truncated = float(rollout.truncated.float().mean())
         values = {"loss": out["value"], "divergence": div, "completion_len": lengths.mean(), "truncated": truncated,
-                  "masked_rows": (~teacher_inputs["row_mask"]).float().mean(), **batch.get("diagnostics", {})}
-        if batch.get("rewards") is not None:
-            rewards = [r for r in batch["rewards"] if r is not None]
+                  "masked_rows": (~teacher_inputs["row_mask"]).float().mean(), **batch.diagnostics}
+        if batch.rewards is not None:
+            rewards = [r for r in batch.rewards if r is not None]
             if rewards:
                 values["reward"] = torch.tensor(sum(rewards) / len(rewards))
-        if batch.get("gen_seconds"):
-            values["gen_tokens_per_s"] = lengths.sum() / batch["gen_seconds"]
+        if batch.gen_seconds:
+            values["gen_tokens_per_s"] = lengths.sum() / batch.gen_seconds
         if rollout.extras.get("rollout_copy_bytes"):  # generation.dtype: the rollout's cast copy of the weights
             values["rollout_copy_bytes"] = float(rollout.extras["rollout_copy_bytes"])
         if self.loss_cfg.lmbda < 1.0:
@@ -435,6 +435,11 @@ class SelfDistillationModule(LightningModule):
         summary = {k: total[0] / total[1] for k, total in sorted(self.diagnostic_totals.items()) if total[1]}
         return {**summary, "empty_steps": self.empty_steps, "nonfinite_steps": self.nonfinite_steps}
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> StepBatch:
+        """A data loader's batch as a `StepBatch` (a plain dict from a loader of one's own becomes one), before
+        it moves to the device and the callbacks and the step see it."""
+        return as_step_batch(batch)
+
     def on_train_start(self) -> None:
         """The student trains in train mode. Lightning keeps each submodule's mode as it finds it, and a model
         from `from_pretrained` is in eval mode: it would train without dropout and, since Hugging Face models
@@ -443,9 +448,9 @@ class SelfDistillationModule(LightningModule):
         self.student.train()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if "rollout" in batch and self._t_train_start:
+        if batch.rollout is not None and self._t_train_start:
             seconds = time.perf_counter() - self._t_train_start
-            tokens = float(batch["rollout"].completion_mask.sum())
+            tokens = float(batch.rollout.completion_mask.sum())
             rate = tokens / max(seconds, 1e-9)
             self.train_metrics["train_tokens_per_s"](rate)
             total = self.diagnostic_totals.setdefault("train_tokens_per_s", [0.0, 0])
@@ -581,7 +586,7 @@ class SelfDistillationModule(LightningModule):
         self._warned_truncation = state.get("warned_truncation", False)
         self.diagnostic_totals = {k: list(v) for k, v in state.get("diagnostic_totals", {}).items()}
 
-    def validation_step(self, batch: dict, batch_idx: int):
+    def validation_step(self, batch: StepBatch, batch_idx: int):
         result = generate_and_verify(self, batch, self.eval_sampling)
         if result["correct"]:
             self.val_accuracy(torch.tensor(result["correct"], dtype=torch.float32))

@@ -8,11 +8,12 @@ Sign convention (see docs/concepts.md): `beta=0` is the forward KL(T||S), `beta=
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from lightning_sd.contexts import check_template
-from lightning_sd.losses import per_token_divergence
+from lightning_sd.losses import apply_importance_weight, per_token_divergence
 from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
 
 LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
@@ -20,6 +21,24 @@ LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
 DISTILLATION_NAMES = distillation_names()
 SUPPORTS = ("full", "topk", "sampled")
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+
+
+RENAMED_KEYS = {"lam": "grpo_mix"}  # a `loss` key of earlier versions -> its name now
+
+
+def check_renamed_keys(keys: Iterable[str], error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming the new key when `keys` holds a renamed `loss` key (`loss.lam`)."""
+    for key in keys:
+        if key in RENAMED_KEYS:
+            raise error(f"loss.{key} was renamed loss.{RENAMED_KEYS[key]} (the share of GRPO in the loss: "
+                        f"rl_feedback trains grpo_mix * GRPO + (1 - grpo_mix) * SDPO); write "
+                        f"loss.{RENAMED_KEYS[key]}=...")
+
+
+def with_current_names(values: Mapping[str, Any]) -> dict:
+    """A `loss` config stored by an earlier version (a run's result file) with its renamed keys under their
+    names now, e.g. for `LossConfig(**with_current_names(stored))`."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in values.items()}
 
 
 @dataclass
@@ -40,13 +59,14 @@ class LossConfig:
     - `chunk_size`: when set, the memory-bounded path computes the loss from hidden states chunk by chunk.
     - `name`: the method, a name in `lightning_sd.methods.METHODS` or the dotted path of a user's own `Method`
       subclass (`package.module.Class`; a config may write it as `_target_`).
-    - method-specific keys (null/default where unused): `lam` (GRPO share of the loss: `rl_feedback` mixes
-      `lam * GRPO + (1 - lam) * SDPO`, `grpo` is `lam=1`), `reason_first` / `reason_max_new_tokens` (the
-      teacher first generates an analysis of the reference solution), `lmbda` (fraction of batches on student
-      samples; the rest use dataset completions), `feedback` / `strip_reasoning` (the `sdpo` context),
-      `contrast` (alpha of the contrastive teacher: the target is the student moved by alpha times the
-      difference between the teacher with the real context and with a placebo context, another record's,
-      in the same template; null = the plain teacher; see `losses.contrastive`).
+    - method-specific keys (null/default where unused): `grpo_mix` (GRPO share of the loss: `rl_feedback` mixes
+      `grpo_mix * GRPO + (1 - grpo_mix) * SDPO`, `grpo` is `grpo_mix=1`), `reason_first` /
+      `reason_max_new_tokens` (the teacher first generates an analysis of the reference solution), `lmbda`
+      (fraction of batches on student samples; the rest use dataset completions), `feedback` /
+      `strip_reasoning` (the `sdpo` context), `contrast` (alpha of the contrastive teacher: the target is the
+      student moved by alpha times the difference between the teacher with the real context and with a placebo
+      context, another record's, in the same template; null = the plain teacher; see `losses.contrastive`).
+      `lam` was renamed `grpo_mix` (`RENAMED_KEYS`): passing it is an error naming the new key.
     """
 
     name: str = "distill"
@@ -63,7 +83,7 @@ class LossConfig:
     is_clip: float | None = None
     template: str = "self_critique_v3"
     chunk_size: int | None = None
-    lam: float = 0.0
+    grpo_mix: float = 0.0
     reason_first: bool = False
     reason_max_new_tokens: int = 128
     lmbda: float = 1.0
@@ -73,13 +93,17 @@ class LossConfig:
     nonfinite: str = "skip"
     nonfinite_limit: int | None = 10
 
+    def __new__(cls, *args, **kwargs):  # before the dataclass's __init__ rejects the key as unexpected
+        check_renamed_keys(kwargs, TypeError)
+        return super().__new__(cls)
+
     def method(self) -> Method:
         """The method object these options select (`loss.name`, or `loss._target_`)."""
         return method_class(self.name)(self)
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the method runs a teacher (False for `sft`, `grpo`, `rl_feedback` with `lam=1`)."""
+        """Whether the method runs a teacher (False for `sft`, `grpo`, `rl_feedback` with `grpo_mix=1`)."""
         return self.method().needs_teacher
 
     def validate(self) -> None:
@@ -111,8 +135,8 @@ class LossConfig:
                              "(gradient: clamp each entry's gradient; value: clamp each entry's term, as OPSD)")
         if self.is_clip is not None and not self.is_clip > 0:
             raise ValueError(f"loss.is_clip must be > 0 or null, got {self.is_clip}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"loss.lam must be in [0, 1], got {self.lam}")
+        if not 0.0 <= self.grpo_mix <= 1.0:
+            raise ValueError(f"loss.grpo_mix must be in [0, 1], got {self.grpo_mix}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"loss.lmbda must be in [0, 1], got {self.lmbda}")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -141,6 +165,7 @@ class LossConfig:
         values = dict(values or {})
         if "_target_" in values:  # a user's own method class (Hydra's spelling)
             values["name"] = values.pop("_target_")
+        check_renamed_keys(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -188,9 +213,7 @@ def distillation_terms(
 
     `student_logits`, `teacher_logits`: `[R, C, V]`, aligned on the completion tokens `completion_ids` `[R, C]`
     (position t predicts token t). `is_weight` `[R, C]` (detached importance weights, see
-    `SelfDistillationModule.importance_weights`) multiplies each token's divergence.
+    `SelfDistillationModule.importance_weights`) multiplies each token's divergence (`apply_importance_weight`).
     """
     per_token = per_token_divergence(student_logits, teacher_logits, tokens=completion_ids, **cfg.divergence_kwargs())
-    if is_weight is not None:
-        per_token = per_token * is_weight.to(per_token.dtype)
-    return per_token, mask
+    return apply_importance_weight(per_token, is_weight), mask

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from lightning_sd.batch import LossOutput
-from lightning_sd.losses import chunked_divergence, clipped_teacher_mass, importance_weight, reduce_loss
+from lightning_sd.losses import (apply_importance_weight, chunked_divergence, clipped_teacher_mass, importance_weight,
+                                 reduce_loss)
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
 from lightning_sd.losses.support import prepare_logits
 from lightning_sd.methods import is_dataset_rollout
@@ -88,8 +89,7 @@ class Scorer:
         values = chunked_divergence(student_h[keep], s_weight, teacher_h[keep].detach(), t_weight,
                                     chunk_size=cfg.chunk_size, tokens=rollout.completion_ids[keep],
                                     **cfg.divergence_kwargs())
-        if weights is not None:
-            values = values * weights[keep]
+        values = apply_importance_weight(values, None if weights is None else weights[keep])
         per_token = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
         return per_token.masked_scatter(keep, values)
 

@@ -6,7 +6,7 @@ Colour: one scale per page, `vmax = max |value|` over the trained tokens shown. 
 negative values blue (the sampled-token estimator `log S(y) - log T(y)` can be negative), with opacity
 `|value| / vmax`; tokens outside the loss mask (padding after the stop token is never shown; skipped first
 tokens, masked rows) are grey and underlined with dots. The value is the per-token loss term the
-objective trained on (`batch["loss_terms"]["per_token"]`): for `beta=0` the forward KL(T||S) of that
+objective trained on (`batch.loss_terms["per_token"]`): for `beta=0` the forward KL(T||S) of that
 position, for `beta=1` the reverse KL(S||T), in nats.
 """
 
@@ -204,13 +204,13 @@ def teacher_topk(module: Any, teacher_out: torch.Tensor, k: int, row_chunk: int 
 
 def rows_from_batch(batch: StepBatch, tokenizer: Any, rows: Sequence[int]) -> list[TokenRow]:
     """`TokenRow`s for rollout rows `rows` of a trained batch (after `training_step`: it needs
-    `batch["loss_terms"]`, and uses `teacher_topk` there when the module kept it)."""
-    rollout = batch["rollout"]
-    terms = batch["loss_terms"]
+    `batch.loss_terms`, and uses `teacher_topk` there when the module kept it)."""
+    rollout = batch.rollout
+    terms = batch.loss_terms
     per_token, mask = terms["per_token"].float().cpu(), terms["mask"].cpu()
     top = terms.get("teacher_topk")
-    records = batch["records"]
-    rewards = batch.get("rewards")
+    records = batch.records
+    rewards = batch.rewards
     out = []
     for r in rows:
         valid = rollout.completion_mask[r].bool().cpu()

@@ -116,7 +116,7 @@ def test_callback_fills_the_matrix_at_each_boundary_and_writes_json_and_png(tiny
 
     class Seen(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            trained.append({r["sequence_task"] for r in batch["records"]})
+            trained.append({r["sequence_task"] for r in batch.records})
 
     Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=str(tmp_path),

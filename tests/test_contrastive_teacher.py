@@ -59,7 +59,7 @@ def test_a_placebo_equal_to_the_real_context_gives_exactly_zero_loss_in_the_modu
     same = [dict(records[1], id=str(i)) for i in range(3)]
     loss, batch = _one_step_loss(tiny, same, contrast=1.0)
     assert loss == 0.0
-    assert torch.all(batch["loss_terms"]["per_token"] == 0)
+    assert torch.all(batch.loss_terms["per_token"] == 0)
 
 
 def test_different_records_give_a_positive_loss_and_use_the_next_records_solution(tiny, records):
@@ -74,7 +74,7 @@ def test_different_records_give_a_positive_loss_and_use_the_next_records_solutio
 @pytest.mark.parametrize("bad,match", [
     ({"contrast": 0.0}, "loss.contrast must be > 0"),
     ({"contrast": 1.0, "chunk_size": 64}, "memory-bounded"),
-    ({"contrast": 1.0, "name": "grpo", "lam": 1.0}, "applies to"),
+    ({"contrast": 1.0, "name": "grpo", "grpo_mix": 1.0}, "applies to"),
 ])
 def test_bad_contrast_options_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -10,6 +10,7 @@ import torch
 from _tokenizers import byte_tokenizer, load_smollm2_tokenizer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.records import DataError, save_jsonl
 from lightning_sd.data.sampler import ResumableSampler
@@ -21,7 +22,7 @@ def tiny(**kwargs) -> PromptDataModule:
 
 
 def ids_of(loader) -> list[list[str]]:
-    return [[r["id"] for r in b["records"]] for b in loader]
+    return [[r["id"] for r in b.records] for b in loader]
 
 
 def test_batch_format_with_task_and_chat_template():
@@ -31,16 +32,16 @@ def test_batch_format_with_task_and_chat_template():
     dm.setup("fit")
     assert dm.task.name == "arithmetic" and len(dm.train_records) == 10 and len(dm.eval_records) == 5
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"records", "prompt_ids", "prompt_mask", "prompt_text"}
-    b, p = batch["prompt_ids"].shape
-    assert b == 4 and batch["prompt_mask"].shape == (4, p) and batch["prompt_ids"].dtype == torch.long
-    assert len(batch["records"]) == len(batch["prompt_text"]) == 4
-    for rec, text, ids, mask in zip(batch["records"], batch["prompt_text"], batch["prompt_ids"], batch["prompt_mask"]):
+    assert isinstance(batch, StepBatch) and batch.rollout is None and batch.on_policy is None  # the collator's part
+    b, p = batch.prompt_ids.shape
+    assert b == 4 and batch.prompt_mask.shape == (4, p) and batch.prompt_ids.dtype == torch.long
+    assert len(batch.records) == len(batch.prompt_text) == 4
+    for rec, text, ids, mask in zip(batch.records, batch.prompt_text, batch.prompt_ids, batch.prompt_mask):
         assert text.endswith("<|im_start|>assistant\n") and rec["prompt"] in text
         assert tok.decode(ids[mask.bool()]) == text and mask[-1] == 1  # left-padded
         assert "solution" in rec and "answer" in rec
     val = list(dm.val_dataloader())
-    assert len(val) == 1 and [r["id"] for r in val[0]["records"]] == [r["id"] for r in dm.eval_records]
+    assert len(val) == 1 and [r["id"] for r in val[0].records] == [r["id"] for r in dm.eval_records]
 
 
 def test_exactly_one_source_and_option_errors(tmp_path):
@@ -94,7 +95,7 @@ def test_prompt_length_checked_once_in_setup():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning per batch
         batch = next(iter(dm.val_dataloader() or dm.train_dataloader()))
-    assert batch["prompt_ids"].shape[1] == 20
+    assert batch.prompt_ids.shape[1] == 20
 
 
 def test_pad_token_falls_back_to_eos():
@@ -102,7 +103,7 @@ def test_pad_token_falls_back_to_eos():
     with pytest.warns(UserWarning, match="no pad token; using its eos token"):
         dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert batch["prompt_ids"][:, 0].tolist().count(dm.tokenizer.eos_token_id) == 1
+    assert batch.prompt_ids[:, 0].tolist().count(dm.tokenizer.eos_token_id) == 1
 
 
 def test_order_is_seeded_and_epochs_differ():
@@ -144,7 +145,7 @@ def test_state_dict_without_trainer_counts_yielded_batches():
     resumed.setup()
     resumed.load_state_dict(state)
     rest = ids_of(resumed.train_dataloader())
-    assert [[r["id"] for r in b["records"]] for b in seen] + rest == ids_of(tiny().train_dataloader())
+    assert [[r["id"] for r in b.records] for b in seen] + rest == ids_of(tiny().train_dataloader())
     other = tiny(seed=5)
     other.setup()
     with pytest.warns(UserWarning, match="different data settings.*seed"):
@@ -160,8 +161,8 @@ class Recorder(L.LightningModule):
         self.seen: list[list[str]] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append([r["id"] for r in batch["records"]])
-        return (self.w - batch["prompt_mask"].float().mean()).pow(2).sum()
+        self.seen.append([r["id"] for r in batch.records])
+        return (self.w - batch.prompt_mask.float().mean()).pow(2).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -28,11 +28,12 @@ RECORDS = [{"id": str(i), "prompt": f"What is {i} + {i + 1}?", "answer": str(2 *
 
 
 def _batch(tokenizer, records):
+    from lightning_sd.batch import StepBatch
     from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 
     texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
     enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
-    return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
+    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -54,7 +55,7 @@ def _fixed_rollout(tokenizer, batch):
     """A deterministic rollout: record i's completion is LENGTHS[i] tokens (no stop token), right-padded."""
     from lightning_sd.sampling import Rollout
 
-    ids = [int(r["id"]) for r in batch["records"]]
+    ids = [int(r["id"]) for r in batch.records]
     width = max(LENGTHS[i] for i in ids)
     g = torch.Generator().manual_seed(1234)
     table = torch.randint(0, 250, (8, max(LENGTHS)), generator=g)  # byte ids; EOS/pad are >= 256
@@ -63,7 +64,7 @@ def _fixed_rollout(tokenizer, batch):
     for row, i in enumerate(ids):
         completion[row, : LENGTHS[i]] = table[i, : LENGTHS[i]]
         mask[row, : LENGTHS[i]] = 1
-    return Rollout(prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"].long(), completion_ids=completion,
+    return Rollout(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask.long(), completion_ids=completion,
                    completion_mask=mask, logprobs=torch.zeros(len(ids), width), truncated=torch.ones(len(ids), dtype=torch.bool),
                    prompt_index=torch.arange(len(ids)))
 
@@ -99,7 +100,7 @@ def one_step_weights(batches, accumulate: int = 1, context=None, **trainer_kw) -
 
     class Fixed(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            batch["rollout"] = _fixed_rollout(tok, batch)
+            batch.rollout = _fixed_rollout(tok, batch)
 
     trainer = _trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[Fixed()], **trainer_kw)
     trainer.fit(module, _loader(batches))
@@ -153,7 +154,7 @@ def _worker_uneven(out: Path) -> None:
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            r = batch["rollout"]
+            r = batch.rollout
             seen.append({"decode_steps": r.completion_ids.size(1), "lengths": r.completion_mask.sum(-1).tolist(),
                          "global_step": trainer.global_step})
 

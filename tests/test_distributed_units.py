@@ -241,3 +241,39 @@ def test_vllm_backend_missing_vllm_is_a_clear_error():
         pytest.skip("vllm is installed")
     with pytest.raises(ImportError, match="generation.backend=hf"):
         VllmBackend("/some/folder", tokenizer=None).engine()
+
+
+def test_step_watch_sees_each_optimizer_step_once_and_resumes():
+    watch = D.StepWatch()
+    at = lambda step: SimpleNamespace(global_step=step)  # noqa: E731
+    assert [watch.moved(at(s)) for s in (1, 1, 2, 2)] == [True, False, True, False]  # 2 micro-batches a step
+    resumed = D.StepWatch()
+    resumed.load(watch.state())
+    assert watch.state() == {"last_step": 2}
+    assert [resumed.moved(at(s)) for s in (2, 3)] == [False, True]
+    fresh = D.StepWatch()
+    fresh.load({})
+    assert fresh.last_step == -1
+
+
+def test_step_watch_agrees_with_lightnings_accumulation():
+    """In `on_train_batch_end`, `StepWatch.moved` is True exactly where `ends_optimizer_step` is, including the
+    shorter accumulation window at the end of an epoch, except at the very first micro-batch: the watch also sees
+    step 0 (the weights before any update) there."""
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Probe(Callback):
+        def __init__(self):
+            self.watch, self.seen = D.StepWatch(), []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((self.watch.moved(trainer), D.ends_optimizer_step(trainer)))
+
+    model, probe = BoringModel(), Probe()
+    model.train_dataloader = lambda: torch.utils.data.DataLoader(torch.randn(5, 32), batch_size=1)
+    Trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[probe], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model)
+    assert probe.seen[0] == (True, False)
+    assert [moved for moved, _ in probe.seen[1:]] == [ends for _, ends in probe.seen[1:]]
+    assert [ends for _, ends in probe.seen] == [False, True, False, True, True] * 2

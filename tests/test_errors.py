@@ -145,7 +145,7 @@ def test_verifier_that_raises_or_times_out_gives_no_signal_is_counted_and_traini
 
     class Keep(FailureCounters):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            rewards.append(list(batch["rewards"]))
+            rewards.append(list(batch.rewards))
 
     trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[gen, counters, Keep()])

@@ -151,10 +151,11 @@ def test_periodic_evaluation_counts_rollouts_and_survives_a_resume():
     from lightning_sd.callbacks import PeriodicEvaluation
 
     cb = PeriodicEvaluation(3, batches=[])
-    cb.points, cb.samples, cb.tokens, cb._last_step = [{"step": 3, "samples": 24}], 24, 300, 3
+    cb.points, cb.samples, cb.tokens, cb._steps.last_step = [{"step": 3, "samples": 24}], 24, 300, 3
     again = PeriodicEvaluation(3, batches=[])
     again.load_state_dict(cb.state_dict())
-    assert (again.points, again.samples, again.tokens, again._last_step) == (cb.points, 24, 300, 3)
+    assert (again.points, again.samples, again.tokens, again._steps.last_step) == (cb.points, 24, 300, 3)
+    assert cb.state_dict()["last_step"] == 3  # the key of checkpoints written before
     with pytest.raises(ValueError, match="every_n_steps"):
         PeriodicEvaluation(0, batches=[])
 
@@ -218,3 +219,12 @@ def test_teacher_probe_reports_zero_disagreement_for_the_students_own_prompt(tmp
     assert own["p_opens_with_digit"] == pytest.approx(result["student_p_opens_with_digit"])
     assert "| `answer_note` |" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["rollouts"] == 4
+
+
+def test_results_stored_with_the_former_loss_key_names_still_read():
+    import evidence
+
+    stored = {"config": {"loss": {"name": "rl_feedback", "template": "sdpo", "lam": 1.0}}}
+    assert evidence.has_teacher(stored) is False  # grpo_mix=1: GRPO alone, no teacher
+    stored["config"]["loss"]["lam"] = 0.5
+    assert evidence.has_teacher(stored) is True

@@ -37,7 +37,7 @@ CASES = {
     "continual": ["experiment=continual_tiny"],
     "on_policy_kd": ["experiment=on_policy_kd_tiny"],
     "rl_feedback": ["experiment=rl_feedback_tiny"],
-    "rl_feedback_mixed": ["experiment=rl_feedback_tiny", "loss.lam=0.5"],
+    "rl_feedback_mixed": ["experiment=rl_feedback_tiny", "loss.grpo_mix=0.5"],
     "grpo": ["experiment=grpo_tiny", "data.task=golden_parity"],
     "sft": ["experiment=sft_tiny"],
 }

@@ -26,7 +26,7 @@ SETTINGS = [  # (temperature, top_k, top_p)
 def rollout_from(model, tok, records, temperature, top_k, top_p, n=2, seed=0):
     batch = make_batch(tok, records)
     model.eval()
-    ro = sample(model, batch["prompt_ids"], batch["prompt_mask"],
+    ro = sample(model, batch.prompt_ids, batch.prompt_mask,
                 SamplingConfig(n=n, max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p),
                 pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
                 generator=torch.Generator().manual_seed(seed))
@@ -94,7 +94,7 @@ class _Alternating:
     {"beta": 0.5, "support": "topk", "top_k": 5},
     {"beta": 1.0, "support": "sampled"},
     {"beta": 0.0, "support": "full", "chunk_size": 5},
-    {"name": "grpo", "lam": 1.0},
+    {"name": "grpo", "grpo_mix": 1.0},
 ], ids=["full", "topk", "sampled", "chunked", "grpo"])
 def test_every_loss_path_is_unchanged_by_weights_of_an_exact_sampler(tiny, records, loss):
     """T=0.7 with top-k and top-p: the IS-weighted loss equals the unweighted one (the weights are 1). Before the
@@ -102,9 +102,9 @@ def test_every_loss_path_is_unchanged_by_weights_of_an_exact_sampler(tiny, recor
     distribution to the untempered one."""
     model, tok = tiny
     batch, ro = rollout_from(model, tok, records, 0.7, 8, 0.95)
-    batch["rollout"] = ro
-    batch["completion_text"] = decode_completions(tok, ro)
-    batch["rewards"] = [float(len(t) % 2) for t in batch["completion_text"]]
+    batch.rollout = ro
+    batch.completion_text = decode_completions(tok, ro)
+    batch.rewards = [float(len(t) % 2) for t in batch.completion_text]
     values = []
     for is_clip in (None, 1e6):
         cfg = {"name": "distill", "template": "answer_hint", **loss, "is_clip": is_clip}

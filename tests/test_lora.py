@@ -125,7 +125,7 @@ def test_lora_ema_training_step_updates_adapter_only_and_ema_follows():
 
     class Fixed(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            batch["rollout"] = _fixed_rollout(tok, batch)
+            batch.rollout = _fixed_rollout(tok, batch)
 
     Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=[Fixed()]).fit(module, loader)

@@ -18,6 +18,7 @@ from lightning_sd.rollout import decode_completions, rollout_on
 from lightning_sd.methods import (group_advantages, on_policy_batch, policy_gradient_terms, reference_rollout,
                                   sdpo_context, strip_reasoning)
 from lightning_sd.methods.sdpo import SDPO_FEEDBACK, SDPO_INSTRUCTION, SDPO_SOLUTION
+from lightning_sd.batch import StepBatch
 from lightning_sd.contexts import RowView
 from lightning_sd.forward import completion_logits
 from lightning_sd.objectives import LossConfig
@@ -44,9 +45,9 @@ def prompt_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 def sampled_batch(module, tok, records, n=2, max_new_tokens=4):
     batch = make_batch(tok, records)
-    batch["rollout"] = rollout_on(None, module, module.student, batch["prompt_ids"], batch["prompt_mask"],
+    batch.rollout = rollout_on(None, module, module.student, batch.prompt_ids, batch.prompt_mask,
                                   SamplingConfig(n=n, max_new_tokens=max_new_tokens), seed=0)
-    batch["completion_text"] = decode_completions(tok, batch["rollout"])
+    batch.completion_text = decode_completions(tok, batch.rollout)
     return batch
 
 
@@ -64,7 +65,7 @@ def test_self_critique_teacher_ids_hold_the_reference_and_student_ids_do_not(tin
     batch = sampled_batch(module, tok, records)
     inputs = module.build_teacher_inputs(batch)
     teacher_rows = prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"])
-    student_rows = prompt_rows(batch["rollout"].prompt_ids, batch["rollout"].prompt_mask)
+    student_rows = prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)
     for r, (t_row, s_row) in enumerate(zip(teacher_rows, student_rows)):
         rec = records[r // 2]
         assert contains(t_row, ids(tok, rec["solution"])) and not contains(s_row, ids(tok, rec["solution"]))
@@ -97,11 +98,11 @@ def test_reason_first_puts_the_teachers_own_greedy_analysis_into_its_context(tin
                  pad_token_id=module.pad_token_id, stop_token_ids=stop_ids(tok))
     expected = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(out.completion_ids, out.completion_mask)],
                                 skip_special_tokens=True)
-    assert batch["analyses"] == expected
+    assert batch.analyses == expected
     for r, text in enumerate(inputs["texts"]):
         assert "Your own analysis of the reference solution" in text
         assert expected[r // 2].strip() in text and records[r // 2]["solution"] in text
-    student = [tok.decode(row) for row in prompt_rows(batch["rollout"].prompt_ids, batch["rollout"].prompt_mask)]
+    student = [tok.decode(row) for row in prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)]
     assert all("analysis" not in s for s in student)
 
 
@@ -115,19 +116,19 @@ def test_continual_teacher_sees_the_demonstration_as_an_example_response_and_fir
     batch = sampled_batch(module, tok, records, n=1)
     inputs = module.build_teacher_inputs(batch)
     for r, (t_row, s_row) in enumerate(zip(prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"]),
-                                           prompt_rows(batch["rollout"].prompt_ids, batch["rollout"].prompt_mask))):
+                                           prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask))):
         demo = ids(tok, "Example response:\n" + records[r]["solution"])
         assert contains(t_row, demo) and not contains(s_row, ids(tok, records[r]["solution"]))
     # hand-built completions of lengths 5, 3, 1 and 6 valid tokens (right-padded)
     lengths = [5, 3, 1, 6]
     mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
-    rollout = Rollout(prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
+    rollout = Rollout(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask,
                       completion_ids=torch.randint(0, 200, (4, 6)) * mask, completion_mask=mask,
                       logprobs=torch.zeros(4, 6), truncated=torch.zeros(4, dtype=torch.bool),
                       prompt_index=torch.arange(4))
     logits = torch.randn(4, 6, len(tok))
-    out = module.compute_loss(logits, torch.randn(4, 6, len(tok)), {"rollout": rollout, "records": records},
-                              {"row_mask": torch.ones(4, dtype=torch.bool)})
+    batch.rollout = rollout
+    out = module.compute_loss(logits, torch.randn(4, 6, len(tok)), batch, {"row_mask": torch.ones(4, dtype=torch.bool)})
     assert out["mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0] * 6, [0] * 6, [0, 0, 0, 1, 1, 1]]
     # sequence mean: the two rows with trained tokens count, each as the mean over its own tokens
     assert out["count"] == 2.0
@@ -190,21 +191,21 @@ def test_sdpo_strips_reasoning_blocks_from_the_sibling():
 def test_sdpo_teacher_ids_hold_a_sibling_and_feedback_and_rows_without_signal_are_masked(tiny, records):
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
-                                    loss=loss_option("rl_feedback", lam=0.0))
+                                    loss=loss_option("rl_feedback", grpo_mix=0.0))
     batch = sampled_batch(module, tok, records[:2], n=3, max_new_tokens=3)
-    batch["completion_text"] = ["alpha right", "beta wrong", "gamma wrong", "delta wrong", "eps wrong", "zeta wrong"]
-    batch["rewards"] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    batch["feedback"] = [None, None, "bad format", None, "off by one", None]
+    batch.completion_text = ["alpha right", "beta wrong", "gamma wrong", "delta wrong", "eps wrong", "zeta wrong"]
+    batch.rewards = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    batch.feedback = [None, None, "bad format", None, "off by one", None]
     inputs = module.build_teacher_inputs(batch)
     assert inputs["row_mask"].tolist() == [False, True, True, False, True, False]
     t_rows = prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"])
-    s_rows = prompt_rows(batch["rollout"].prompt_ids, batch["rollout"].prompt_mask)
+    s_rows = prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)
     for r in (1, 2):
         assert contains(t_rows[r], ids(tok, "Correct solution:\n\nalpha right"))
-        assert not contains(t_rows[r], ids(tok, batch["completion_text"][r]))
+        assert not contains(t_rows[r], ids(tok, batch.completion_text[r]))
     assert contains(t_rows[2], ids(tok, "bad format")) and contains(t_rows[4], ids(tok, "off by one"))
     assert not any(contains(s, ids(tok, "alpha right")) or contains(s, ids(tok, "Correct solution")) for s in s_rows)
-    rollout = batch["rollout"]
+    rollout = batch.rollout
     c = rollout.completion_ids.size(1)
     out = module.compute_loss(torch.randn(6, c, len(tok)), torch.randn(6, c, len(tok)), batch, inputs)
     assert (out["mask"].sum(-1) > 0).tolist() == [False, True, True, False, True, False]
@@ -232,18 +233,19 @@ def toy_batch(tok, records, n=2, c=4):
                       completion_ids=torch.randint(0, len(tok) - 3, (r, c)) * mask, completion_mask=mask,
                       logprobs=torch.zeros(r, c), truncated=torch.zeros(r, dtype=torch.bool),
                       prompt_index=torch.arange(2).repeat_interleave(n))
-    return {"rollout": rollout, "records": records[:2]}
+    return StepBatch(records=records[:2], prompt_ids=rollout.prompt_ids[::n], prompt_mask=rollout.prompt_mask[::n],
+                     rollout=rollout)
 
 
 @pytest.mark.parametrize("name", ["rl_feedback", "grpo"])
 def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
     model, tok = tiny
-    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option(name, lam=1.0))
+    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option(name, grpo_mix=1.0))
     assert not module.needs_teacher
     torch.manual_seed(0)
     batch = toy_batch(tok, records)
-    rollout = batch["rollout"]
-    batch["rewards"] = [1.0, 0.0, 0.0, 0.0]  # group 0: one right of two; group 1: no signal
+    rollout = batch.rollout
+    batch.rewards = [1.0, 0.0, 0.0, 0.0]  # group 0: one right of two; group 1: no signal
     logits = torch.randn(4, 4, len(tok), requires_grad=True)
     with torch.no_grad():  # sampler log-probs: row 0 was 3x less likely under the sampler -> weight clipped to 2
         logp_now = logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
@@ -268,17 +270,20 @@ def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
     assert torch.allclose(g_module, g_hand, atol=1e-6)
 
 
-def test_lam_mixes_grpo_and_sdpo_terms_on_their_own_masks(tiny, records):
+def test_grpo_mix_mixes_grpo_and_sdpo_terms_on_their_own_masks(tiny, records):
     model, tok = tiny
-    module = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=0.25, is_clip=None))
+    module = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=0.25, is_clip=None))
     torch.manual_seed(1)
     batch = toy_batch(tok, records)
-    batch["rewards"] = [1.0, 0.0, None, 0.0]
+    batch.rewards = [1.0, 0.0, None, 0.0]
     s, t = torch.randn(4, 4, len(tok)), torch.randn(4, 4, len(tok))
     row_mask = torch.tensor([False, True, True, False])  # SDPO signal on rows 1, 2 only
     out = module.compute_loss(s, t, batch, {"row_mask": row_mask})
-    pure_pg = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=1.0, is_clip=None))
-    pure_sd = SelfDistillationModule(model, tok, teacher="live", loss=loss_option("rl_feedback", lam=0.0, is_clip=None))
+    pure_pg = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=1.0, is_clip=None))
+    pure_sd = SelfDistillationModule(model, tok, teacher="live",
+                                    loss=loss_option("rl_feedback", grpo_mix=0.0, is_clip=None))
     pg = pure_pg.compute_loss(s, t, batch, {"row_mask": row_mask})
     sd = pure_sd.compute_loss(s, t, batch, {"row_mask": row_mask})
     assert pg["mask"][2].sum() == 0  # the failed verifier's row has no GRPO term
@@ -304,10 +309,10 @@ def test_rl_feedback_with_lam_1_runs_no_teacher_forward(tiny, records):
 
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
-                                    loss=loss_option("rl_feedback", lam=1.0), task=ArithmeticTask())
+                                    loss=loss_option("rl_feedback", grpo_mix=1.0), task=ArithmeticTask())
 
     def no_teacher(*_a, **_k):
-        raise AssertionError("the teacher must not run when lam=1")
+        raise AssertionError("the teacher must not run when grpo_mix=1")
 
     module.teacher.score = no_teacher
     module.build_teacher_inputs = no_teacher
@@ -321,16 +326,16 @@ def test_rl_feedback_with_lam_1_runs_no_teacher_forward(tiny, records):
 def test_reference_rollout_is_the_solution_tokens_then_eos(tiny, records):
     model, tok = tiny
     batch = make_batch(tok, records)
-    rollout = reference_rollout(records, batch["prompt_ids"], batch["prompt_mask"], tok, pad_token_id=tok.pad_token_id)
+    rollout = reference_rollout(records, batch.prompt_ids, batch.prompt_mask, tok, pad_token_id=tok.pad_token_id)
     for r, rec in enumerate(records):
         want = ids(tok, rec["solution"]) + [tok.eos_token_id]
         n = len(want)
         assert rollout.completion_ids[r, :n].tolist() == want
         assert rollout.completion_mask[r].tolist() == [1] * n + [0] * (rollout.completion_ids.size(1) - n)
         assert (rollout.completion_ids[r, n:] == tok.pad_token_id).all()
-    assert torch.equal(rollout.prompt_ids, batch["prompt_ids"]) and rollout.extras["source"] == "dataset"
+    assert torch.equal(rollout.prompt_ids, batch.prompt_ids) and rollout.extras["source"] == "dataset"
     with pytest.raises(ValueError, match="has no 'solution'"):
-        reference_rollout([{"id": "x", "prompt": "p"}], batch["prompt_ids"][:1], batch["prompt_mask"][:1], tok,
+        reference_rollout([{"id": "x", "prompt": "p"}], batch.prompt_ids[:1], batch.prompt_mask[:1], tok,
                           pad_token_id=tok.pad_token_id)
 
 
@@ -342,11 +347,11 @@ def test_sft_loss_is_the_mean_nll_of_the_reference_and_nothing_is_sampled(tiny, 
     gen = OnPolicyGeneration(SamplingConfig(max_new_tokens=4))
     trainer = SimpleNamespace(global_step=0, current_epoch=0, global_rank=0, world_size=1, strategy=None)
     gen.on_train_batch_start(trainer, module, batch, 0)
-    assert "rollout" not in batch and batch["on_policy"] is False
+    assert batch.rollout is None and batch.on_policy is False
     module.teacher.score = lambda *a, **k: (_ for _ in ()).throw(AssertionError("no teacher for SFT"))
     module.log = lambda *a, **k: None
     loss = module.training_step(batch, 0)
-    rollout = batch["rollout"]
+    rollout = batch.rollout
     logits = completion_logits(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                rollout.completion_mask)
     nll = -logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
@@ -375,8 +380,8 @@ def test_lmbda_batches_take_the_same_branch_on_every_rank(tiny, records):
             batch = make_batch(tok, records[:1])
             trainer = SimpleNamespace(global_step=step, current_epoch=0, global_rank=rank, world_size=3, strategy=None)
             gen.on_train_batch_start(trainer, module, batch, step)
-            assert ("rollout" in batch) == batch["on_policy"]
-            branch.append(batch["on_policy"])
+            assert (batch.rollout is not None) == batch.on_policy
+            branch.append(batch.on_policy)
         seen[rank] = branch
     assert seen[0] == seen[1] == seen[2] and 0 < sum(seen[0]) < 12
     assert seen[0] == [on_policy_batch(0.5, 3, s, s) for s in range(12)]
@@ -396,10 +401,10 @@ def test_on_policy_kd_trains_on_samples_and_on_dataset_completions_with_an_exter
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            sources.append(batch["rollout"].extras.get("source", "sampled"))
+            sources.append(batch.rollout.extras.get("source", "sampled"))
             inputs = pl_module.build_teacher_inputs(batch)  # KD: the teacher sees exactly the student's prompt
             assert prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"]) == prompt_rows(
-                batch["rollout"].prompt_ids, batch["rollout"].prompt_mask)
+                batch.rollout.prompt_ids, batch.rollout.prompt_mask)
 
     Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=[OnPolicyGeneration(SamplingConfig(max_new_tokens=3)), Record()]).fit(
@@ -413,8 +418,8 @@ def test_on_policy_kd_trains_on_samples_and_on_dataset_completions_with_an_exter
 def test_method_options_that_cannot_work_are_rejected_with_the_option_named():
     from lightning_sd.methods import check_method
 
-    with pytest.raises(ValueError, match="loss=rl_feedback loss.lam"):
-        loss_option("grpo", lam=0.5)
+    with pytest.raises(ValueError, match="loss=rl_feedback loss.grpo_mix"):
+        loss_option("grpo", grpo_mix=0.5)
     with pytest.raises(ValueError, match="loss.lmbda"):
         loss_option("sft", lmbda=0.5)
     with pytest.raises(ValueError, match="loss.reason_first"):
@@ -439,8 +444,8 @@ def test_memory_bounded_path_gives_the_same_loss_and_gradient(tiny, records, nam
     model, tok = tiny
     torch.manual_seed(2)
     batch = toy_batch(tok, records)
-    batch["rewards"] = [1.0, 0.0, 0.0, 1.0]
-    rollout = batch["rollout"]
+    batch.rewards = [1.0, 0.0, 0.0, 1.0]
+    rollout = batch.rollout
     rollout.logprobs = None  # unused (no IS clip below)
     rollout.extras["source"] = "dataset"
     outs = []

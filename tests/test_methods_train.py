@@ -80,7 +80,7 @@ def override_values(name: str) -> dict:
     return {"beta": 0.5, "support": "topk", "top_k": 7, "topk_from": "teacher", "tail": False, "temperature": 0.9,
             "entry_clip": 0.2, "entry_clip_mode": "value", "skip_first": 1, "reduction": "sum", "is_clip": 3.0,
             "template": "answer_hint",
-            "chunk_size": 16, "lam": 1.0 if name == "grpo" else 0.5,
+            "chunk_size": 16, "grpo_mix": 1.0 if name == "grpo" else 0.5,
             "reason_first": name in DISTILLATION_NAMES, "reason_max_new_tokens": 9,
             "lmbda": 0.5 if name in DISTILLATION_NAMES else 1.0, "feedback": False, "strip_reasoning": False,
             "nonfinite": "stop", "nonfinite_limit": 3,

@@ -43,7 +43,7 @@ def test_live_teacher_with_student_prompt_gives_exactly_zero_loss(tiny, records)
     gen = OnPolicyGeneration(SamplingConfig(n=2, max_new_tokens=12, temperature=1.5))
     trainer(2, [gen, cap]).fit(module, loader(tok, records, 2))
     for batch in cap.batches:
-        terms = batch["loss_terms"]
+        terms = batch.loss_terms
         assert terms["mask"].sum() > 0
         assert torch.count_nonzero(terms["per_token"] * terms["mask"]) == 0
     assert cap.losses == [0.0, 0.0]
@@ -178,7 +178,7 @@ def test_trust_region_teacher_interpolates_logits(tiny, records):
     batch = make_batch(tok, records)
     ids = torch.randint(0, 200, (4, 5))
     mask = torch.ones_like(ids)
-    run = lambda net: completion_logits(net, batch["prompt_ids"], batch["prompt_mask"], ids, mask)  # noqa: E731
+    run = lambda net: completion_logits(net, batch.prompt_ids, batch.prompt_mask, ids, mask)  # noqa: E731
     got = module.teacher.score(model, run)
     with torch.no_grad():
         expected = 0.75 * run(module.teacher.model) + 0.25 * run(model)
@@ -189,12 +189,12 @@ def test_teacher_inputs_hold_context_and_student_inputs_do_not(tiny, records):
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="frozen", loss={"template": "self_critique_v3"})
     batch = make_batch(tok, records)
-    batch["rollout"] = rollout_on(None, module, model, batch["prompt_ids"], batch["prompt_mask"],
+    batch.rollout = rollout_on(None, module, model, batch.prompt_ids, batch.prompt_mask,
                                   SamplingConfig(n=2, max_new_tokens=4), seed=0)
     inputs = module.build_teacher_inputs(batch)
     for r in range(inputs["prompt_ids"].size(0)):
         teacher_text = tok.decode(inputs["prompt_ids"][r][inputs["prompt_mask"][r].bool()])
-        student_text = tok.decode(batch["rollout"].prompt_ids[r][batch["rollout"].prompt_mask[r].bool()])
+        student_text = tok.decode(batch.rollout.prompt_ids[r][batch.rollout.prompt_mask[r].bool()])
         solution = records[r // 2]["solution"]
         assert solution in teacher_text and solution not in student_text
         assert records[r // 2]["prompt"] in teacher_text
@@ -265,7 +265,7 @@ def test_gradient_checkpointing_is_off_during_sampling_and_restored(tiny, record
     model.forward = spy
     batch = make_batch(tok, records)
     model.train()
-    rollout_on(None, module, model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(max_new_tokens=3), 0)
+    rollout_on(None, module, model, batch.prompt_ids, batch.prompt_mask, SamplingConfig(max_new_tokens=3), 0)
     assert seen and all(s == (False, False, False) for s in seen)
     assert model.training and model.is_activation_checkpointing
 
@@ -288,3 +288,40 @@ def test_a_student_loaded_in_eval_mode_trains_in_train_mode_and_the_teacher_copy
 
     trainer(2, [OnPolicyGeneration(SamplingConfig(max_new_tokens=3)), Spy()]).fit(module, loader(tok, records, 2))
     assert modes == [(True, True, True, False)] * 2
+
+
+def test_a_step_batch_moves_to_the_device_as_a_dataclass(tiny, records):
+    """Lightning's batch transfer (the strategy's `batch_to_device`, through the module's `transfer_batch_to_device`)
+    gives back a `StepBatch`: its tensors and the rollout's moved, its lists, strings and numbers kept."""
+    from lightning_sd.batch import StepBatch
+
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="live", loss={"name": "distill", "template": "student_prompt"})
+    batch = make_batch(tok, records)
+    batch.rollout = rollout_on(None, module, model, batch.prompt_ids, batch.prompt_mask, SamplingConfig(max_new_tokens=2),
+                               0)
+    batch.completion_text, batch.rewards, batch.gen_seconds = ["a"] * len(records), [1.0, None] * 2, 0.5
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(module)
+    target = torch.device("meta")  # a device other than the batch's: every tensor must move
+    moved = trainer.strategy.batch_to_device(batch, target)
+    assert isinstance(moved, StepBatch)
+    assert moved.prompt_ids.device == target and moved.prompt_mask.device == target
+    assert moved.rollout.completion_ids.device == target and moved.rollout.prompt_index.device == target
+    assert moved.records == records and moved.prompt_text == batch.prompt_text
+    assert (moved.completion_text, moved.rewards, moved.gen_seconds) == (["a"] * 4, [1.0, None] * 2, 0.5)
+    assert batch.prompt_ids.device.type == "cpu"  # the collator's batch itself is left as it was
+
+
+def test_a_plain_dict_batch_from_ones_own_loader_becomes_a_step_batch(tiny, records):
+    from lightning_sd.batch import StepBatch, as_step_batch
+
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="live", loss={"name": "distill", "template": "student_prompt"})
+    made = make_batch(tok, records)
+    plain = {"records": made.records, "prompt_ids": made.prompt_ids, "prompt_mask": made.prompt_mask}
+    batch = module.on_before_batch_transfer(plain, 0)
+    assert isinstance(batch, StepBatch) and batch.prompt_ids is made.prompt_ids and batch.rollout is None
+    assert as_step_batch(made) is made
+    with pytest.raises(ValueError, match=r"missing \['prompt_mask'\], unknown \['labels'\]"):
+        as_step_batch({"records": made.records, "prompt_ids": made.prompt_ids, "labels": 1})

@@ -55,7 +55,7 @@ def _one_step_grads(precision: str) -> torch.Tensor:
 
     class Capture(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            batch["rollout"] = _fixed_rollout(tok, batch)
+            batch.rollout = _fixed_rollout(tok, batch)
 
         def on_after_backward(self, trainer, pl_module):
             grads["g"] = torch.cat([p.grad.detach().float().flatten() for p in pl_module.student.parameters()

@@ -39,12 +39,12 @@ class Probe(Callback):
         self.steps: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.steps.append({"ids": [r["id"] for r in batch["records"]], "torch": float(torch.rand(())),
+        self.steps.append({"ids": [r["id"] for r in batch.records], "torch": float(torch.rand(())),
                            "numpy": float(np.random.rand()), "python": random.random()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps[-1]["loss"] = float(outputs["loss"])
-        self.steps[-1]["completion"] = batch["completion_text"][0]
+        self.steps[-1]["completion"] = batch.completion_text[0]
 
 
 def build(n_records: int):

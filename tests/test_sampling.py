@@ -78,19 +78,19 @@ def test_filters_top_k_and_top_p():
 def test_n_samples_per_prompt_are_adjacent(tiny, records):
     model, tok = tiny
     batch = make_batch(tok, records[:2])
-    out = sample(model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(n=3, max_new_tokens=4),
+    out = sample(model, batch.prompt_ids, batch.prompt_mask, SamplingConfig(n=3, max_new_tokens=4),
                  pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
                  generator=torch.Generator().manual_seed(0))
     assert out.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(out.prompt_ids[0], batch["prompt_ids"][0]) and torch.equal(out.prompt_ids[3],
-                                                                                  batch["prompt_ids"][1])
+    assert torch.equal(out.prompt_ids[0], batch.prompt_ids[0]) and torch.equal(out.prompt_ids[3],
+                                                                                  batch.prompt_ids[1])
 
 
 def test_same_seed_same_samples(tiny, records):
     model, tok = tiny
     batch = make_batch(tok, records)
     cfg = SamplingConfig(n=2, max_new_tokens=6, temperature=1.3, top_k=20, top_p=0.9)
-    runs = [sample(model, batch["prompt_ids"], batch["prompt_mask"], cfg, pad_token_id=tok.pad_token_id,
+    runs = [sample(model, batch.prompt_ids, batch.prompt_mask, cfg, pad_token_id=tok.pad_token_id,
                    stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
 
@@ -101,7 +101,7 @@ def test_sampler_logprobs_equal_trainer_logprobs(tiny, records):
     model, tok = tiny
     model.eval()
     batch = make_batch(tok, records)  # prompts of different lengths -> different left padding
-    out = sample(model, batch["prompt_ids"], batch["prompt_mask"],  # temperature 1: the trainer's distribution
+    out = sample(model, batch.prompt_ids, batch.prompt_mask,  # temperature 1: the trainer's distribution
                  SamplingConfig(n=2, max_new_tokens=10, temperature=1.0), pad_token_id=tok.pad_token_id,
                  stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -117,10 +117,10 @@ def test_explicit_settings_ignore_model_generation_config(tiny, records):
     batch = make_batch(tok, records)
     cfg = SamplingConfig(n=1, max_new_tokens=5)
     kw = dict(pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id])
-    a = sample(model, batch["prompt_ids"], batch["prompt_mask"], cfg, generator=torch.Generator().manual_seed(3), **kw)
+    a = sample(model, batch.prompt_ids, batch.prompt_mask, cfg, generator=torch.Generator().manual_seed(3), **kw)
     model.generation_config.top_k = 1
     model.generation_config.temperature = 0.01
-    b = sample(model, batch["prompt_ids"], batch["prompt_mask"], cfg, generator=torch.Generator().manual_seed(3), **kw)
+    b = sample(model, batch.prompt_ids, batch.prompt_mask, cfg, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 

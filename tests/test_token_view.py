@@ -110,11 +110,11 @@ def test_token_view_callback_writes_pages_that_match_the_batch(tiny, records, tm
     trainer.fit(module, datamodule=dm)
 
     assert [p.name for p in view.written] == ["step_000000.html", "step_000002.html"]
-    assert ["teacher_topk" in b["loss_terms"] for b in keep.batches] == [True, False, True]  # only when shown
+    assert ["teacher_topk" in b.loss_terms for b in keep.batches] == [True, False, True]  # only when shown
     assert view.wants_teacher_topk() == 0 and not hasattr(module, "keep_teacher_topk")  # a request, not a setting
     for path, batch in zip(view.written, (keep.batches[0], keep.batches[2])):
         rows = parse(path.read_text())
-        rollout, terms = batch["rollout"], batch["loss_terms"]
+        rollout, terms = batch.rollout, batch.loss_terms
         assert len(rows) == 3
         shown = [0, 2, 1]  # the first sample of each prompt first (2 prompts x 2 samples)
         vmax = max(abs(v) for r in shown
@@ -144,12 +144,12 @@ def test_teacher_topk_from_hidden_states_equals_from_logits(tiny, records):
     ref = SelfDistillationModule(model, tok, teacher="frozen", loss={"template": "answer_hint", "temperature": 1.1})
     chunked = SelfDistillationModule(model, tok, teacher="frozen",
                                      loss={"template": "answer_hint", "temperature": 1.1, "chunk_size": 5})
-    batch["rollout"] = rollout_on(None, ref, model, batch["prompt_ids"], batch["prompt_mask"],
+    batch.rollout = rollout_on(None, ref, model, batch.prompt_ids, batch.prompt_mask,
                                   SamplingConfig(max_new_tokens=8), seed=0)
     inputs = ref.build_teacher_inputs(batch)
     a = teacher_topk(ref, ref.teacher_forward(batch, inputs), 4)
     b = teacher_topk(chunked, chunked.teacher_forward(batch, inputs), 4)
-    assert a["ids"].shape == (2, batch["rollout"].completion_ids.size(1), 4)
+    assert a["ids"].shape == (2, batch.rollout.completion_ids.size(1), 4)
     torch.testing.assert_close(b["probs"], a["probs"], atol=1e-5, rtol=1e-4)
     assert torch.equal(a["ids"][..., 0], b["ids"][..., 0])
     assert (a["probs"][..., :-1] >= a["probs"][..., 1:]).all() and (a["probs"].sum(-1) <= 1 + 1e-5).all()

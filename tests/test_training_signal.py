@@ -90,7 +90,7 @@ def test_grpo_groups_with_equal_rewards_are_empty_steps(records):
         def verify(self, record, completion):
             return Verdict(reward=1.0)
 
-    loss = {"name": "grpo", "lam": 1.0, "template": "answer_hint"}
+    loss = {"name": "grpo", "grpo_mix": 1.0, "template": "answer_hint"}
     before = load_model("tiny", seed=0)[0]
     module, trainer = run(records[:2], 3, lambda step, i: True, loss=loss, task=Constant(), n=2, teacher="frozen")
     for pa, pb in zip(before.parameters(), module.student.parameters()):

@@ -77,7 +77,7 @@ def batch(tokenizer, rows: int, completion: int, seed: int = 0):
     tb = make_batch(tokenizer, [{**r, "prompt": TEACHER_TEMPLATE.format(**r)} for r in records])
     g = torch.Generator().manual_seed(seed)
     comp = torch.randint(100, tokenizer.vocab_size - 1, (rows, completion), generator=g)
-    return b["prompt_ids"], b["prompt_mask"], tb["prompt_ids"], tb["prompt_mask"], comp, torch.ones_like(comp)
+    return b.prompt_ids, b.prompt_mask, tb.prompt_ids, tb.prompt_mask, comp, torch.ones_like(comp)
 
 
 def ablate_head(model, args) -> None:

@@ -27,6 +27,7 @@ synchronized only at phase boundaries.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -136,28 +137,29 @@ def benchmark_records(tokenizer, batch: int, prompt_len: int | None, seed: int) 
     return records
 
 
-def make_batch(tokenizer, records: list[dict]) -> dict:
+def make_batch(tokenizer, records: list[dict]):
+    from lightning_sd.batch import StepBatch
     from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
 
     texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
     enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
-    return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
+    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
 
 
 class _SameBatch(torch.utils.data.Dataset):
-    """The same prompts `n` times (a fresh dict each time: the callback writes rollouts into it)."""
+    """The same prompts `n` times (a fresh batch each time: the callback writes rollouts into it)."""
 
-    def __init__(self, batch: dict, n: int) -> None:
+    def __init__(self, batch, n: int) -> None:
         self.batch, self.n = batch, n
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.batch)
+    def __getitem__(self, i: int):
+        return dataclasses.replace(self.batch)
 
 
-def _first(items: list) -> dict:
+def _first(items: list):
     return items[0]
 
 
@@ -242,7 +244,7 @@ def timed_module_class():
             self._memory("optimizer")
             cur["step"] = end - self._marks["start"]
             cur["other"] = cur["step"] - sum(cur.get(k, 0.0) for k in PHASES if k != "other")
-            rollout = batch["rollout"]
+            rollout = batch.rollout
             cur["rows"], cur["completion_width"] = map(int, rollout.completion_ids.shape)
             cur["prompt_width"] = int(rollout.prompt_ids.size(1))
             cur["trained_tokens"] = int(rollout.completion_mask.sum())
@@ -263,16 +265,16 @@ def timed_module_class():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             from lightning_sd.sampling import Rollout
 
-            ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+            ids, mask = batch.prompt_ids, batch.prompt_mask
             rows, vocab = ids.size(0), pl_module.student.config.vocab_size
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_idx)
             comp = torch.randint(0, vocab, (rows, self.length), generator=g).to(ids.device)
             ones = torch.ones_like(comp)
-            batch["rollout"] = Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=comp, completion_mask=ones,
-                                       logprobs=torch.zeros(comp.shape, device=ids.device),
-                                       truncated=torch.ones(rows, dtype=torch.bool, device=ids.device),
-                                       prompt_index=torch.arange(rows, device=ids.device))
-            batch["completion_text"] = pl_module.tokenizer.batch_decode(comp.tolist(), skip_special_tokens=True)
+            batch.rollout = Rollout(prompt_ids=ids, prompt_mask=mask, completion_ids=comp, completion_mask=ones,
+                                    logprobs=torch.zeros(comp.shape, device=ids.device),
+                                    truncated=torch.ones(rows, dtype=torch.bool, device=ids.device),
+                                    prompt_index=torch.arange(rows, device=ids.device))
+            batch.completion_text = pl_module.tokenizer.batch_decode(comp.tolist(), skip_special_tokens=True)
 
     return TimedModule, StepStart, RandomRollouts
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from lightning.pytorch import Callback
 
+from lightning_sd.distributed import StepWatch
 from lightning_sd.files import atomic_write_text
 
 Matrix = Sequence[Sequence[float | None]]
@@ -108,7 +109,7 @@ class ContinualEvaluation(Callback):
         self.evaluate_initial = evaluate_initial
         self.initial: dict[str, float] | None = None
         self.rows: list[dict[str, float]] = []  # row i: label -> accuracy after task i (tasks <= i and probes)
-        self._last_step = -1
+        self._steps = StepWatch()
 
     # ---------------------------------------------------------------- measuring
     def _accuracy(self, pl_module, labels: Sequence[str]) -> dict[str, float]:
@@ -124,10 +125,9 @@ class ContinualEvaluation(Callback):
             self._save(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # no optimizer step in this batch (gradient accumulation)
+        if not self._steps.moved(trainer):  # no optimizer step in this batch (gradient accumulation)
             return
-        self._last_step = step
+        step = trainer.global_step
         dm = self.datamodule
         if step not in dm.boundaries:
             return
@@ -178,12 +178,12 @@ class ContinualEvaluation(Callback):
                     probes=res["probe_accuracy"], probe_labels=dm.probe_labels)
 
     def state_dict(self) -> dict:
-        return {"initial": self.initial, "rows": self.rows, "last_step": self._last_step}
+        return {"initial": self.initial, "rows": self.rows, **self._steps.state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.initial = state_dict.get("initial")
         self.rows = list(state_dict.get("rows", []))
-        self._last_step = state_dict.get("last_step", -1)
+        self._steps.load(state_dict)
 
 
 __all__ = ["continual_metrics", "plot_matrix", "save_json", "ContinualEvaluation"]

@@ -13,9 +13,9 @@ class FailureCounters(Callback):
         self.verifier_failures = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if "verifier_failures" not in batch:
+        if batch.verifier_failures is None:  # no verifier ran on this batch
             return
-        self.verifier_failures += int(batch["verifier_failures"])
+        self.verifier_failures += int(batch.verifier_failures)
         pl_module.log("train/verifier_failures", float(self.verifier_failures), on_step=True, on_epoch=False,
                       batch_size=1, sync_dist=trainer.world_size > 1, reduce_fx="sum")  # all ranks' rollouts
 

@@ -10,6 +10,9 @@ from typing import Any, Iterable
 
 from lightning.pytorch import Callback
 
+from lightning_sd.batch import StepBatch
+from lightning_sd.distributed import StepWatch
+
 
 class PeriodicEvaluation(Callback):
     """Args:
@@ -28,7 +31,7 @@ class PeriodicEvaluation(Callback):
         self.points: list[dict] = []
         self.samples = 0  # rollouts generated for training so far (completions of dataset rows are not counted)
         self.tokens = 0
-        self._last_step = -1
+        self._steps = StepWatch()
 
     def _measure(self, trainer, pl_module) -> None:
         from lightning_sd.evaluation import evaluate
@@ -47,26 +50,25 @@ class PeriodicEvaluation(Callback):
             self._measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rollout = batch.get("rollout") if isinstance(batch, dict) else None
-        if rollout is not None and batch.get("on_policy", False):
+        rollout = batch.rollout if isinstance(batch, StepBatch) else None
+        if rollout is not None and batch.on_policy:
             self.samples += int(rollout.completion_ids.size(0))
             self.tokens += int(rollout.completion_mask.sum())
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.moved(trainer):  # no optimizer step in this batch (gradient accumulation)
             return
-        self._last_step = step
+        step = trainer.global_step
         if step % self.every_n_steps == 0 or step == trainer.max_steps:
             if not self.points or self.points[-1]["step"] != step:
                 self._measure(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        return {"points": self.points, "samples": self.samples, "tokens": self.tokens, "last_step": self._last_step}
+        return {"points": self.points, "samples": self.samples, "tokens": self.tokens, **self._steps.state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.points = list(state_dict.get("points", []))
         self.samples = int(state_dict.get("samples", 0))
         self.tokens = int(state_dict.get("tokens", 0))
-        self._last_step = int(state_dict.get("last_step", -1))
+        self._steps.load(state_dict)
 
 
 __all__ = ["PeriodicEvaluation"]

@@ -18,16 +18,16 @@ COLUMNS = ["step", "record_id", "prompt", "completion", "reward", "mean_divergen
 
 def sample_rows(batch: StepBatch, step: int, limit: int) -> list[dict]:
     """One dict per rollout row (the first sample of each prompt first), at most `limit`."""
-    rollout, terms = batch["rollout"], batch["loss_terms"]
+    rollout, terms = batch.rollout, batch.loss_terms
     per_token, mask = terms["per_token"].float(), terms["mask"].float()
     means = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
     trained = (mask.sum(-1) > 0).tolist()
-    rewards, texts = batch.get("rewards"), batch.get("completion_text") or []
-    n = max(1, rollout.completion_ids.size(0) // max(1, len(batch["records"])))
+    rewards, texts = batch.rewards, batch.completion_text or []
+    n = max(1, rollout.completion_ids.size(0) // max(1, len(batch.records)))
     order = sorted(range(rollout.completion_ids.size(0)), key=lambda r: (r % n, r))[:limit]
     rows = []
     for r in order:
-        record = batch["records"][int(rollout.prompt_index[r])]
+        record = batch.records[int(rollout.prompt_index[r])]
         rows.append({"step": step, "record_id": str(record.get("id", "")), "prompt": str(record.get("prompt", "")),
                      "completion": texts[r] if r < len(texts) else "",
                      "reward": None if rewards is None else rewards[r],
@@ -55,7 +55,7 @@ class SampleTable(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, self._step = self._step, None
-        if step is None or not trainer.is_global_zero or "loss_terms" not in batch:
+        if step is None or not trainer.is_global_zero or batch.loss_terms is None:
             return
         rows = sample_rows(batch, step, self.rows)
         if self.jsonl:

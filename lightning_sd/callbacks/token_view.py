@@ -3,7 +3,7 @@ its teacher-student divergence, with the teacher's top alternatives on hover. Sa
 `<run folder>/token_views/step_000010.html` and, with a W&B logger, logged as `token_view` (an HTML panel).
 
 On the steps it renders it asks for the teacher's alternatives (`wants_teacher_topk`, which the module reads
-from its callbacks at the training step), so the module keeps the teacher's top-k tokens and probabilities per completion token in `batch["loss_terms"]` (computed
+from its callbacks at the training step), so the module keeps the teacher's top-k tokens and probabilities per completion token in `batch.loss_terms` (computed
 from the logits the loss already has; other steps pay nothing).
 """
 
@@ -46,14 +46,14 @@ class TokenView(Callback):
         return self.topk if self._render else 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._render or "loss_terms" not in batch or "rollout" not in batch:
+        if not self._render or batch.loss_terms is None or batch.rollout is None:
             return
         self._render = False
         if not trainer.is_global_zero:
             return
         step = self._step  # the weights these scores come from: before this batch's optimizer step
-        rollout = batch["rollout"]
-        n = max(1, rollout.completion_ids.size(0) // max(1, len(batch["records"])))
+        rollout = batch.rollout
+        n = max(1, rollout.completion_ids.size(0) // max(1, len(batch.records)))
         order = sorted(range(rollout.completion_ids.size(0)), key=lambda r: (r % n, r))  # one per prompt first
         rows = rows_from_batch(batch, pl_module.tokenizer, order[: self.rows])
         cfg = pl_module.loss_cfg
@@ -63,7 +63,7 @@ class TokenView(Callback):
                     f"teacher {pl_module.teacher.kind} · colour = per-token loss term (nats)")
         else:  # sft / grpo: no teacher, the colour is that method's own per-token term
             meta = f"step {step} · loss {cfg.name} (no teacher) · colour = per-token loss term"
-        diagnostics = batch.get("diagnostics", {})
+        diagnostics = batch.diagnostics
         if diagnostics:
             meta += " · " + describe_diagnostics(diagnostics, float(rollout.truncated.float().mean()))
         html = render_html(rows, title=f"Per-token divergence, step {step}", meta=meta)

@@ -1,12 +1,12 @@
 """`PromptDataModule`: prompt records from a built-in task, JSONL files, a list or a Hugging Face dataset,
 batched as left-padded prompt tokens plus the raw records (which carry the privileged context).
 
-Batch format (train and val):
+Batch format (train and val): a `lightning_sd.batch.StepBatch` with the collator's fields
 
-    {"records": list[dict],            # the raw records, privileged fields included
-     "prompt_ids": LongTensor[B, P],   # formatted prompts, left-padded with the pad id
-     "prompt_mask": LongTensor[B, P],  # 1 on prompt tokens, 0 on padding
-     "prompt_text": list[str]}         # the formatted prompts (chat template applied)
+    records: list[dict]             # the raw records, privileged fields included
+    prompt_ids: LongTensor[B, P]    # formatted prompts, left-padded with the pad id
+    prompt_mask: LongTensor[B, P]   # 1 on prompt tokens, 0 on padding
+    prompt_text: list[str]          # the formatted prompts (chat template applied)
 
 The train order is fixed by `(seed, epoch)`; `state_dict()` holds the epoch and the batches already
 consumed, so a run resumed from a mid-epoch checkpoint sees exactly the batches it would have seen.
@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lightning_sd.batch import StepBatch
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.data.records import DataError, load_jsonl, validate_records
 from lightning_sd.data.sampler import ResumableSampler
@@ -46,11 +47,11 @@ class PromptCollator:
         self.tokenizer, self.pad_token_id = tokenizer, pad_token_id
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
 
-    def __call__(self, records: list[dict]) -> dict[str, Any]:
+    def __call__(self, records: list[dict]) -> StepBatch:
         texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
         enc = encode_prompts(self.tokenizer, texts, max_length=self.max_prompt_length, truncation=self.truncation,
                              pad_token_id=self.pad_token_id, warn=False)  # setup() warned once for all records
-        return {"records": records, "prompt_ids": enc.ids, "prompt_mask": enc.mask, "prompt_text": texts}
+        return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
 
 
 class PromptDataModule(L.LightningDataModule):

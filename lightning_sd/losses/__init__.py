@@ -10,7 +10,7 @@ from .contrastive import contrastive_target_logits
 from .diagnostics import clipped_teacher_mass
 from .divergence import ENTRY_CLIP_MODES, EntryClipMode, Support, TopkFrom, entry_terms, per_token_divergence
 from .fused import fused_full_kl
-from .reduction import ReduceMode, completion_mask_skip_first, importance_weight, reduce_loss
+from .reduction import ReduceMode, apply_importance_weight, completion_mask_skip_first, importance_weight, reduce_loss
 from .support import MASKED_LOGIT
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "completion_mask_skip_first",
     "reduce_loss",
     "importance_weight",
+    "apply_importance_weight",
     "entry_terms",
     "MASKED_LOGIT",
     "DEFAULT_CHUNK_SIZE",

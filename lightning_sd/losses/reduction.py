@@ -97,3 +97,15 @@ def importance_weight(logp: Tensor, behaviour_logp: Tensor, clip: Optional[float
         if clip is not None:
             weight = weight.clamp(max=clip)
     return weight
+
+
+def apply_importance_weight(values: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """``values`` times the detached IS weights ``weight`` (cast to ``values``' dtype and device): the one place
+    the truncated importance-sampling correction enters a loss. ``None`` leaves ``values`` unchanged.
+
+    Shapes broadcast: per-token terms ``[R, C]`` or ``[N]`` with weights of the same shape, or per-row
+    coefficients ``[R, 1]`` (a GRPO advantage) with ``[R, C]`` weights, giving ``[R, C]``.
+    """
+    if weight is None:
+        return values
+    return values * weight.detach().to(device=values.device, dtype=values.dtype)

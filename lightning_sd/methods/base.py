@@ -131,8 +131,8 @@ class Method:
         cfg = self.loss
         verifier = getattr(data, "verifier", None)
         if self.uses_rewards and (verifier == "none" or (not data.task and verifier is None)):
-            raise ValueError(f"loss={cfg.name} (template {cfg.template!r}, lam={cfg.lam}) learns from verifier "
-                             "rewards: pick a task with a verifier (data=arithmetic|facts|json_format, or "
+            raise ValueError(f"loss={cfg.name} (template {cfg.template!r}, grpo_mix={cfg.grpo_mix}) learns from "
+                             "verifier rewards: pick a task with a verifier (data=arithmetic|facts|json_format, or "
                              "data.task=...) or set data.verifier (math, normalized, ...; docs/configuration.md)")
         if cfg.template == "sdpo" and generation.n < 2 and not cfg.feedback:
             raise ValueError("the sdpo teacher context needs a successful sibling rollout (generation.n >= 2) or "

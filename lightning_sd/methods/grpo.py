@@ -10,10 +10,10 @@ Every completion token t of rollout i gets the per-token loss
 so the gradient is the importance-weighted policy gradient `-A_i w_t grad log S(y_t)`; the loss is
 reduced by a token mean like the distillation losses.
 
-Mixing with SDPO (`loss=rl_feedback loss.lam=...`): the loss is `lam * GRPO + (1 - lam) * SDPO`. With the
-sampled-token SDPO estimator (`support=sampled`, reverse KL) SDPO's per-token gradient is
+Mixing with SDPO (`loss=rl_feedback loss.grpo_mix=...`): the loss is `grpo_mix * GRPO + (1 - grpo_mix) * SDPO`.
+With the sampled-token SDPO estimator (`support=sampled`, reverse KL) SDPO's per-token gradient is
 `-(log T(y_t) - log S(y_t)) grad log S(y_t)`, so mixing the losses is exactly mixing the advantages
-`A = lam * A_GRPO + (1 - lam) * A_SDPO` of the paper; with full or top-k support it is the analogous
+`A = grpo_mix * A_GRPO + (1 - grpo_mix) * A_SDPO` of the paper; with full or top-k support it is the analogous
 mix of the two gradients.
 """
 
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_sd.losses import apply_importance_weight
 from lightning_sd.methods.base import Method, Step, Terms, register
 
 
@@ -58,9 +59,7 @@ def policy_gradient_terms(logp: torch.Tensor, advantages: torch.Tensor,
     `is_weight`: `[R, C]` detached importance weights against the sampler's distribution (None: no weight,
     e.g. dataset completions; see `SelfDistillationModule.importance_weights`).
     """
-    adv = advantages.to(device=logp.device, dtype=logp.dtype)[:, None]
-    if is_weight is not None:
-        adv = adv * is_weight.to(device=logp.device, dtype=logp.dtype)
+    adv = apply_importance_weight(advantages.to(device=logp.device, dtype=logp.dtype)[:, None], is_weight)
     return -adv * logp
 
 
@@ -92,16 +91,16 @@ class Grpo(Method):
         return True
 
     def validate(self) -> None:
-        if self.loss.lam != 1.0:
-            raise ValueError(f"loss=grpo is the pure policy gradient (loss.lam=1, got {self.loss.lam}); to mix it "
-                             "with self-distillation use loss=rl_feedback loss.lam=...")
+        if self.loss.grpo_mix != 1.0:
+            raise ValueError(f"loss=grpo is the pure policy gradient (loss.grpo_mix=1, got {self.loss.grpo_mix}); to "
+                             "mix it with self-distillation use loss=rl_feedback loss.grpo_mix=...")
         super().validate()
 
     def check(self, teacher: Any, generation: Any, data: Any) -> None:
         super().check(teacher, generation, data)
         if self.policy_gradient and generation.n < 2:  # a warning: every loss option must validate on its own
-            warnings.warn(f"loss={self.loss.name} with loss.lam={self.loss.lam} normalizes rewards within each "
-                          f"prompt's group, so with generation.n={generation.n} every advantage is 0 and the GRPO "
+            warnings.warn(f"loss={self.loss.name} with loss.grpo_mix={self.loss.grpo_mix} normalizes rewards within "
+                          f"each prompt's group, so with generation.n={generation.n} every advantage is 0 and the GRPO "
                           "term learns nothing: set generation.n >= 2 (the papers use 8)", stacklevel=3)
 
     def terms(self, step: Step) -> Terms:

@@ -1,7 +1,8 @@
 """`loss=rl_feedback` (SDPO): self-distillation from rich feedback. The teacher sees a successful sibling rollout
-and the verifier's feedback (`loss.template=sdpo`, see `methods.sdpo`); `loss.lam > 0` mixes in GRPO's policy
-gradient: `lam * GRPO + (1 - lam) * SDPO`, each term on its own mask (GRPO: rows with a reward; SDPO: rows with
-a sibling solution or feedback), normalized over their union. `lam=1` is GRPO alone (no teacher forward)."""
+and the verifier's feedback (`loss.template=sdpo`, see `methods.sdpo`); `loss.grpo_mix > 0` mixes in GRPO's
+policy gradient: `grpo_mix * GRPO + (1 - grpo_mix) * SDPO`, each term on its own mask (GRPO: rows with a reward;
+SDPO: rows with a sibling solution or feedback), normalized over their union. `grpo_mix=1` is GRPO alone (no
+teacher forward)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ class RlFeedback(Grpo):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss.lam < 1.0
+        return self.loss.grpo_mix < 1.0
 
     @property
     def policy_gradient(self) -> bool:
-        return self.loss.lam > 0.0
+        return self.loss.grpo_mix > 0.0
 
     @property
     def uses_rewards(self) -> bool:
@@ -32,16 +33,16 @@ class RlFeedback(Grpo):
         super(Grpo, self).validate()
 
     def terms(self, step: Step) -> Terms:
-        lam = self.loss.lam
-        if lam == 0.0:
+        grpo_mix = self.loss.grpo_mix
+        if grpo_mix == 0.0:
             return distillation(step)
         pg = policy_gradient(step, self.loss.name)
-        if lam == 1.0:
+        if grpo_mix == 1.0:
             return pg
         sd = distillation(step)
         zero = torch.zeros((), dtype=pg.per_token.dtype, device=pg.per_token.device)
-        per_token = (lam * torch.where(pg.mask.bool(), pg.per_token, zero)
-                     + (1.0 - lam) * torch.where(sd.mask.bool(), sd.per_token.to(pg.per_token.dtype), zero))
+        per_token = (grpo_mix * torch.where(pg.mask.bool(), pg.per_token, zero)
+                     + (1.0 - grpo_mix) * torch.where(sd.mask.bool(), sd.per_token.to(pg.per_token.dtype), zero))
         return Terms(per_token, (pg.mask.bool() | sd.mask.bool()).to(step.mask.dtype),
                      signal=pg.signal | sd.mask.bool())
 
