@@ -23,7 +23,7 @@ BF16_ATOL = 2 ** -6
 def bf16_rollout(model, tok, records, **settings):
     batch = make_batch(tok, records)
     model.eval()
-    return sample(model, batch["prompt_ids"], batch["prompt_mask"],
+    return sample(model, batch.prompt_ids, batch.prompt_mask,
                   SamplingConfig(n=2, max_new_tokens=12, temperature=1.0, dtype="bf16", **settings),
                   pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
                   generator=torch.Generator().manual_seed(0))
@@ -106,10 +106,10 @@ def test_no_autocast_inside_the_rollout(tiny, records):
     assert torch.equal(outside.logprobs, inside.logprobs)
     batch = make_batch(tok, records[:2])
     kw = dict(pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id])
-    plain = sample(model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(max_new_tokens=6),
+    plain = sample(model, batch.prompt_ids, batch.prompt_mask, SamplingConfig(max_new_tokens=6),
                    generator=torch.Generator().manual_seed(1), **kw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fp32 = sample(model, batch["prompt_ids"], batch["prompt_mask"], SamplingConfig(max_new_tokens=6, dtype="fp32"),
+        fp32 = sample(model, batch.prompt_ids, batch.prompt_mask, SamplingConfig(max_new_tokens=6, dtype="fp32"),
                       generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(plain.completion_ids, fp32.completion_ids) and torch.equal(plain.logprobs, fp32.logprobs)
     assert "rollout_copy_bytes" not in fp32.extras
@@ -190,7 +190,7 @@ def test_training_rollouts_in_bf16_under_bf16_mixed(tiny, records):
 
     class Keep(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(batch["rollout"])
+            seen.append(batch.rollout)
 
     trainer = Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -198,7 +198,7 @@ def test_training_rollouts_in_bf16_under_bf16_mixed(tiny, records):
     trainer.fit(module, DataLoader([records], batch_size=None, collate_fn=lambda recs: make_batch(tok, recs)))
     batch = make_batch(tok, records)
     initial.eval()
-    expected = sample(initial, batch["prompt_ids"], batch["prompt_mask"], config, pad_token_id=tok.pad_token_id,
+    expected = sample(initial, batch.prompt_ids, batch.prompt_mask, config, pad_token_id=tok.pad_token_id,
                       stop_token_ids=[tok.eos_token_id],
                       generator=torch.Generator().manual_seed(derive_seed(config.seed, 0, 0, 0)))
     assert torch.equal(seen[0].completion_ids, expected.completion_ids)

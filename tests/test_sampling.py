@@ -172,7 +172,7 @@ def test_sample_categorical_draws_each_entry_at_its_probability_and_never_a_zero
 
 def _sample_both_ways(model, tok, batch, **settings):
     """The same rollout with the prompts prefilled once per prompt (shared) and once per row (unshared)."""
-    return [sample(model, batch["prompt_ids"], batch["prompt_mask"],
+    return [sample(model, batch.prompt_ids, batch.prompt_mask,
                    SamplingConfig(share_prefill=share, **settings), pad_token_id=tok.pad_token_id,
                    stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(5))
             for share in (True, False)]
@@ -196,7 +196,7 @@ def test_shared_prefill_gives_the_unshared_samples(tiny, records, settings):
     model, tok = tiny
     model.eval()
     batch = make_batch(tok, records)
-    assert len(set(batch["prompt_mask"].sum(-1).tolist())) == len(records)  # every prompt padded differently
+    assert len(set(batch.prompt_mask.sum(-1).tolist())) == len(records)  # every prompt padded differently
     shared, unshared = _sample_both_ways(model, tok, batch, n=3, max_new_tokens=12, **settings)
     assert shared.prompt_index.tolist() == [i for i in range(len(records)) for _ in range(3)]
     _assert_same_rollout(shared, unshared)
