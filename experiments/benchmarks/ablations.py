@@ -8,6 +8,8 @@
 | teacher | teacher forward under `no_grad` vs `inference_mode` |
 | loss | full-vocabulary forward KL, forward+backward: from `[R, C, V]` logits vs chunked from hidden states |
 | bf16 | student forward+backward: fp32 vs bf16 autocast |
+| prefill | `--groups` prompts x `--group-n` rollouts each: the prompt prefilled once and its cache repeated n ways (`generation.share_prefill`) vs every row prefilled |
+| rollout_dtype | a rollout of R rows in fp32 vs under bf16 autocast (weights cast in every decode step) vs from a bf16 copy cast once (`generation.dtype=bf16`) |
 
 Each alternative runs `--reps` times in turn (A, B, A, B, ...); min and median are printed. Run on a quiet
 machine (see README.md); numbers go to docs/performance.md.
@@ -33,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-ALL = ("head", "decode", "logits", "teacher", "loss", "bf16")
+ALL = ("head", "decode", "logits", "teacher", "loss", "bf16", "prefill", "rollout_dtype")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-len", type=int, default=32, help="new tokens in the decode ablation")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default=",".join(ALL))
+    p.add_argument("--groups", type=int, default=2, help="prompts in the prefill ablation")
+    p.add_argument("--group-n", type=int, default=8, help="rollouts per prompt in the prefill ablation")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd static-cache decode loop")
     return p.parse_args(argv)
 
@@ -261,6 +265,39 @@ def ablate_bf16(model, tok, args) -> None:
            interleave(fns, args.reps))
 
 
+def _sampler(model, tok, ids, mask, **settings):
+    import lightning_sd.sampling as sampling
+
+    cfg = sampling.SamplingConfig(fixed_length=True, **settings)
+    return lambda: sampling.sample(model, ids, mask, cfg, pad_token_id=tok.pad_token_id,
+                                   stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(0))
+
+
+def ablate_prefill(model, tok, args) -> None:
+    ids, mask, *_ = batch(tok, args.groups, 1)
+    model.eval()
+    settings = dict(n=args.group_n, max_new_tokens=args.decode_len)
+    fns = {"prefill every row": _sampler(model, tok, ids, mask, share_prefill=False, **settings),
+           "prefill once, cache repeated": _sampler(model, tok, ids, mask, share_prefill=True, **settings)}
+    report(f"prefill: {args.groups} prompts (length {ids.size(1)}) x {args.group_n} rollouts x {args.decode_len} "
+           "new tokens", interleave(fns, args.reps))
+
+
+def ablate_rollout_dtype(model, tok, args) -> None:
+    ids, mask, *_ = batch(tok, args.batch, 1)
+    model.eval()
+    fp32 = _sampler(model, tok, ids, mask, max_new_tokens=args.decode_len)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32()
+
+    fns = {"fp32": fp32, "bf16 autocast (cast every step)": autocast,
+           "bf16 copy, cast once": _sampler(model, tok, ids, mask, max_new_tokens=args.decode_len, dtype="bf16")}
+    report(f"rollout_dtype: {args.batch} rows x {args.decode_len} new tokens (prompt {ids.size(1)})",
+           interleave(fns, args.reps))
+
+
 def main(argv=None) -> None:
     from lightning_sd.models import load_model
 
@@ -286,6 +323,10 @@ def main(argv=None) -> None:
             ablate_loss(model, args)
         elif name == "bf16":
             ablate_bf16(model, tok, args)
+        elif name == "prefill":
+            ablate_prefill(model, tok, args)
+        elif name == "rollout_dtype":
+            ablate_rollout_dtype(model, tok, args)
 
 
 if __name__ == "__main__":
