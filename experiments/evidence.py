@@ -213,7 +213,7 @@ def run_one(spec: dict) -> dict:
         ckpt = last if os.path.isfile(last) else None
         if ckpt is None and curve_sampling is None:  # the greedy step-0 point is the "before" evaluation
             curve.points = [{"step": 0, "samples": 0, "tokens": 0, "accuracy": before["student_accuracy"],
-                             "mean_completion_tokens": before["mean_completion_tokens"]}]
+                             "mean_completion_tokens": before["mean_completion_tokens"], "n": before["n"]}]
         logger = build_logger(run.typed["logger"], run_dir, resume=ckpt is not None)
         trainer = Trainer(**run.trainer_kwargs, callbacks=[*run.callbacks, curve], logger=logger,
                           default_root_dir=run_dir)

@@ -98,6 +98,21 @@ def test_rl_feedback_vs_grpo_tiny_in_subprocesses(tmp_path):
         assert not (tmp_path / "work" / run["arm"] / "seed0" / "checkpoints").exists()  # removed once done
 
 
+def test_rl_feedback_json_draws_its_curve_from_sampled_accuracy(tmp_path):
+    extra = [*TINY, "data.n_eval=3", "generation.n=2"]
+    _, out = _run("rl_feedback_json", tmp_path, extra, ["measure.curve_every=2", "~arms.grpo"])
+    res = _check_outputs("rl_feedback_json", out, ["rl_feedback"])
+    import report
+
+    table = report.table("rl_feedback_json", res)
+    assert "greedy after" in table and "mean training reward" in table
+    run = res["runs"][0]
+    assert run["config"]["data"]["eval_split"] == "eval" and run["config"]["data"]["task"] == "json_format"
+    # the step-0 point is measured with sampling (2 samples per prompt), not copied from the greedy evaluation
+    assert [p["step"] for p in run["curve"]] == [0, 2] and [p["n"] for p in run["curve"]] == [6, 6]
+    assert run["before"]["n"] == 3
+
+
 def test_a_bad_arm_is_named_before_anything_runs(tmp_path):
     import evidence
 

@@ -39,7 +39,8 @@ class PeriodicEvaluation(Callback):
         loader: Iterable = self.batches() if callable(self.batches) else self.batches
         res = evaluate(pl_module, loader, self.sampling, with_teacher=False, keep_samples=0)
         point = {"step": int(trainer.global_step), "samples": self.samples, "tokens": self.tokens,
-                 "accuracy": res.student_accuracy, "mean_completion_tokens": res.mean_completion_tokens}
+                 "accuracy": res.student_accuracy, "mean_completion_tokens": res.mean_completion_tokens,
+                 "n": res.n}
         self.points.append(point)
         if trainer.logger:
             trainer.logger.log_metrics({"curve/accuracy": point["accuracy"], "curve/samples": float(self.samples)},
