@@ -28,7 +28,8 @@ def compose_cfg(overrides: list[str]):
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The options a user picks (`_base` and other underscored files are what options build on)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,25 @@ def test_the_schema_defaults_are_the_default_options_values():
         assert all(have[k] == {} for g, k in MERGED_DICTS if g == group)
         differ = {k: (have[k], want[k]) for k in want if have[k] != want[k] and (group, k) not in MERGED_DICTS}
         assert not differ, f"{group}: schema default != conf/{group}/{chosen[group]}.yaml: {differ}"
+
+
+def test_loss_options_start_from_the_schema_defaults_and_list_only_what_they_change():
+    """conf/loss/_base.yaml holds `LossConfig`'s defaults; each method's option lists `_base` first in its
+    defaults and sets only keys whose value differs from it (and its `name`)."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from lightning_sd.objectives import LossConfig
+
+    base = yaml.safe_load((CONF / "loss" / "_base.yaml").read_text())
+    assert base == asdict(LossConfig())
+    for option in options("loss"):
+        data = yaml.safe_load((CONF / "loss" / f"{option}.yaml").read_text())
+        assert data["defaults"][0] == "_base" and data["defaults"][-1] == "_self_", option
+        same = {k for k, v in data.items() if k not in ("defaults", "name") and base[k] == v}
+        assert not same, f"conf/loss/{option}.yaml repeats the base value of {sorted(same)}"
+        assert compose_cfg([f"loss={option}"]).loss.name == data["name"]
 
 
 @pytest.mark.parametrize("override,message", [

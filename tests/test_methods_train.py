@@ -17,7 +17,7 @@ from lightning_sd.config import ConfigError, validate_config
 from lightning_sd.objectives import DISTILLATION_NAMES, LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSES = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml"))
+LOSSES = sorted(p.stem for p in (ROOT / "conf" / "loss").glob("*.yaml") if not p.stem.startswith("_"))
 SMALL = ["model=tiny", "trainer.max_steps=2", "data.n_train=4", "data.n_eval=2", "data.batch_size=2",
          "data.eval_batch_size=4", "generation.max_new_tokens=6", "eval.max_new_tokens=6", "eval.before=false",
          "logger=none", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"]
