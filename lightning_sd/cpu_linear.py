@@ -1,5 +1,5 @@
-"""`onednn_linears`: while a rollout decodes on CPU, run every fp32 `nn.Linear` of the model through oneDNN with
-its weight reordered once into oneDNN's blocked layout.
+"""`onednn_linears`: while a rollout decodes on CPU, run every fp32 (and, on CPUs with native bf16, every bf16)
+`nn.Linear` of the model through oneDNN with its weight reordered once into oneDNN's blocked layout.
 
 Why: a decode step multiplies a few rows (one new token per sequence) by every weight matrix, so it is bound by
 reading the weights, and oneDNN's packed kernel reads them faster than MKL's fp32 GEMM, which `F.linear` calls
@@ -7,10 +7,10 @@ reading the weights, and oneDNN's packed kernel reads them faster than MKL's fp3
 per rollout, not per token. The packed copies are dropped when the
 context exits; the module's own `forward` is restored.
 
-Only exact `nn.Linear` modules with a plain 2-D fp32 CPU weight are swapped (sharded FSDP/DTensor views, other
-dtypes and subclasses keep their own forward), and each call falls back to `F.linear` when grad is enabled,
-under CPU autocast, or for a non-fp32 input. Results are fp32 matmuls with a different summation order:
-they match `F.linear` to fp32 rounding (~1e-6 relative), not bit for bit.
+Only exact `nn.Linear` modules with a plain 2-D fp32 or bf16 CPU weight are swapped (sharded FSDP/DTensor views,
+other dtypes and subclasses keep their own forward), and each call falls back to `F.linear` when grad is
+enabled, under CPU autocast, or for an input of another dtype than the weight. Results are matmuls with a
+different summation order: they match `F.linear` to the dtype's rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -28,19 +28,25 @@ def onednn_available() -> bool:
                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _packable(module: nn.Module) -> bool:
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs here: fp32, and bf16 where the CPU has native bf16 (AVX512-BF16, AMX)."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+
+
+def _packable(module: nn.Module, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     if type(module) is not nn.Linear or "forward" in vars(module):
         return False
     w = module.weight
-    return (type(w) is nn.Parameter and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
-            and w.is_contiguous() and (module.bias is None or module.bias.dtype == torch.float32))
+    return (type(w) is nn.Parameter and w.device.type == "cpu" and w.dtype in dtypes and w.dim() == 2
+            and w.is_contiguous() and (module.bias is None or module.bias.dtype == w.dtype))
 
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
             return nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
@@ -57,9 +63,10 @@ def onednn_linears(model: nn.Module, rows_hint: int = 8) -> Iterator[int]:
         return
     swapped: list[nn.Linear] = []
     try:
+        dtypes = packable_dtypes()
         with torch.no_grad():
             for module in model.modules():
-                if _packable(module):
+                if _packable(module, dtypes):
                     packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
                     module.forward = _packed_forward(module, packed)
                     swapped.append(module)

@@ -170,3 +170,34 @@ def test_vs_trl_report_ratio_line(tiny_result):
            "rates": ours["rates"]}
     report = vs.format_report([ours], [trl])
     assert report.splitlines()[-1] == "ratio: 0.500"
+
+
+def test_vs_trl_runs_bf16_by_default_with_ours_sampling_from_a_bf16_copy():
+    vs = _load("vs_trl")
+    argv = vs._ours_argv(vs.parse_args([]))
+    assert argv[argv.index("--precision") + 1] == "bf16-mixed"
+    assert argv[argv.index("--generation-dtype") + 1] == "bf16" and argv[argv.index("--is-clip") + 1] == "2.0"
+    fp32 = vs._ours_argv(vs.parse_args(["--fp32"]))
+    assert fp32[fp32.index("--precision") + 1] == "32-true" and "--generation-dtype" not in fp32
+    autocast = vs._ours_argv(vs.parse_args(["--autocast-rollouts"]))
+    assert "--generation-dtype" not in autocast and autocast[autocast.index("--precision") + 1] == "bf16-mixed"
+
+
+def test_scaling_table_and_plot_from_grid_rows(tmp_path):
+    scaling = _load("scaling")
+
+    def side(s):
+        return {"step_s": s, "generation_s": s / 2, "peak_rss": 2 ** 30, "peak_gpu": None, "load": 1.0}
+
+    rows = [{"batch": b, "length": n, "precision": "bf16", "tokens": b * n, "ours": side(0.01 * b * n),
+             "trl": side(0.02 * b * n) if b * n <= 64 else None, "floor_s": 0.005 * b * n, "device_name": "cpu"}
+            for b in (1, 8) for n in (8, 64)]
+    table = scaling.format_table(rows).splitlines()
+    assert table[0].split()[:4] == ["precision", "batch", "length", "ours"]
+    line = table[1].split()  # batch 1 x 8: ours 0.08 s, TRL 0.16 s, ratio 0.50, floor 0.04 s, 2.00x floor
+    assert line[:8] == ["bf16", "1", "8", "0.08", "0.16", "0.50", "0.04", "2.00"]
+    assert table[4].split()[4] == "-"  # batch 8 x 64: TRL skipped
+    scaling.plot(rows, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    point = scaling.point_args(scaling.parse_args([]), 8, 64, "fp32")
+    assert (point.batch, point.completion_len, point.fp32, point.steps) == (8, 64, True, 1)

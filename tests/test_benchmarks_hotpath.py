@@ -132,7 +132,26 @@ def test_onednn_linears_restored_on_error_and_skipped_for_other_dtypes(tiny):
     assert all("forward" not in vars(m) for m in linears)
     model.to(torch.float64)
     with onednn_linears(model) as swapped:
-        assert swapped == 0 and all("forward" not in vars(m) for m in linears)  # only fp32 weights are packed
+        assert swapped == 0 and all("forward" not in vars(m) for m in linears)  # only fp32 / bf16 weights are packed
+
+
+@needs_onednn
+def test_onednn_linears_pack_bf16_weights_where_the_cpu_has_bf16(tiny):
+    from lightning_sd.cpu_linear import packable_dtypes
+
+    model, _ = tiny
+    model = model.to(torch.bfloat16).eval()
+    linears = _linears(model)
+    x = torch.randn(3, linears[0].in_features).to(torch.bfloat16)
+    ref = torch.nn.functional.linear(x, linears[0].weight, linears[0].bias)
+    with torch.no_grad(), onednn_linears(model) as swapped:
+        if torch.bfloat16 not in packable_dtypes():
+            assert swapped == 0
+            return
+        assert swapped == len(linears)
+        out = linears[0](x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7)  # bf16 rounding
 
 
 def test_sampler_logprobs_agree_with_trainer_logits(tiny):

@@ -59,7 +59,9 @@ def point_args(args: argparse.Namespace, batch: int, length: int, precision: str
     """`vs_trl.py`'s arguments for one point of the grid."""
     argv = ["--model", args.model, "--device", args.device, "--threads", str(args.threads), "--batch", str(batch),
             "--completion-len", str(length), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    return vs_trl.parse_args(argv + (["--bf16"] if precision == "bf16" else []))
+    if precision not in ("bf16", "fp32"):
+        raise SystemExit(f"--precisions: {precision!r} is not bf16 or fp32")
+    return vs_trl.parse_args(argv + (["--fp32"] if precision == "fp32" else []))
 
 
 def side(result: dict) -> dict:
