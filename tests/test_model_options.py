@@ -58,10 +58,10 @@ def test_a_tokenizer_without_chat_template_stops_the_run_naming_model_chat_templ
         build_run(compose_cfg(base), run_dir=str(tmp_path / "run"))
     run = build_run(compose_cfg(base + ["model.chat_template=plain"]), run_dir=str(tmp_path / "run"))
     run.datamodule.setup("fit")
-    assert next(iter(run.datamodule.train_dataloader()))["prompt_text"][0].endswith("\n")
+    assert next(iter(run.datamodule.train_dataloader())).prompt_text[0].endswith("\n")
     run = build_run(compose_cfg(base + ["model.chat_template=chatml"]), run_dir=str(tmp_path / "run"))
     run.datamodule.setup("fit")
-    assert next(iter(run.datamodule.train_dataloader()))["prompt_text"][0].startswith("<|im_start|>user")
+    assert next(iter(run.datamodule.train_dataloader())).prompt_text[0].startswith("<|im_start|>user")
 
 
 def test_gguf_file_errors_name_the_option(tmp_path):
