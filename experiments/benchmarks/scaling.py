@@ -114,20 +114,25 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"bf16": "-", "fp32": "--"}
+    colors = ["#4C72B0", "#55A868", "#8172B2", "#937860"]
+    # one line per (precision, batch) across completion lengths: ours solid markers, TRL squares, floor thin grey
     for prec in sorted({r["precision"] for r in rows}):
-        mine = sorted((r for r in rows if r["precision"] == prec), key=lambda r: (r["tokens"], r["batch"]))
-        xs = [r["tokens"] for r in mine]
-        ax.plot(xs, [r["ours"]["step_s"] for r in mine], styles.get(prec, "-"), marker="o", color="#4C72B0",
-                label=f"ours, {prec}")
-        ax.plot(xs, [r["floor_s"] for r in mine], styles.get(prec, "-"), color="#999999", lw=1,
-                label=f"floor, {prec}")
-        trl = [r for r in mine if r["trl"]]
-        if trl:
-            ax.plot([r["tokens"] for r in trl], [r["trl"]["step_s"] for r in trl], styles.get(prec, "-"),
-                    marker="s", color="#DD8452", label=f"TRL, {prec}")
-        for r in mine:
-            ax.annotate(f"{r['batch']}x{r['length']}", (r["tokens"], r["ours"]["step_s"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+        for i, b in enumerate(sorted({r["batch"] for r in rows})):
+            mine = sorted((r for r in rows if r["precision"] == prec and r["batch"] == b), key=lambda r: r["length"])
+            if not mine:
+                continue
+            xs, ls = [r["tokens"] for r in mine], styles.get(prec, "-")
+            ax.plot(xs, [r["ours"]["step_s"] for r in mine], ls, marker="o", color=colors[i % len(colors)],
+                    label=f"ours, {prec}, batch {b}")
+            ax.plot(xs, [r["floor_s"] for r in mine], ls, color="#999999", lw=1,
+                    label="floor" if i == 0 and prec == sorted({r["precision"] for r in rows})[0] else None)
+            trl = [r for r in mine if r["trl"]]
+            if trl:
+                ax.plot([r["tokens"] for r in trl], [r["trl"]["step_s"] for r in trl], ls, marker="s",
+                        color="#DD8452", alpha=0.5 + 0.5 * (i == 0), label=f"TRL, {prec}, batch {b}")
+            for r in mine:
+                ax.annotate(f"{r['batch']}x{r['length']}", (r["tokens"], r["ours"]["step_s"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("generated tokens per step (batch x completion length)")
