@@ -252,6 +252,8 @@ def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
         f"floor of this step (ours' rates: {first['rates']['flops'] / 1e9:.0f} GFLOP/s, "
         f"{first['rates']['bandwidth'] / 1e9:.1f} GB/s): {floor['total']:.2f} s; ours {mo['step'] / floor['total']:.2f}"
         f" x floor, TRL {mt['step'] / floor['total']:.2f} x floor",
+        f"rollout phase: floor {floor['generation']:.2f} s; ours {mo['generation'] / floor['generation']:.2f} x its "
+        f"floor, TRL {mt['generation'] / floor['generation']:.2f} x",
         f"ratio: {mo['step'] / mt['step']:.3f}",
     ]
     return "\n".join(lines)
