@@ -160,7 +160,7 @@ def part_bf16_live_grad() -> dict:
 def part_uneven(strategy_name: str) -> dict:
     from lightning.pytorch import Callback
 
-    from lightning_sd.generation import OnPolicyGeneration
+    from lightning_sd.callbacks.generation import OnPolicyGeneration
     from lightning_sd.models import load_model
     from lightning_sd.module import SelfDistillationModule
 

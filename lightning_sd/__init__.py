@@ -21,7 +21,7 @@ from lightning_sd.data.sequence import SequentialTasksDataModule
 from lightning_sd.data.tasks import get_task
 from lightning_sd.evaluation import EvalResult, evaluate, kl_from_reference
 from lightning_sd.forward import completion_hidden, completion_logits
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.losses import (
     chunked_divergence,
     clipped_teacher_mass,

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lightning_sd.config import sampling_config, validate_config
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.models import enable_activation_checkpointing, load_model, require_chat_template
 from lightning_sd.sampling import SamplingConfig
 

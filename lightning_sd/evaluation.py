@@ -14,8 +14,7 @@ from lightning_sd.batch import StepBatch, as_step_batch
 from lightning_sd.contexts import RowView
 from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.forward import completion_logits
-from lightning_sd.generation import score_rollouts
-from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
+from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, score_rollouts, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
 
 

@@ -307,7 +307,7 @@ class SelfDistillationModule(LightningModule):
         batch.diagnostics = self.step_diagnostics(student_out, teacher_out, batch, out, teacher_inputs)
         keep_topk = self.teacher_topk_requested()
         if keep_topk and teacher_out is not None:
-            from lightning_sd.token_view import teacher_topk
+            from lightning_sd.token_heatmap import teacher_topk
 
             batch.loss_terms["teacher_topk"] = teacher_topk(self, teacher_out, keep_topk)
         if not all_ranks(self._trainer, bool(torch.isfinite(out["loss"]))):  # skip on every rank or none (no hang)

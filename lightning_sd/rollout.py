@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lightning_sd.data.tasks.base import stable_hash
+from lightning_sd.data.tasks.base import safe_verify, stable_hash
 from lightning_sd.models import checkpointing_prefix
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
 
@@ -98,4 +98,21 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
         skip_special_tokens=True)
 
 
-__all__ = ["derive_seed", "sampling_mode", "stop_ids", "rollout_on", "decode_completions"]
+def score_rollouts(task, records: list[dict], texts: list[str], prompt_index: torch.Tensor,
+                   timeout_s: float | None = 10.0) -> tuple[list[float | None], list[str | None], int]:
+    """Verify each completion: rewards (None where the verifier failed), feedback texts, failure count (the
+    one place failures are counted; `FailureCounters` keeps the run's total from the batch's count)."""
+    rewards, feedback, failures = [], [], 0
+    for r, text in enumerate(texts):
+        verdict = safe_verify(task, records[int(prompt_index[r])], text, timeout_s=timeout_s)
+        if verdict is None:
+            failures += 1
+            rewards.append(None)
+            feedback.append(None)
+        else:
+            rewards.append(float(verdict.reward))
+            feedback.append(verdict.feedback)
+    return rewards, feedback, failures
+
+
+__all__ = ["derive_seed", "sampling_mode", "stop_ids", "rollout_on", "decode_completions", "score_rollouts"]

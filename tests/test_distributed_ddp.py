@@ -135,7 +135,7 @@ def _worker_empty(out: Path) -> None:
 def _worker_uneven(out: Path) -> None:
     from lightning.pytorch import Callback
 
-    from lightning_sd.generation import OnPolicyGeneration
+    from lightning_sd.callbacks.generation import OnPolicyGeneration
     from lightning_sd.models import load_model
 
     student, tok = load_model("tiny", seed=0)

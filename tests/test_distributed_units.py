@@ -59,7 +59,7 @@ def test_build_run_for_every_trainer_option(option):
         assert strategy.kwargs["use_orig_params"] is True
     if option in ("ddp", "ddp_cpu"):
         assert isinstance(strategy, DDPStrategy)
-    from lightning_sd.generation import OnPolicyGeneration
+    from lightning_sd.callbacks.generation import OnPolicyGeneration
 
     gen = [c for c in run.callbacks if isinstance(c, OnPolicyGeneration)]
     assert len(gen) == 1 and gen[0].gather_weights is True and gen[0].backend is None

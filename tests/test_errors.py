@@ -19,7 +19,7 @@ from lightning_sd.config import ConfigError, validate_config
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.records import DataError
 from lightning_sd.data.tasks.base import Task, Verdict
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.sampling import SamplingConfig
 

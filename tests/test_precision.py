@@ -81,7 +81,7 @@ def test_generation_runs_under_the_training_precision():
     from lightning.pytorch import Callback, Trainer
     from test_distributed_ddp import RECORDS, _batch, _loader
 
-    from lightning_sd.generation import OnPolicyGeneration
+    from lightning_sd.callbacks.generation import OnPolicyGeneration
     from lightning_sd.models import load_model
     from lightning_sd.module import SelfDistillationModule
 

@@ -22,7 +22,7 @@ from conftest import StopAfter
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.callbacks.rng import RngState
 from lightning_sd.data.datamodule import PromptDataModule
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.models import load_model
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.sampling import SamplingConfig
@@ -111,7 +111,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_sd.data.datamodule import PromptDataModule
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.models import load_model
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.sampling import SamplingConfig

@@ -13,10 +13,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning_sd.callbacks.progress import TrainingProgressBar
 from lightning_sd.callbacks.token_view import TokenView
 from lightning_sd.data.datamodule import PromptDataModule
-from lightning_sd.generation import OnPolicyGeneration
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.sampling import SamplingConfig
-from lightning_sd.token_view import TokenRow, colour, render_html, teacher_topk, token_pieces
+from lightning_sd.token_heatmap import TokenRow, colour, render_html, teacher_topk, token_pieces
 
 
 

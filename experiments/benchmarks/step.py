@@ -307,7 +307,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     """Run one configuration in this process; return per-step phase times, rates, floor, memory."""
     import lightning as L
 
-    from lightning_sd.generation import OnPolicyGeneration
+    from lightning_sd.callbacks.generation import OnPolicyGeneration
     from lightning_sd.models import load_model
     from lightning_sd.sampling import SamplingConfig
 

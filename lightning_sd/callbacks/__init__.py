@@ -1,4 +1,5 @@
-"""Callbacks and plugins for reliable, inspectable runs: atomic checkpoints (`AtomicCheckpointIO`), random
+"""Callbacks and plugins: the rollout callback (`OnPolicyGeneration`, samples from the current student before each
+step), and for reliable, inspectable runs: atomic checkpoints (`AtomicCheckpointIO`), random
 states in checkpoints (`RngState`), per-token HTML views (`TokenView`), sample tables (`SampleTable`), a
 progress bar over optimizer steps (`TrainingProgressBar`), verifier-failure counts (`FailureCounters`),
 learning curves (`PeriodicEvaluation`) and the continual-learning accuracy matrix (`ContinualEvaluation`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 from lightning_sd.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from lightning_sd.callbacks.continual import ContinualEvaluation, continual_metrics
 from lightning_sd.callbacks.counters import FailureCounters
+from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.callbacks.periodic_eval import PeriodicEvaluation
 from lightning_sd.callbacks.progress import TrainingProgressBar
 from lightning_sd.callbacks.rng import RngState
@@ -39,6 +41,7 @@ def build_callbacks(c, log_samples_every: int | None = None,
     return first, last, plugins
 
 
-__all__ = ["AtomicCheckpointIO", "ContinualEvaluation", "FailureCounters", "PeriodicEvaluation", "RngState",
+__all__ = ["AtomicCheckpointIO", "ContinualEvaluation", "FailureCounters", "OnPolicyGeneration", "PeriodicEvaluation",
+           "RngState",
            "RunCheckpoint", "SampleTable", "TokenView", "TrainingProgressBar", "atomic_torch_save", "build_callbacks",
            "continual_metrics"]

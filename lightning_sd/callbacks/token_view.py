@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 
 from lightning_sd.files import atomic_write_text
 from lightning_sd.logging_utils import run_folder, wandb_run
-from lightning_sd.token_view import describe_diagnostics, render_html, rows_from_batch
+from lightning_sd.token_heatmap import describe_diagnostics, render_html, rows_from_batch
 
 
 class TokenView(Callback):

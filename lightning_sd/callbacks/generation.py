@@ -16,27 +16,8 @@ import torch
 from lightning.pytorch import Callback
 
 from lightning_sd.batch import StepBatch
-from lightning_sd.rollout import decode_completions, derive_seed, rollout_on
+from lightning_sd.rollout import decode_completions, derive_seed, rollout_on, score_rollouts
 from lightning_sd.sampling import SamplingConfig
-
-
-def score_rollouts(task, records: list[dict], texts: list[str], prompt_index: torch.Tensor,
-                   timeout_s: float | None = 10.0) -> tuple[list[float | None], list[str | None], int]:
-    """Verify each completion: rewards (None where the verifier failed), feedback texts, failure count (the
-    one place failures are counted; `FailureCounters` keeps the run's total from the batch's count)."""
-    from lightning_sd.data.tasks.base import safe_verify
-
-    rewards, feedback, failures = [], [], 0
-    for r, text in enumerate(texts):
-        verdict = safe_verify(task, records[int(prompt_index[r])], text, timeout_s=timeout_s)
-        if verdict is None:
-            failures += 1
-            rewards.append(None)
-            feedback.append(None)
-        else:
-            rewards.append(float(verdict.reward))
-            feedback.append(verdict.feedback)
-    return rewards, feedback, failures
 
 
 class OnPolicyGeneration(Callback):
