@@ -13,9 +13,10 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_sd.models import DTYPES
 from lightning_sd.module import OptimizerConfig, SchedulerConfig
 from lightning_sd.objectives import LossConfig, check_renamed_keys
-from lightning_sd.sampling import ROLLOUT_DTYPES, SamplingConfig
+from lightning_sd.sampling import SamplingConfig
 from lightning_sd.teachers import TEACHER_KINDS
 
 
@@ -261,7 +262,7 @@ def check_generation_dtype(g: GenerationConfig, m: ModelConfig, tr: TrainerConfi
         raise ConfigError(f"generation.dtype={g.dtype} is not supported with trainer.strategy={tr.strategy} (the "
                           "rollout's copy of the weights needs them whole on each rank); set generation.dtype=null")
     student = TRUE_PRECISIONS.get(tr.precision, m.dtype)
-    if ROLLOUT_DTYPES.get(student) != ROLLOUT_DTYPES[g.dtype] and loss.is_clip is None and loss.method().samples:
+    if DTYPES.get(student) != DTYPES[g.dtype] and loss.is_clip is None and loss.method().samples:
         raise ConfigError(f"generation.dtype={g.dtype} samples from a {g.dtype} copy of a student that trains in "
                           f"{student}, so the trainer's and the sampler's token probabilities differ: set "
                           "loss.is_clip (e.g. 2.0) to apply the importance-weight correction")

@@ -23,8 +23,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# dtype names of `model.dtype` and `generation.dtype`
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -41,9 +42,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:

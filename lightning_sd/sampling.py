@@ -20,10 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
-
-# `generation.dtype`: the dtype a rollout computes in (null: the model's own, under the caller's autocast)
-ROLLOUT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+from lightning_sd.models import DTYPES
 
 
 @dataclass
@@ -51,7 +48,7 @@ class SamplingConfig:
     dtype: str | None = None
 
     def validate(self) -> None:
-        if self.dtype is not None and self.dtype not in ROLLOUT_DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"generation.dtype={self.dtype!r} is not one of null, bf16, fp16, fp32")
         if self.n < 1:
             raise ValueError(f"generation.n must be >= 1, got {self.n}")
@@ -177,13 +174,13 @@ def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Modu
 
 @contextmanager
 def compute_network(model: torch.nn.Module, dtype: str | None) -> Iterator[tuple[torch.nn.Module, int]]:
-    """`(network, copy bytes)` for a rollout in `dtype` (a `ROLLOUT_DTYPES` name). None: `model` itself, under
+    """`(network, copy bytes)` for a rollout in `dtype` (a `models.DTYPES` name). None: `model` itself, under
     whatever autocast the caller set. Else autocast is off inside, and the network is `model` when that is its
     dtype already, or a `cast_copy` of it (dropped on exit)."""
     if dtype is None:
         yield model, 0
         return
-    target = ROLLOUT_DTYPES[dtype]
+    target = DTYPES[dtype]
     net, size = (model, 0) if floating_dtype(model) in (target, None) else cast_copy(model, target)
     device = next(model.parameters(), torch.empty(0)).device
     with torch.autocast(device.type, enabled=False):
