@@ -119,6 +119,14 @@ def _static_decode(model, ids, mask, new_tokens, step_fn=None):
         logits, nxt = out.logits[:, -1], nxt + 1
 
 
+def _sampler(model, tok, ids, mask, **settings):
+    import lightning_sd.sampling as sampling
+
+    cfg = sampling.SamplingConfig(fixed_length=True, **settings)
+    return lambda: sampling.sample(model, ids, mask, cfg, pad_token_id=tok.pad_token_id,
+                                   stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(0))
+
+
 def ablate_decode(model, tok, args) -> None:
     from transformers import GenerationConfig
 
@@ -126,14 +134,11 @@ def ablate_decode(model, tok, args) -> None:
 
     ids, mask, *_ = batch(tok, args.batch, 1)
     c = args.decode_len
-    cfg = sampling.SamplingConfig(max_new_tokens=c, fixed_length=True)
     gen_cfg = GenerationConfig(max_new_tokens=c, min_new_tokens=c, do_sample=True, temperature=1.0, top_p=1.0,
                                top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model.eval()
 
-    def ours():
-        sampling.sample(model, ids, mask, cfg, pad_token_id=tok.pad_token_id, stop_token_ids=[tok.eos_token_id],
-                        generator=torch.Generator().manual_seed(0))
+    ours = _sampler(model, tok, ids, mask, max_new_tokens=c)
 
     def ours_f_linear():
         with _patched(sampling, "onednn_linears", lambda m, rows_hint=8: contextlib.nullcontext()):
@@ -263,14 +268,6 @@ def ablate_bf16(model, tok, args) -> None:
     fns = {"fp32": run(None), "bf16 autocast": run(torch.bfloat16)}
     report(f"bf16: student forward+backward {args.batch} x (prompt {ids.size(1)} + {comp.size(1)})",
            interleave(fns, args.reps))
-
-
-def _sampler(model, tok, ids, mask, **settings):
-    import lightning_sd.sampling as sampling
-
-    cfg = sampling.SamplingConfig(fixed_length=True, **settings)
-    return lambda: sampling.sample(model, ids, mask, cfg, pad_token_id=tok.pad_token_id,
-                                   stop_token_ids=[tok.eos_token_id], generator=torch.Generator().manual_seed(0))
 
 
 def ablate_prefill(model, tok, args) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from lightning_sd.data.records import DataError
-from lightning_sd.data.tasks.base import Task, Verdict, distinct_records, extract_answer, normalize_number
+from lightning_sd.data.tasks.base import Task, Verdict, check_shares, distinct_records, extract_answer, normalize_number
 
 NAMES = [("Tom", "he"), ("Ana", "she"), ("Ben", "he"), ("Mia", "she"), ("Leo", "he"), ("Zoe", "she"),
          ("Sam", "he"), ("Lily", "she"), ("Omar", "he"), ("Nina", "she"), ("Raj", "he"), ("Emma", "she"),
@@ -48,9 +48,7 @@ class ArithmeticTask(Task):
         bad = [op for op in ops if op not in SYMBOL]
         if bad or not ops:
             raise DataError(f"arithmetic: ops={ops!r} must be a non-empty subset of {tuple(SYMBOL)}")
-        if not 0 < eval_share < 1 or not 0 <= val_share < 1 - eval_share:
-            raise DataError(f"arithmetic: eval_share={eval_share} and val_share={val_share} must be shares of the "
-                            "problems (eval_share > 0, val_share >= 0, together below 1)")
+        check_shares(self.name, eval_share, val_share)
         self.n_steps, self.max_operand, self.ops = n_steps, max_operand, tuple(ops)
         self.eval_share, self.val_share, self.instruction = eval_share, val_share, instruction
 

@@ -70,6 +70,14 @@ def check_split(split: str, splits: tuple[str, ...] = ("train", "eval"), task: s
                            if split == "val" else ""))
 
 
+def check_shares(task: str, eval_share: float, val_share: float) -> None:
+    """Raise `DataError` unless `eval_share` and `val_share` split the records: `eval_share` in (0, 1),
+    `val_share` >= 0, together below 1."""
+    if not 0 < eval_share < 1 or not 0 <= val_share < 1 - eval_share:
+        raise DataError(f"{task}: eval_share={eval_share} and val_share={val_share} must be shares of the "
+                        "records (eval_share > 0, val_share >= 0, together below 1)")
+
+
 def distinct_records(task: Task, split: str, n: int, seed: int,
                      candidate: Callable[[random.Random], tuple[str, Callable[[], dict]]], unique: str,
                      shortage: str) -> list[dict]:

@@ -14,7 +14,7 @@ import random
 from typing import Any
 
 from lightning_sd.data.records import DataError
-from lightning_sd.data.tasks.base import Task, Verdict, distinct_records
+from lightning_sd.data.tasks.base import Task, Verdict, check_shares, distinct_records
 
 NAMES = ["Ana", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wei", "Yara"]
@@ -88,9 +88,7 @@ class JsonFormatTask(Task):
     def __init__(self, n_keys: int = 2, eval_share: float = 0.2, val_share: float = 0.1) -> None:
         if not 1 <= n_keys <= len(FIELDS):
             raise DataError(f"json_format: n_keys={n_keys} must be between 1 and {len(FIELDS)}")
-        if not 0 < eval_share < 1 or not 0 <= val_share < 1 - eval_share:
-            raise DataError(f"json_format: eval_share={eval_share} and val_share={val_share} must be shares of the "
-                            "records (eval_share > 0, val_share >= 0, together below 1)")
+        check_shares(self.name, eval_share, val_share)
         self.n_keys, self.eval_share, self.val_share = n_keys, eval_share, val_share
 
     def _target(self, rng: random.Random) -> dict:
