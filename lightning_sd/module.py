@@ -40,6 +40,9 @@ from lightning_sd.teachers import TeacherPolicy, build_teacher
 # The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
 # dropout in the teacher's scores. Lightning warns about any module in eval mode when training starts.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# The module turns every data loader's batch into a `StepBatch` (`on_before_batch_transfer`); Lightning notes that
+# this hook wins over a data module's, which is what is meant (the package's data module defines none).
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
 
 
 # step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>

@@ -325,3 +325,24 @@ def test_a_plain_dict_batch_from_ones_own_loader_becomes_a_step_batch(tiny, reco
     assert as_step_batch(made) is made
     with pytest.raises(ValueError, match=r"missing \['prompt_mask'\], unknown \['labels'\]"):
         as_step_batch({"records": made.records, "prompt_ids": made.prompt_ids, "labels": 1})
+
+
+
+def test_training_with_a_data_module_does_not_warn_about_the_batch_hook(tiny):
+    """The module's `on_before_batch_transfer` (plain dicts become `StepBatch`es) is meant to win over a data
+    module's: Lightning's note about it is not shown to users."""
+    import warnings
+
+    from lightning_sd.callbacks import OnPolicyGeneration
+    from lightning_sd.data.datamodule import PromptDataModule
+
+    model, tok = tiny
+    module = SelfDistillationModule(model, tok, teacher="live", loss={"name": "distill", "template": "answer_hint"})
+    dm = PromptDataModule(tok, task="arithmetic", task_kwargs={"n_steps": 1}, n_train=4, n_eval=2, batch_size=2)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[OnPolicyGeneration(SamplingConfig(max_new_tokens=2))])
+    with warnings.catch_warnings(record=True) as caught:
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1
+    assert not [w for w in caught if "on_before_batch_transfer" in str(w.message)]
