@@ -36,7 +36,8 @@ def row(r: dict) -> dict:
 def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    colors = {arm: c for arm, c in zip(exp.arms, ["#4C72B0", "#DD8452", "#55A868", "#C44E52"])}
+    palette = plt.get_cmap("tab10").colors  # a search has more arms than the experiment's two
+    colors = {arm: palette[i % len(palette)] for i, arm in enumerate(exp.arms)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for arm in exp.arms:
         curves = [r.get("curve") or [] for r in results if r["arm"] == arm]
