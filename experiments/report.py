@@ -40,6 +40,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("train s", "train_seconds")],
     "rl_feedback_vs_grpo": [],  # columns from the curve points (accuracy_at_<k>_samples)
     "rl_feedback_json": [],  # the same, with the greedy accuracy and the training reward (CURVE_EXTRA)
+    "recipes_rl_feedback": [],  # the search for rl_feedback_json: the same columns
     "recipes": [
         ("val before", "val_before"), ("teacher with context", "teacher_with_context"), ("val after", "val_after"),
         ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
@@ -63,6 +64,7 @@ CURVE_EXTRA: dict[str, list[tuple[str, str]]] = {
     "rl_feedback_json": [("greedy before", "greedy_before"), ("greedy after", "greedy_after"),
                          ("mean training reward", "mean_train_reward")],
 }
+CURVE_EXTRA["recipes_rl_feedback"] = CURVE_EXTRA["rl_feedback_json"]
 
 
 def fmt(s: dict | None, digits: int = 2) -> str:
@@ -87,7 +89,7 @@ def table(name: str, res: dict) -> str:
                       key=lambda k: int(re.findall(r"\d+", k)[0]))
         columns = [(f"accuracy after {re.findall(r'[0-9]+', k)[0]} samples", k) for k in keys]
         columns += CURVE_EXTRA.get(name, [])
-        columns += [("steps with a success in the group (of 24)", "steps_with_a_success"),
+        columns += [("training steps with a success in the group", "steps_with_a_success"),
                     ("answer tokens before", "completion_tokens_before"),
                     ("answer tokens after", "completion_tokens_after"), ("train s", "train_seconds")]
     lines = ["| arm | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
