@@ -23,6 +23,7 @@ from lightning_sd.evaluation import EvalResult, evaluate, kl_from_reference
 from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.callbacks.generation import OnPolicyGeneration
 from lightning_sd.losses import (
+    DivergenceOptions,
     chunked_divergence,
     clipped_teacher_mass,
     completion_mask_skip_first,
@@ -53,7 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SelfDistillationModule", "OnPolicyGeneration", "LossConfig", "Method", "METHODS", "Step", "Terms", "StepBatch", "SamplingConfig", "Rollout", "sample",
     "TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
-    "build_teacher", "per_token_divergence", "chunked_divergence", "fused_full_kl", "reduce_loss",
+    "build_teacher", "per_token_divergence", "DivergenceOptions", "chunked_divergence", "fused_full_kl", "reduce_loss",
     "completion_mask_skip_first", "importance_weight", "clipped_teacher_mass", "contrastive_target_logits",
     "completion_logits", "completion_hidden", "load_model",
     "evaluate", "EvalResult",

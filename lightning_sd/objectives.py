@@ -13,7 +13,11 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lightning_sd.contexts import check_template
-from lightning_sd.losses import apply_importance_weight, per_token_divergence
+from lightning_sd.losses import (
+    DivergenceOptions,
+    apply_importance_weight,
+    per_token_divergence,
+)
 from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
 
 LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
@@ -174,10 +178,13 @@ class LossConfig:
         cfg.validate()
         return cfg
 
+    def divergence_options(self) -> DivergenceOptions:
+        """The divergence options of this config (its keys named like `DivergenceOptions`' fields)."""
+        return DivergenceOptions(**{f.name: getattr(self, f.name) for f in fields(DivergenceOptions)})
+
     def divergence_kwargs(self) -> dict:
-        return dict(beta=self.beta, support=self.support, top_k=self.top_k, topk_from=self.topk_from,
-                    tail=self.tail, temperature=self.temperature, entry_clip=self.entry_clip,
-                    entry_clip_mode=self.entry_clip_mode)
+        """`divergence_options()` as keyword arguments for `per_token_divergence` and its siblings."""
+        return self.divergence_options().as_kwargs()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .divergence import EntryClipMode, Support, TopkFrom, per_token_divergence, validate_options
+from .divergence import DivergenceOptions, per_token_divergence, takes_divergence_options
 from .support import compute_dtype
 
 __all__ = ["chunked_divergence", "DEFAULT_CHUNK_SIZE"]
@@ -93,6 +93,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
+@takes_divergence_options
 def chunked_divergence(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -102,15 +103,8 @@ def chunked_divergence(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
-    beta: float = 0.0,
-    support: Support = "full",
-    top_k: Optional[int] = None,
-    topk_from: TopkFrom = "student",
-    tail: bool = True,
-    temperature: float = 1.0,
-    entry_clip: Optional[float] = None,
-    entry_clip_mode: EntryClipMode = "gradient",
     tokens: Optional[Tensor] = None,
+    **options: Any,
 ) -> Tensor:
     """Per-token divergence from hidden states, without materializing ``[N, V]`` logits.
 
@@ -125,7 +119,7 @@ def chunked_divergence(
         teacher_weight: ``[V, H']`` teacher LM head (same V); ``teacher_bias``: ``[V]`` or None.
         chunk_size: tokens per chunk; extra memory is O(chunk_size * V).
         tokens: ``[N]`` (same leading dims as the hidden states), for ``support="sampled"``.
-        Other keyword arguments: as :func:`per_token_divergence`.
+        **options: the fields of :class:`DivergenceOptions`, as for :func:`per_token_divergence`.
 
     Returns:
         ``[N]`` (leading dims of ``student_hidden``), float32 or float64.
@@ -164,38 +158,20 @@ def chunked_divergence(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
             "must cover the same tokens (same leading dims)"
         )
+    opts = DivergenceOptions(**options)
     vocab = student_weight.shape[0]
     for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if b is not None and tuple(b.shape) != (vocab,):
             raise ValueError(f"{name} must have shape ({vocab},), got {tuple(b.shape)}")
-    validate_options(
-        vocab_size=vocab,
-        beta=beta,
-        support=support,
-        top_k=top_k,
-        topk_from=topk_from,
-        temperature=temperature,
-        entry_clip=entry_clip,
-        entry_clip_mode=entry_clip_mode,
-    )
+    opts.validate(vocab)
     lead = student_hidden.shape[:-1]
     flat_tokens = None
-    if support == "sampled":
+    if opts.support == "sampled":
         if tokens is None:
             raise ValueError("support='sampled' needs tokens (the sampled ids, long, shape hidden.shape[:-1])")
         if tokens.shape != lead:
             raise ValueError(f"tokens shape {tuple(tokens.shape)} != hidden leading shape {tuple(lead)}")
         flat_tokens = tokens.reshape(-1)
-    options = dict(
-        beta=beta,
-        support=support,
-        top_k=top_k,
-        topk_from=topk_from,
-        tail=tail,
-        temperature=temperature,
-        entry_clip=entry_clip,
-        entry_clip_mode=entry_clip_mode,
-    )
     out = _ChunkedDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight,
@@ -205,6 +181,6 @@ def chunked_divergence(
         None if teacher_bias is None else teacher_bias.detach(),
         flat_tokens,
         chunk_size,
-        options,
+        opts.as_kwargs(),
     )
     return out.reshape(lead)

@@ -5,12 +5,13 @@ strength; with `entry_clip_mode="value"` those entries are even pushed down (see
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .divergence import per_token_divergence
+from .divergence import DivergenceOptions, per_token_divergence, takes_divergence_options
 from .support import compute_dtype, entry_terms, full_support_logprobs, prepare_logits, token_logprobs, \
     topk_support_logprobs
 
@@ -32,51 +33,43 @@ def gradient_clipped_mass(log_s: Tensor, log_t: Tensor, beta: float, entry_clip:
     return (p_t * (grad.abs() > entry_clip)).sum(-1)
 
 
+@takes_divergence_options
 @torch.no_grad()
 def clipped_teacher_mass(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    beta: float = 0.0,
-    support: str = "full",
-    top_k: Optional[int] = None,
-    topk_from: str = "student",
-    tail: bool = True,
-    temperature: float = 1.0,
-    entry_clip: Optional[float] = None,
-    entry_clip_mode: str = "gradient",
-    tokens: Optional[Tensor] = None,
+    student_logits: Tensor, teacher_logits: Tensor, *, tokens: Optional[Tensor] = None, **options: Any
 ) -> Tensor:
     """Per token (`[B, T]` from logits `[B, T, V]`), the teacher's probability mass at `temperature` on the
-    entries that `entry_clip` bounds; 0 everywhere without a clip. Same options as `per_token_divergence`.
+    entries that `entry_clip` bounds; 0 everywhere without a clip. Same options as `per_token_divergence`
+    (the fields of `DivergenceOptions`), checked the same way.
 
     - `entry_clip_mode="value"`: entries whose divergence term exceeds `entry_clip` (on the loss's support:
       the top-k entries and the tail bucket for `support="topk"`, the sampled token for `"sampled"`).
     - `entry_clip_mode="gradient"`: vocabulary entries whose gradient on the student's (temperature-scaled)
       logit exceeds `entry_clip` in magnitude.
     """
+    opts = DivergenceOptions(**options)
+    opts.validate(student_logits.shape[-1])
+    beta, support, temperature, entry_clip = opts.beta, opts.support, opts.temperature, opts.entry_clip
     dtype = compute_dtype(student_logits, teacher_logits)
     if entry_clip is None:
         return torch.zeros(student_logits.shape[:-1], dtype=dtype, device=student_logits.device)
     s = prepare_logits(student_logits.detach(), dtype, temperature)
     t = prepare_logits(teacher_logits.detach(), dtype, temperature)
-    if entry_clip_mode == "gradient" and support == "full" and float(beta) in (0.0, 1.0):
+    if opts.entry_clip_mode == "gradient" and support == "full" and float(beta) in (0.0, 1.0):
         return gradient_clipped_mass(full_support_logprobs(s), full_support_logprobs(t), float(beta), entry_clip)
-    if entry_clip_mode == "gradient":
+    if opts.entry_clip_mode == "gradient":
+        unclipped = replace(opts, temperature=1.0, entry_clip=None)  # s and t are scaled already
         with torch.enable_grad():
             s_var = s.clone().requires_grad_(True)
-            value = per_token_divergence(s_var, t, beta=beta, support=support, top_k=top_k, topk_from=topk_from,
-                                         tail=tail, temperature=1.0, entry_clip=None, tokens=tokens)
+            value = per_token_divergence(s_var, t, tokens=tokens, **unclipped.as_kwargs())
             (grad,) = torch.autograd.grad(value.sum(), s_var)
         return (full_support_logprobs(t).exp() * (grad.abs() > entry_clip)).sum(-1)
-    if entry_clip_mode != "value":
-        raise ValueError(f"entry_clip_mode must be 'value' or 'gradient', got {entry_clip_mode!r}")
     if support == "sampled":
         log_s_y, log_t_y = token_logprobs(s, tokens.long()), token_logprobs(t, tokens.long())
         return log_t_y.exp() * ((log_s_y - log_t_y) > entry_clip)
     if support == "full":
         log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
     else:
-        index = torch.topk(s if topk_from == "student" else t, int(top_k), dim=-1, sorted=False).indices
-        log_s, log_t = topk_support_logprobs(s, index, tail), topk_support_logprobs(t, index, tail)
+        index = torch.topk(s if opts.topk_from == "student" else t, int(opts.top_k), dim=-1, sorted=False).indices
+        log_s, log_t = topk_support_logprobs(s, index, opts.tail), topk_support_logprobs(t, index, opts.tail)
     return (log_t.exp() * (entry_terms(log_s, log_t, float(beta)) > entry_clip)).sum(-1)

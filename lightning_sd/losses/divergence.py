@@ -11,9 +11,12 @@ Direction convention (one ``beta`` for every divergence, the GKD/TRL convention)
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from typing import Literal, Optional
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,9 +36,9 @@ __all__ = [
     "TopkFrom",
     "EntryClipMode",
     "ENTRY_CLIP_MODES",
+    "DivergenceOptions",
     "per_token_divergence",
     "entry_terms",
-    "validate_options",
 ]
 
 Support = Literal["full", "topk", "sampled"]
@@ -48,45 +51,93 @@ _TOPK_FROM = ("student", "teacher")
 #: of the gradient w.r.t. the scaled student logits to ``[-c, c]`` (never reverses an entry's direction).
 ENTRY_CLIP_MODES = ("value", "gradient")
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
 
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate_options(
-    *,
-    vocab_size: int,
-    beta: float,
-    support: str,
-    top_k: Optional[int],
-    topk_from: str,
-    temperature: float,
-    entry_clip: Optional[float],
-    entry_clip_mode: str = "gradient",
-) -> None:
-    """Raise ``ValueError`` with a clear message for any invalid divergence option."""
-    if not _is_real(beta) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1] (0 = forward KL(T||S), 1 = reverse KL(S||T)), got {beta!r}")
-    if support not in _SUPPORTS:
-        raise ValueError(f"unknown support {support!r}; expected one of {_SUPPORTS}")
-    if support == "sampled" and beta != 1.0:
-        raise ValueError(
-            f"support='sampled' estimates the reverse KL only and needs beta=1.0, got beta={beta!r}; "
-            "use support='full' or 'topk' for forward KL or JSD"
-        )
-    if support == "topk":
-        if top_k is None:
-            raise ValueError("support='topk' needs top_k (an int in [1, vocab_size]), got top_k=None")
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= vocab_size:
-            raise ValueError(f"top_k must be an int in [1, vocab_size={vocab_size}], got {top_k!r}")
-        if topk_from not in _TOPK_FROM:
-            raise ValueError(f"topk_from must be one of {_TOPK_FROM}, got {topk_from!r}")
-    if not _is_real(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if entry_clip is not None and (not _is_real(entry_clip) or entry_clip <= 0):
-        raise ValueError(f"entry_clip must be None or a finite number > 0, got {entry_clip!r}")
-    if not isinstance(entry_clip_mode, str) or entry_clip_mode not in ENTRY_CLIP_MODES:
-        raise ValueError(f"entry_clip_mode must be one of {ENTRY_CLIP_MODES}, got {entry_clip_mode!r}")
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """The keyword options shared by :func:`per_token_divergence`, :func:`chunked_divergence` and
+    :func:`clipped_teacher_mass` (each takes them as ``**options``; this class is their one definition).
+
+    Attributes:
+        beta: the divergence. 0 forward KL(T||S), 1 reverse KL(S||T), in between the generalized
+            JSD(beta) ``beta KL(T||M) + (1 - beta) KL(S||M)``, ``M = beta T + (1 - beta) S``.
+        support: ``"full"`` vocabulary, ``"topk"`` entries, or ``"sampled"`` token only (reverse KL,
+            ``beta=1``, needs the functions' ``tokens``).
+        top_k: support size for ``"topk"`` (``1 <= top_k <= V``).
+        topk_from: whose logits pick the top-k ids, ``"student"`` or ``"teacher"``.
+        tail: top-k only. True adds one bucket with the leftover mass of each distribution; False
+            renormalizes inside the support.
+        temperature: both logits are divided by it first.
+        entry_clip: per-entry clip ``c`` (None = off); what it clips is set by ``entry_clip_mode``.
+        entry_clip_mode: ``"gradient"`` (default): the value is the unclipped divergence and, per token,
+            its gradient w.r.t. the temperature-scaled student logits is clamped entrywise to ``[-c, c]``,
+            so no entry's gradient changes sign. ``"value"``: every (token, entry) term is clamped from
+            above at ``c`` before the vocabulary sum (OPSD v3); negative terms are kept, so the clipped KL
+            can be < 0, and a clipped entry's logit is pushed by the remaining terms only (for forward KL,
+            down, however much the teacher prefers it).
+
+    Building one checks only the names (an unknown one is a ``TypeError`` naming it); :meth:`validate`
+    checks the values against a vocabulary size.
+    """
+
+    beta: float = 0.0
+    support: Support = "full"
+    top_k: Optional[int] = None
+    topk_from: TopkFrom = "student"
+    tail: bool = True
+    temperature: float = 1.0
+    entry_clip: Optional[float] = None
+    entry_clip_mode: EntryClipMode = "gradient"
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` with a clear message for any invalid option."""
+        beta, support, top_k = self.beta, self.support, self.top_k
+        if not _is_real(beta) or not 0.0 <= beta <= 1.0:
+            raise ValueError(
+                f"beta must be a number in [0, 1] (0 = forward KL(T||S), 1 = reverse KL(S||T)), got {beta!r}"
+            )
+        if support not in _SUPPORTS:
+            raise ValueError(f"unknown support {support!r}; expected one of {_SUPPORTS}")
+        if support == "sampled" and beta != 1.0:
+            raise ValueError(
+                f"support='sampled' estimates the reverse KL only and needs beta=1.0, got beta={beta!r}; "
+                "use support='full' or 'topk' for forward KL or JSD"
+            )
+        if support == "topk":
+            if top_k is None:
+                raise ValueError("support='topk' needs top_k (an int in [1, vocab_size]), got top_k=None")
+            if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= vocab_size:
+                raise ValueError(f"top_k must be an int in [1, vocab_size={vocab_size}], got {top_k!r}")
+            if self.topk_from not in _TOPK_FROM:
+                raise ValueError(f"topk_from must be one of {_TOPK_FROM}, got {self.topk_from!r}")
+        if not _is_real(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.entry_clip is not None and (not _is_real(self.entry_clip) or self.entry_clip <= 0):
+            raise ValueError(f"entry_clip must be None or a finite number > 0, got {self.entry_clip!r}")
+        if not isinstance(self.entry_clip_mode, str) or self.entry_clip_mode not in ENTRY_CLIP_MODES:
+            raise ValueError(f"entry_clip_mode must be one of {ENTRY_CLIP_MODES}, got {self.entry_clip_mode!r}")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments, ``f(**options.as_kwargs())``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def takes_divergence_options(fn: _Fn) -> _Fn:
+    """Show :class:`DivergenceOptions`' fields (types, defaults) as keyword-only parameters in the signature of
+    ``fn`` (which takes them as ``**options``), so ``help()`` and ``inspect.signature`` list them."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(DivergenceOptions)
+    ]
+    fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return fn
 
 
 def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) -> Tensor:
@@ -101,35 +152,28 @@ def _sampled(s: Tensor, t: Tensor, tokens: Tensor, entry_clip: Optional[float]) 
 
 
 def _composed(
-    s: Tensor,
-    t: Tensor,
-    *,
-    beta: float,
-    support: str,
-    top_k: Optional[int],
-    topk_from: str,
-    tail: bool,
-    tokens: Optional[Tensor],
-    value_clip: Optional[float],
+    s: Tensor, t: Tensor, opts: DivergenceOptions, tokens: Optional[Tensor], value_clip: Optional[float]
 ) -> Tensor:
-    """Per-token divergence from prepared (scaled, clamped) logits; ``value_clip`` clamps each entry term."""
-    if support == "sampled":
+    """Per-token divergence from prepared (scaled, clamped) logits; ``value_clip`` clamps each entry term.
+
+    ``opts.temperature`` and ``opts.entry_clip`` are not read here (the logits are already scaled)."""
+    if opts.support == "sampled":
         return _sampled(s, t, tokens, value_clip)
-    if support == "full":
+    if opts.support == "full":
         log_s, log_t = full_support_logprobs(s), full_support_logprobs(t)
     else:
-        source = s if topk_from == "student" else t
-        index = torch.topk(source.detach(), int(top_k), dim=-1, sorted=False).indices
-        log_s = topk_support_logprobs(s, index, tail)
-        log_t = topk_support_logprobs(t, index, tail)
+        source = s if opts.topk_from == "student" else t
+        index = torch.topk(source.detach(), int(opts.top_k), dim=-1, sorted=False).indices
+        log_s = topk_support_logprobs(s, index, opts.tail)
+        log_t = topk_support_logprobs(t, index, opts.tail)
 
-    terms = entry_terms(log_s, log_t, beta)
+    terms = entry_terms(log_s, log_t, float(opts.beta))
     if value_clip is not None:
         terms = terms.clamp(max=value_clip)
     return terms.sum(dim=-1)
 
 
-def _gradient_clipped(s: Tensor, t: Tensor, clip: float, **options) -> Tensor:
+def _gradient_clipped(s: Tensor, t: Tensor, opts: DivergenceOptions, tokens: Optional[Tensor], clip: float) -> Tensor:
     """The unclipped divergence, backpropagating its gradient w.r.t. ``s`` clamped entrywise to ``[-clip, clip]``.
 
     ``s`` are the prepared student logits (they carry the graph back to the caller's logits). The gradient
@@ -138,10 +182,10 @@ def _gradient_clipped(s: Tensor, t: Tensor, clip: float, **options) -> Tensor:
     the result is differentiable to first order only.
     """
     if not (torch.is_grad_enabled() and s.requires_grad):
-        return _composed(s, t, value_clip=None, **options)
+        return _composed(s, t, opts, tokens, value_clip=None)
     with torch.enable_grad():
         leaf = s.detach().requires_grad_(True)
-        value = _composed(leaf, t, value_clip=None, **options)
+        value = _composed(leaf, t, opts, tokens, value_clip=None)
         (g,) = torch.autograd.grad(value.sum(), leaf)
     g = g.clamp(min=-clip, max=clip)
     surrogate = (s * g).sum(dim=-1)
@@ -149,40 +193,19 @@ def _gradient_clipped(s: Tensor, t: Tensor, clip: float, **options) -> Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
+@takes_divergence_options
 def per_token_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    beta: float = 0.0,
-    support: Support = "full",
-    top_k: Optional[int] = None,
-    topk_from: TopkFrom = "student",
-    tail: bool = True,
-    temperature: float = 1.0,
-    entry_clip: Optional[float] = None,
-    entry_clip_mode: EntryClipMode = "gradient",
-    tokens: Optional[Tensor] = None,
+    student_logits: Tensor, teacher_logits: Tensor, *, tokens: Optional[Tensor] = None, **options: Any
 ) -> Tensor:
     """Divergence between student and teacher next-token distributions, per token.
 
     Args:
         student_logits: ``[B, T, V]`` (or ``[N, V]``, any leading dims), any float dtype.
         teacher_logits: same shape; detached inside (the teacher never gets gradient).
-        beta: 0 forward KL(T||S), 1 reverse KL(S||T), in between generalized JSD(beta).
-        support: ``"full"`` vocabulary, ``"topk"`` entries, or ``"sampled"`` token only.
-        top_k: support size for ``"topk"`` (``1 <= top_k <= V``).
-        topk_from: whose logits pick the top-k ids, ``"student"`` or ``"teacher"``.
-        tail: top-k only. True adds one bucket with the leftover mass of each
-            distribution; False renormalizes inside the support.
-        temperature: both logits are divided by it first.
-        entry_clip: per-entry clip ``c`` (None = off); what it clips is set by ``entry_clip_mode``.
-        entry_clip_mode: ``"gradient"`` (default): the value is the unclipped divergence and, per
-            token, its gradient w.r.t. the temperature-scaled student logits is clamped entrywise to
-            ``[-c, c]``, so no entry's gradient changes sign. ``"value"``: every (token, entry) term is
-            clamped from above at ``c`` before the vocabulary sum (OPSD v3); negative terms are kept,
-            so the clipped KL can be < 0, and a clipped entry's logit is pushed by the remaining terms
-            only (for forward KL, down, however much the teacher prefers it).
-        tokens: ``[B, T]`` long, the sampled ids; required for ``"sampled"``.
+        tokens: ``[B, T]`` long, the sampled ids; required for ``support="sampled"``.
+        **options: the fields of :class:`DivergenceOptions` (``beta``: 0 forward KL(T||S), 1 reverse
+            KL(S||T), in between generalized JSD(beta); ``support``, ``top_k``, ``topk_from``, ``tail``,
+            ``temperature``, ``entry_clip``, ``entry_clip_mode``), with its defaults.
 
     Returns:
         ``[B, T]`` (``[N]``): float32, or float64 if an input is float64.
@@ -207,17 +230,9 @@ def per_token_divergence(
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    vocab = student_logits.shape[-1]
-    validate_options(
-        vocab_size=vocab,
-        beta=beta,
-        support=support,
-        top_k=top_k,
-        topk_from=topk_from,
-        temperature=temperature,
-        entry_clip=entry_clip,
-        entry_clip_mode=entry_clip_mode,
-    )
+    opts = DivergenceOptions(**options)
+    opts.validate(student_logits.shape[-1])
+    beta, support, temperature, entry_clip = opts.beta, opts.support, opts.temperature, opts.entry_clip
     if support == "sampled":
         if tokens is None:
             raise ValueError("support='sampled' needs tokens (the sampled ids, long, shape logits.shape[:-1])")
@@ -228,7 +243,7 @@ def per_token_divergence(
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
 
-    clip_gradient = entry_clip is not None and entry_clip_mode == "gradient"
+    clip_gradient = entry_clip is not None and opts.entry_clip_mode == "gradient"
     if support == "full" and float(beta) in (0.0, 1.0) and (entry_clip is None or clip_gradient):
         # same value and gradient, without the [.., V] temporaries of the composed path (fused.py)
         return fused_full_kl(
@@ -238,14 +253,7 @@ def per_token_divergence(
     dtype = compute_dtype(student_logits, teacher_logits)
     s = prepare_logits(student_logits, dtype, temperature)
     t = prepare_logits(teacher_logits.detach(), dtype, temperature)
-    options = dict(
-        beta=float(beta),
-        support=support,
-        top_k=top_k,
-        topk_from=topk_from,
-        tail=tail,
-        tokens=tokens.long() if support == "sampled" else None,
-    )
+    tokens = tokens.long() if support == "sampled" else None
     if clip_gradient:
-        return _gradient_clipped(s, t, float(entry_clip), **options)
-    return _composed(s, t, value_clip=entry_clip, **options)
+        return _gradient_clipped(s, t, opts, tokens, float(entry_clip))
+    return _composed(s, t, opts, tokens, value_clip=entry_clip)
