@@ -308,11 +308,14 @@ def check_before_printing(argv: list[str]) -> None:
     if not search and not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
         return
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from lightning_sd.config import ConfigError, validate_config
 
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-    try:
+    try:  # a search's own sweep overrides (`loss.beta=choice(0.5,1.0)`) are the sampler's; check the rest
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if not o.is_sweep_override()]
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             cfg = compose("train", overrides=overrides)
     except Exception:  # noqa: BLE001 - an override Hydra cannot apply: Hydra's own run reports it

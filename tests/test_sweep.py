@@ -61,7 +61,7 @@ def test_a_two_trial_optuna_search_records_every_trial_and_the_best_params(tmp_p
 
 def test_a_search_on_the_test_split_is_refused_before_its_first_trial(tmp_path):
     sweep_dir = tmp_path / "search"
-    proc = run_train(["-m", "hparams_search=rl_feedback_json", "data.eval_split=eval",
+    proc = run_train(["-m", "hparams_search=rl_feedback_json", "data.eval_split=eval", "loss.beta=choice(0.5,1.0)",
                       f"hydra.sweep.dir={sweep_dir}", *TINY])
     assert proc.returncode == 1
     assert "ConfigError: optimized_metric=eval_after.student_accuracy" in proc.stderr
