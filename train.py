@@ -3,6 +3,10 @@
 Prints a short header (the full config is in `<run folder>/.hydra/config.yaml`; `verbose=true` prints it),
 evaluates the student (and the teacher with its privileged context) before and after training, trains, writes
 `metrics.json` into the run folder and prints a summary table.
+
+A recipe search, `python train.py -m hparams_search=<name>` (conf/hparams_search/, Hydra's Optuna sweeper):
+each trial is such a run, and returns its `optimized_metric` (a key of `metrics.json`) for the sweeper to
+maximize.
 """
 
 from __future__ import annotations
@@ -95,6 +99,46 @@ def earlier_results(run_dir: str) -> dict:
     return {k: earlier[k] for k in ("eval_before",) if k in earlier}
 
 
+def objective_value(metrics: dict, name: str) -> float:
+    """The value of `optimized_metric=name`, a dotted key of `metrics.json` (`eval_after.student_accuracy`)."""
+    from lightning_sd.config import ConfigError
+
+    value = metrics
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            have = sorted(value) if isinstance(value, dict) else []
+            raise ConfigError(f"optimized_metric={name}: metrics.json has no {part!r} there (keys: {have})")
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"optimized_metric={name} is {value!r}, not a number")
+    return float(value)
+
+
+def check_search(cfg: DictConfig, search: str | None, sweeper: str | None) -> None:
+    """A recipe search (an `hparams_search` option, or any Optuna sweep) needs `optimized_metric`: the number
+    each trial returns. (Its split rule is `lightning_sd.config.check_objective`, part of `validate_config`.)"""
+    from lightning_sd.config import ConfigError
+
+    if (search or "optuna" in (sweeper or "")) and cfg.get("optimized_metric") is None:
+        raise ConfigError(f"hparams_search={search}: a search needs optimized_metric, the metrics.json key each "
+                          "trial returns (e.g. optimized_metric=eval_after.student_accuracy)")
+
+
+def hydra_facts() -> dict:
+    """The run's command-line overrides (a search trial's: the sampled values too), the `hparams_search`
+    option and the trial's number in a multirun; empty without a Hydra context (train.main called directly)."""
+    from hydra.types import RunMode
+
+    try:
+        hc = hydra.core.hydra_config.HydraConfig.get()
+    except ValueError:
+        return {}
+    facts = {"overrides": list(hc.overrides.task), "hparams_search": hc.runtime.choices.get("hparams_search")}
+    if hc.mode == RunMode.MULTIRUN:
+        facts["job_num"] = hc.job.num
+    return facts
+
+
 def interrupted_message(stop, run_dir: str) -> str:
     """What an interrupted run prints: what was saved, the exit status, and the command that resumes it."""
     try:
@@ -116,13 +160,16 @@ def main(cfg: DictConfig) -> dict:
 
     tidy_framework_logging()
     quiet_framework_warnings()
-    run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    hc = hydra.core.hydra_config.HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    check_search(cfg, hc.runtime.choices.get("hparams_search"), hc.sweeper.get("_target_"))
     if cfg.get("verbose"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     else:
         print("\n".join(header_lines(cfg, run_dir)), flush=True)
     try:
-        return train_and_evaluate(cfg, run_dir)
+        metrics = train_and_evaluate(cfg, run_dir)
+        return metrics["objective"]["value"] if cfg.get("optimized_metric") else metrics
     except BaseException as err:
         if not cfg.get("verbose") and not isinstance(err, (KeyboardInterrupt, SystemExit)) and \
                 type(err).__name__ != "Interrupted":
@@ -131,14 +178,17 @@ def main(cfg: DictConfig) -> dict:
 
 
 def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
-    """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary."""
+    """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary. `metrics.json` holds
+    the resolved config, seed, command-line overrides, git commit, the evaluations, the run means of the step
+    diagnostics (`train_diagnostics`), the per-step `train/*` values of the CSV log (`history`) and, with
+    `optimized_metric`, the `objective` a search trial returns."""
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
     from lightning_sd.evaluation import evaluate
-    from lightning_sd.logging_utils import finish_logger, log_config, log_eval
+    from lightning_sd.logging_utils import finish_logger, log_config, log_eval, train_history
 
     seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
@@ -152,8 +202,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     e = run.typed["eval"]
     device = torch.device("cuda" if run.typed["trainer"].accelerator in ("gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
-    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit(),
-                     "run_dir": run_dir}
+    metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
+                     "git_commit": git_commit(), "run_dir": run_dir, **hydra_facts()}
 
     if ckpt_path is not None:  # the first part's evaluation before training, from its metrics.json
         metrics.update(earlier_results(run_dir), resumed_from=ckpt_path)
@@ -202,6 +252,10 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     metrics["total_seconds"] = time.perf_counter() - t_start
     metrics["global_step"] = trainer.global_step
     metrics["peak_memory_gib"] = peak_memory_gib()
+    metrics["history"] = train_history(run_dir)  # the CSV logger's rows (written at the end of fit)
+    if cfg.get("optimized_metric"):
+        metrics["objective"] = {"metric": cfg.optimized_metric,
+                                "value": objective_value(metrics, cfg.optimized_metric)}
     if trainer.global_rank != 0:  # under DDP every rank runs this script; rank 0 writes the results
         return metrics
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
@@ -238,24 +292,37 @@ def check_renamed(argv: list[str]) -> None:
         raise SystemExit(f"ConfigError: {err}") from None
 
 
+def search_option(overrides: list[str]) -> str | None:
+    """The `hparams_search=<name>` of the command line's overrides, if any."""
+    found = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("hparams_search=")]
+    return found[-1] if found else None
+
+
 def check_before_printing(argv: list[str]) -> None:
     """`--cfg job|all`: Hydra prints the composed config and never runs `main`; validate it first, so that a
-    config the run would reject is not printed as if it were fine. Exits with status 1 and the message."""
-    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
-        return
+    config the run would reject is not printed as if it were fine. A recipe search (`hparams_search=<name>`)
+    is validated here too, before its first trial starts (e.g. the rule that it scores trials on the
+    validation split). Exits with status 1 and the message."""
     overrides = config_overrides(argv)
+    search = search_option(overrides)
+    if not search and not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+        return
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from lightning_sd.config import ConfigError, validate_config
 
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-    try:
+    try:  # a search's own sweep overrides (`loss.beta=choice(0.5,1.0)`) are the sampler's; check the rest
+        overrides = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if not o.is_sweep_override()]
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             cfg = compose("train", overrides=overrides)
     except Exception:  # noqa: BLE001 - an override Hydra cannot apply: Hydra's own run reports it
         hydra.core.global_hydra.GlobalHydra.instance().clear()
         return
     try:
+        check_search(cfg, search, None)
         validate_config(cfg)
     except ConfigError as err:
         raise SystemExit(f"ConfigError: {err}") from None

@@ -252,6 +252,8 @@ def run_one(spec: dict) -> dict:
                                             max_new_tokens=int(measure.get("drift_max_new_tokens") or 48),
                                             system_prompt=module.system_prompt)
         del base
+    from lightning_sd.logging_utils import train_history
+
     result["history"] = train_history(run_dir)
     result["seconds"] = time.perf_counter() - t_start
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -266,26 +268,10 @@ def run_one(spec: dict) -> dict:
     return result
 
 
-def train_history(run_dir: str) -> list[dict]:
-    """The per-step training metrics the CSV logger wrote (`<run_dir>/metrics*.csv`, resumed parts included):
-    one dict per optimizer step with the `train/*` values logged at it (reward, masked_rows, loss, ...)."""
-    import csv
-    import glob
-
-    by_step: dict[int, dict] = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "metrics*.csv"))):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if not row.get("step"):
-                    continue
-                vals = {k[len("train/"):]: float(v) for k, v in row.items() if k.startswith("train/") and v not in ("", None)}
-                if vals:
-                    by_step.setdefault(int(row["step"]), {"step": int(row["step"])}).update(vals)
-    return [by_step[k] for k in sorted(by_step)]
-
-
 def backfill_history(specs: list[dict]) -> None:
     """Results written before `history` was recorded get it from their run folder's CSV, if still there."""
+    from lightning_sd.logging_utils import train_history
+
     for spec in specs:
         path = os.path.join(spec["result_dir"], "result.json")
         if not os.path.isfile(path):

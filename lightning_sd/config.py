@@ -300,6 +300,29 @@ def check_renamed_overrides(overrides: Iterable[str]) -> None:
             check_renamed_keys([key], ConfigError)
 
 
+def check_objective(metric: Any, d: DataConfig, e: EvalConfig) -> None:
+    """`optimized_metric` (what a recipe search's trial returns, e.g. `eval_after.student_accuracy`): a dotted
+    key of `metrics.json` whose evaluation runs, on a validation split. A search tuned on the held-out test
+    split would report a number chosen on it, so a task's `data.eval_split` must be `val`, and a Hugging Face
+    dataset's must name a split other than its test split."""
+    if metric is None:
+        return
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"optimized_metric must be a key of metrics.json such as eval_after.student_accuracy, "
+                          f"or null, got {metric!r}")
+    stage = metric.split(".")[0]
+    if stage in ("eval_before", "eval_after") and not getattr(e, stage.split("_")[1]):
+        raise ConfigError(f"optimized_metric={metric} needs eval.{stage.split('_')[1]}=true")
+    held_out = (d.task is not None and d.eval_split != "val") or \
+        (d.path is not None and (d.eval_split is None or "test" in d.eval_split.lower()))
+    if held_out:
+        split = "val" if d.task is not None else "<a validation split>"
+        raise ConfigError(f"optimized_metric={metric} (set by every hparams_search) scores search trials, and "
+                          f"they must be scored on a validation split, not on data.eval_split={d.eval_split} "
+                          f"(the held-out test split): set data.eval_split={split}. Measure the chosen recipe "
+                          f"on the test split afterwards, in runs without hparams_search and optimized_metric")
+
+
 def validate_config(cfg: DictConfig) -> dict:
     """Check every group of `cfg`; returns `{group: typed dataclass}`. Raises `ConfigError`."""
     typed = {}
@@ -385,4 +408,5 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"logger.log_samples_every must be >= 1 or null (off), "
                           f"got {typed['logger'].log_samples_every}")
     validate_callbacks(typed["callbacks"])
+    check_objective(cfg.get("optimized_metric"), d, typed["eval"])
     return typed

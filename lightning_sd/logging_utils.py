@@ -1,8 +1,11 @@
 """Small helpers shared by the callbacks and `train.py`: the run folder, atomic text files, the W&B run
-behind a Lightning logger (rank 0 only), config/eval logging, and a reader for offline W&B run files."""
+behind a Lightning logger (rank 0 only), config/eval logging, a reader for offline W&B run files, and the
+per-step training history of a run folder's CSV log."""
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
 import struct
@@ -189,5 +192,20 @@ def finish_logger(logger) -> None:
         wandb.teardown()  # stops the W&B service process, which flushes the run files (offline runs too)
 
 
+def train_history(run_dir: str) -> list[dict]:
+    """The per-step training metrics the CSV logger wrote (`<run_dir>/metrics*.csv`, resumed parts included):
+    one dict per optimizer step with the `train/*` values logged at it (reward, masked_rows, loss, ...)."""
+    by_step: dict[int, dict] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "metrics*.csv"))):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if not row.get("step"):
+                    continue
+                vals = {k[len("train/"):]: float(v) for k, v in row.items() if k.startswith("train/") and v not in ("", None)}
+                if vals:
+                    by_step.setdefault(int(row["step"]), {"step": int(row["step"])}).update(vals)
+    return [by_step[k] for k in sorted(by_step)]
+
+
 __all__ = ["RunFolderCSVLogger", "finish_logger", "log_config", "log_eval", "read_offline_run", "run_folder",
-           "wandb_logger", "wandb_run", "wandb_run_id"]
+           "train_history", "wandb_logger", "wandb_run", "wandb_run_id"]

