@@ -8,7 +8,8 @@ line, e.g. `seeds=[0] parallel=1`) holds:
     name, out_dir (results: JSON, CSV, PNG, one result.json per run), work_dir (run folders: checkpoints, logs),
     seeds, parallel (runs at once, each a separate process; 0 = in this process, one after another),
     threads (torch threads per run), common (overrides of conf/train.yaml for every arm), extra (appended last),
-    arms: {name: {train, overrides}}, measure: what to measure.
+    arms: {name: {train, overrides, seeds (optional: this arm runs only these of `seeds`, e.g. a search
+    repeating its best trials)}}, measure: what to measure.
 
 Command line: `python experiments/<name>.py [experiment overrides] [-- train overrides for every arm]`, e.g.
 `python experiments/knowledge_injection.py seeds=[0] parallel=0 -- model=tiny trainer.max_steps=2`.
@@ -80,6 +81,12 @@ def run_overrides(exp, arm: str, seed: int) -> list[str]:
             [f"seed={seed}", f"data.seed={seed}", f"generation.seed={seed}"])
 
 
+def arm_seeds(exp, arm: str) -> list[int]:
+    """The seeds `arm` runs: the experiment's, or those of them the arm lists under `seeds`."""
+    own = exp.arms[arm].get("seeds")
+    return [int(s) for s in exp.seeds if own is None or int(s) in {int(x) for x in own}]
+
+
 def check_experiment(exp) -> None:
     """Clear errors before anything runs: every arm composes and validates."""
     from lightning_sd.config import validate_config
@@ -89,6 +96,10 @@ def check_experiment(exp) -> None:
     if not exp.arms:
         raise ValueError(f"{exp.name}: arms is empty")
     for arm in exp.arms:
+        own = exp.arms[arm].get("seeds")
+        if own is not None and not arm_seeds(exp, arm):
+            raise ValueError(f"{exp.name}: arm {arm!r} lists seeds {list(own)}, none of which is in seeds "
+                             f"{list(exp.seeds)}; list some of those, or drop the arm's seeds")
         try:
             validate_config(compose_train(run_overrides(exp, arm, exp.seeds[0])))
         except Exception as err:  # name the arm: the config error itself names the key
@@ -293,6 +304,8 @@ def plan(exp) -> list[dict]:
     specs = []
     for seed in exp.seeds:  # seed-major: a partial result already has every arm of the first seeds
         for arm in exp.arms:
+            if int(seed) not in arm_seeds(exp, arm):
+                continue
             specs.append({
                 "experiment": exp.name, "arm": arm, "seed": int(seed), "train": bool(exp.arms[arm].train),
                 "overrides": run_overrides(exp, arm, int(seed)), "threads": int(exp.threads),
@@ -311,7 +324,7 @@ def run_all(exp) -> list[dict]:
     specs = plan(exp)
     todo = [s for s in specs if not _done(s)]
     total = len(specs)
-    print(f"[{exp.name}] {total} runs ({len(exp.arms)} arms x {len(exp.seeds)} seeds), {total - len(todo)} already "
+    print(f"[{exp.name}] {total} runs ({len(exp.arms)} arms, seeds {list(exp.seeds)}), {total - len(todo)} already "
           f"done; results in {exp.out_dir}", flush=True)
     t_all = time.perf_counter()
     finished = total - len(todo)

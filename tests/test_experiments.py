@@ -121,6 +121,20 @@ def test_a_bad_arm_is_named_before_anything_runs(tmp_path):
         evidence.check_experiment(exp)
 
 
+def test_an_arm_that_lists_seeds_runs_only_those(tmp_path):
+    import evidence
+
+    exp = evidence.compose_experiment("rl_feedback_vs_grpo", [f"out_dir={tmp_path}", "seeds=[0,1,2]",
+                                                              "+arms.grpo.seeds=[1]"])
+    evidence.check_experiment(exp)
+    runs = [(s["arm"], s["seed"]) for s in evidence.plan(exp)]
+    assert runs == [("rl_feedback", 0), ("grpo", 1), ("rl_feedback", 1), ("rl_feedback", 2)]
+    exp = evidence.compose_experiment("rl_feedback_vs_grpo", [f"out_dir={tmp_path}", "seeds=[0]",
+                                                              "+arms.grpo.seeds=[5]"])
+    with pytest.raises(ValueError, match=r"arm 'grpo' lists seeds \[5\], none of which is in seeds \[0\]"):
+        evidence.check_experiment(exp)
+
+
 def test_kl_from_reference_is_zero_for_the_same_model_and_positive_after_a_change(tiny):
     from lightning_sd.evaluation import kl_from_reference
     from lightning_sd.models import load_model
