@@ -77,11 +77,119 @@ def test_decode_floor_is_memory_bound_for_big_weights():
     assert gen >= 2 * weights / 1e9  # two decode steps, each reads every weight once
 
 
+def _rates(flops=1e9, bandwidth=1e9, bf16_flops=None):
+    return floor.MachineRates(flops=flops, bandwidth=bandwidth, device="cpu", threads=1, matmul_n=1, copy_bytes=1,
+                              bf16_flops=bf16_flops)
+
+
+_WORK = floor.StepWork(rows=4, prompt=10, teacher_prompt=20, completion=6)
+
+
+def test_fp32_precision_keeps_the_fp32_floor():
+    s = _shape(n_params=10_000)
+    today = floor.step_floor(s, _WORK, _rates())
+    # a measured bf16 rate changes nothing at the default (fp32) precision, nor at an explicit fp32 one
+    assert floor.step_floor(s, _WORK, _rates(bf16_flops=1e12)) == today
+    assert floor.step_floor(s, _WORK, _rates(bf16_flops=1e12),
+                            precision=floor.Precision(rollout="fp32", compute="fp32")) == today
+
+
+def test_bf16_precision_with_equal_rates_and_4_byte_rollouts_is_the_fp32_floor():
+    s = _shape(n_params=10_000)
+    today = floor.step_floor(s, _WORK, _rates())
+    bf16 = floor.step_floor(s, _WORK, _rates(bf16_flops=1e9), precision=floor.Precision(rollout="fp32", compute="bf16"))
+    assert bf16 == pytest.approx(today)
+
+
+def test_bf16_compute_divides_the_training_flops_by_the_bf16_rate():
+    s = _shape(n_params=10_000)
+    p = floor.Precision(rollout="fp32", compute="bf16")
+    fp32 = floor.step_floor(s, _WORK, _rates())
+    bf16 = floor.step_floor(s, _WORK, _rates(bf16_flops=2e9), precision=p)
+    assert bf16["teacher_forward"] == pytest.approx(fp32["teacher_forward"] / 2)
+    loss = 5 * 4 * 6 * 32 * 4 / 1e9  # the loss's fp32 logits bytes: unchanged
+    assert bf16["student_fwd_bwd"] == pytest.approx((fp32["student_fwd_bwd"] - loss) / 2 + loss)
+    assert bf16["optimizer"] == fp32["optimizer"]  # fp32 master weights
+    assert bf16["generation"] == fp32["generation"]  # fp32 rollout
+
+
+def test_bf16_rollout_reads_half_the_bytes_at_the_bf16_rate():
+    s = _shape(hidden=512, heads=8, kv_heads=8, head_dim=64, intermediate=2048, vocab=1000, layers=4)
+    work = floor.StepWork(rows=2, prompt=3, teacher_prompt=3, completion=5)
+    # matmuls free: the generation floor is the decode steps' bytes (weights + KV cache)
+    fast = _rates(flops=1e30, bandwidth=1e9, bf16_flops=1e30)
+    fp32 = floor.step_floor(s, work, fast, precision=floor.Precision(rollout="fp32"))["generation"]
+    bf16 = floor.step_floor(s, work, fast, precision=floor.Precision(rollout="bf16"))["generation"]
+    assert fp32 == pytest.approx(floor.step_floor(s, work, fast)["generation"])
+    assert bf16 == pytest.approx(fp32 / 2)
+    weights = s.layer_params * s.layers + s.hidden * s.vocab
+    kv = sum(2 * s.layers * s.kv_heads * s.head_dim * 2 * (3 + t) for t in range(1, 5))
+    assert bf16 == pytest.approx((4 * weights * 2 + kv * 2) / 1e9)
+    # bandwidth free: the prefill and decode matmuls at the rollout dtype's rate
+    compute_bound = floor.step_floor(s, work, _rates(flops=1e9, bandwidth=1e30, bf16_flops=4e9),
+                                     precision=floor.Precision(rollout="bf16"))["generation"]
+    flops = s.forward_flops(2, 3, 1) + sum(s.forward_flops(2, 1, 1, past=3 + t - 1) for t in range(1, 5))
+    assert compute_bound == pytest.approx(flops / 4e9)
+
+
+def test_cast_costs_once_per_rollout_only_with_a_cast_copy():
+    s = _shape(n_params=10_000)
+    rates = _rates(bf16_flops=2e9)
+    plain = floor.step_floor(s, _WORK, rates, precision=floor.Precision(rollout="bf16", compute="bf16"))
+    cast = floor.step_floor(s, _WORK, rates, precision=floor.Precision(rollout="bf16", rollout_cast=True,
+                                                                       compute="bf16"))
+    weights = s.layer_params * s.layers + s.hidden * s.vocab
+    assert cast["generation"] - plain["generation"] == pytest.approx(weights * (4 + 2) / 1e9)  # read fp32, write bf16
+    assert {k: v for k, v in cast.items() if k not in ("generation", "total")} == \
+        {k: v for k, v in plain.items() if k not in ("generation", "total")}
+    assert floor.step_floor(s, _WORK, rates, decode=False,
+                            precision=floor.Precision(rollout="bf16", rollout_cast=True))["generation"] == 0.0
+
+
+def test_precision_needs_a_measured_rate_and_known_dtypes():
+    s = _shape()
+    with pytest.raises(ValueError, match="bf16 matmul rate was not measured"):
+        floor.step_floor(s, _WORK, _rates(), precision=floor.Precision(compute="bf16"))
+    with pytest.raises(ValueError):
+        floor.Precision(rollout="int8")
+    with pytest.raises(ValueError):
+        floor.Precision(rollout_cast=True)
+    text = floor.Precision(rollout="bf16", rollout_cast=True, compute="bf16").describe(_rates(bf16_flops=180e9))
+    assert text == "rollout bf16, cast once; teacher and student bf16: bf16 matmul 180 GFLOP/s, copy 1.0 GB/s"
+    mixed = floor.Precision(rollout="fp32", compute="bf16").describe(_rates(bf16_flops=180e9), rollout_only=False)
+    assert "fp32 matmul 1 GFLOP/s, bf16 matmul 180 GFLOP/s" in mixed
+    assert floor.Precision().describe(_rates(), rollout_only=True) == "rollout model dtype: fp32 matmul 1 GFLOP/s, copy 1.0 GB/s"
+
+
+def test_step_worker_floor_precision_follows_its_configuration():
+    model = torch.nn.Linear(2, 2)
+    P = floor.Precision
+
+    def prec(*argv):
+        return step.floor_precision(step.parse_args(["--model", "tiny", *argv]), model)
+
+    vs = _load("vs_trl")
+    assert prec(*vs._ours_argv(vs.parse_args(["--fp32"]))) == P(rollout="fp32", compute="fp32")
+    # default: bf16-mixed, rollouts from a bf16 copy; --autocast-rollouts: autocast's cached bf16 weights
+    assert prec(*vs._ours_argv(vs.parse_args([]))) == P(rollout="bf16", rollout_cast=True, compute="bf16")
+    assert prec(*vs._ours_argv(vs.parse_args(["--autocast-rollouts"]))) == P(rollout="bf16", rollout_cast=True,
+                                                                           compute="bf16")
+    assert prec("--precision", "32-true", "--generation-dtype", "bf16") == P(rollout="bf16", rollout_cast=True)
+    assert prec("--generation-dtype", "fp32") == P(rollout="fp32")
+    assert step.floor_precision(step.parse_args(["--precision", "bf16-true"]), model.to(torch.bfloat16)) == \
+        P(rollout="bf16", compute="bf16")
+    # results written before the floor knew the precision: the fp32 floor
+    assert step.precision_of({"rates": vars(_rates())})[0] == P()
+
+
 def test_measure_rates_small():
     r = floor.measure_rates("cpu", matmul_n=64, copy_mib=4, repeats=2)
     assert r.flops > 0 and math.isfinite(r.flops)
+    assert r.bf16_flops > 0 and math.isfinite(r.bf16_flops)
     assert r.bandwidth > 0 and math.isfinite(r.bandwidth)
     assert r.copy_bytes == 4 * 2**20
+    assert r.fp16_flops is None
+    assert floor.measure_rates("cpu", matmul_n=16, copy_mib=1, repeats=1, bf16=False).bf16_flops is None
 
 
 def test_fit_prompt_exact_length(tiny):
@@ -170,6 +278,9 @@ def test_vs_trl_report_ratio_line(tiny_result):
            "rates": ours["rates"]}
     report = vs.format_report([ours], [trl])
     assert report.splitlines()[-1] == "ratio: 0.500"
+    # the tiny run is fp32 (32-true, no generation dtype): the floor lines name the fp32 rate
+    assert "floor of this step (rollout fp32; teacher and student fp32: fp32 matmul" in report
+    assert "rollout phase (rollout fp32: fp32 matmul" in report
 
 
 def test_vs_trl_runs_bf16_by_default_with_ours_sampling_from_a_bf16_copy():

@@ -4,7 +4,8 @@ For every point of the grid (`--lengths` x `--batches` x `--precisions`) this ru
 module (`step.py`'s worker) and one of TRL's `SDFTTrainer` (`vs_trl.py`'s worker) on the same work as
 `vs_trl.py` (frozen teacher, full-vocabulary forward KL, every rollout decoded to exactly the completion length,
 gradient checkpointing on), ours first then TRL, and records median step time, peak memory and the floor of
-the step (`floor.py`: FLOPs and bytes per phase at this machine's measured rates). TRL is skipped above
+the step (`floor.py`: FLOPs and bytes per phase at this machine's measured rates, at the precision of the point:
+bf16 rates for the bf16 points, fp32 rates for the fp32 ones). TRL is skipped above
 `--trl-max-tokens` generated tokens per step (its runs dominate the time; `0` = never skip).
 
     .venv-bench/bin/python experiments/benchmarks/scaling.py                   # the CPU grid (long)
@@ -79,6 +80,7 @@ def run_point(args: argparse.Namespace, batch: int, length: int, precision: str)
     mine = ours.run_subprocess(vs_trl._ours_argv(a))
     row["ours"], row["floor_s"] = side(mine), mine["floor"]["total"]
     row["floor"], row["device_name"], row["torch"] = mine["floor"], mine["device_name"], mine["torch"]
+    row["floor_rates"] = ours.floor_rates(mine)
     skip = args.no_trl or (args.trl_max_tokens and batch * length > args.trl_max_tokens)
     row["trl"] = None if skip else side(vs_trl._run_trl_subprocess(a))
     row["seconds"] = time.perf_counter() - t0
@@ -103,6 +105,9 @@ def format_table(rows: list[dict]) -> str:
             f"{(format(memory_gib(t), '.2f') if t else '-'):>9}")
     mem = "peak GPU memory" if rows and rows[0]["ours"].get("peak_gpu") else "peak RSS"
     lines.append(f"(seconds: median step; mem: {mem}, GiB; floor: the step's FLOP/byte floor at this machine's rates)")
+    for prec in dict.fromkeys(r["precision"] for r in rows):
+        used = dict.fromkeys(r["floor_rates"] for r in rows if r["precision"] == prec and r.get("floor_rates"))
+        lines += [f"floor of {prec}: {u}" for u in used]
     return "\n".join(lines)
 
 
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 t = row["trl"]
                 print(f"{precision} batch {batch} x {length}: ours {row['ours']['step_s']:.2f} s"
                       f"{(', TRL ' + format(t['step_s'], '.2f') + ' s') if t else ''}, floor {row['floor_s']:.2f} s, "
-                      f"load {row['ours']['load']:.2f} ({row['seconds']:.0f} s)", flush=True)
+                      f"load {row['ours']['load']:.2f} ({row['seconds']:.0f} s); floor at {row['floor_rates']}", flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     print()

@@ -1,7 +1,7 @@
 """Time on-policy self-distillation steps of `SelfDistillationModule` and compare them with the floor.
 
 Each configuration runs in a fresh subprocess (peak RSS only grows, so processes are never shared): it
-measures the machine's fp32 matmul and copy rates (`floor.measure_rates`), loads the model, builds a fixed
+measures the machine's fp32 and bf16 matmul and copy rates (`floor.measure_rates`), loads the model, builds a fixed
 batch of prompts, and runs `--warmup + --steps` steps through a real Lightning `Trainer` with the
 `OnPolicyGeneration` callback, timing each phase:
 
@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from floor import ModelShape, StepWork, measure_rates, step_floor  # noqa: E402
+from floor import MachineRates, ModelShape, Precision, StepWork, measure_rates, step_floor  # noqa: E402
 
 PHASES = ("generation", "teacher_prompts", "teacher_forward", "student_forward", "backward", "optimizer", "other")
 # the teacher sees the prompt, a blank line and the reference solution: the same text as TRL's SDFT default
@@ -316,7 +316,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    rates = measure_rates(device)
+    rates = measure_rates(device, fp16="fp16" in (args.generation_dtype, _autocast_dtype(args.precision)))
     extra = {"name_or_path": args.name_or_path} if args.name_or_path else {}
     student, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed, **extra)
     if args.gradient_checkpointing:
@@ -349,6 +349,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     steps = module.records_log[args.warmup:]
     first = module.records_log[0]
     shape = ModelShape.from_model(student)
+    precision = floor_precision(args, student)
     work = StepWork(rows=first["rows"], prompt=first["prompt_width"], teacher_prompt=first["teacher_prompt_width"],
                     completion=first["completion_width"])
     return {
@@ -358,13 +359,46 @@ def run_worker(args: argparse.Namespace) -> dict:
         "rates": vars(rates),
         "shape": vars(shape),
         "work": vars(work),
-        "floor": step_floor(shape, work, rates, decode=args.rollouts == "sample"),
+        "floor": step_floor(shape, work, rates, decode=args.rollouts == "sample", precision=precision),
+        "floor_precision": dataclasses.asdict(precision),
         "peak_rss": peak_rss_bytes(),
         "peak_gpu": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "load": os.getloadavg(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
     }
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _autocast_dtype(precision: str) -> str | None:
+    """The autocast dtype of a Lightning mixed precision ("bf16-mixed" -> bf16, "16-mixed" -> fp16), else None."""
+    return {"bf16-mixed": "bf16", "bf16": "bf16", "16-mixed": "fp16", "16": "fp16"}.get(str(precision))
+
+
+def floor_precision(args: argparse.Namespace, model: torch.nn.Module) -> Precision:
+    """The precision this worker ran each phase in (`model` after the run: Lightning's "-true" precisions have
+    converted it). `--generation-dtype` set: the rollout reads a copy in that dtype, cast once per rollout unless
+    the model already is in it. Else under autocast (`--precision bf16-mixed`) the rollout runs in the autocast
+    dtype from weights autocast casts once per rollout (its weight cache lasts the rollout's one precision
+    context); else in the model's dtype. The teacher and the student compute in the autocast dtype, else in the
+    model's."""
+    model_dtype = _DTYPE_NAMES.get(next(model.parameters()).dtype, "fp32")
+    autocast = _autocast_dtype(args.precision)
+    compute = autocast or model_dtype
+    if args.generation_dtype is not None:
+        return Precision(rollout=args.generation_dtype, rollout_cast=args.generation_dtype != model_dtype,
+                         compute=compute)
+    if autocast is not None:
+        return Precision(rollout=autocast, rollout_cast=autocast != model_dtype, compute=compute)
+    return Precision(rollout=model_dtype, compute=compute)
+
+
+def precision_of(result: dict) -> tuple[Precision, MachineRates]:
+    """The floor's precision and the machine rates of a worker's result (results without a recorded precision
+    were computed at the fp32 rates: `Precision()`)."""
+    return Precision(**result.get("floor_precision", {})), MachineRates(**result["rates"])
 
 
 def _cpu_name() -> str:
@@ -426,7 +460,10 @@ def format_table(result: dict) -> str:
         f"teacher {c['teacher']}, rollouts {c.get('rollouts', 'sample')}, precision {c['precision']}, gradient "
         f"checkpointing {'on' if c.get('gradient_checkpointing') else 'off'}, {len(result['steps'])} measured steps after "
         f"{c['warmup']} warm-up",
-        f"machine rates: fp32 matmul {r['flops'] / 1e9:.0f} GFLOP/s, copy {r['bandwidth'] / 1e9:.1f} GB/s",
+        f"machine rates: fp32 matmul {r['flops'] / 1e9:.0f} GFLOP/s"
+        + (f", bf16 matmul {r['bf16_flops'] / 1e9:.0f} GFLOP/s" if r.get("bf16_flops") else "")
+        + f", copy {r['bandwidth'] / 1e9:.1f} GB/s",
+        "floor at: " + floor_rates(result),
         "",
         f"{'phase':<18}{'median s':>10}{'floor s':>10}{'x floor':>9}{'peak RSS GiB':>14}",
     ]
@@ -449,6 +486,12 @@ def format_table(result: dict) -> str:
         f"loss (first step) {s['loss']:.6f}   step / floor {s['ratio']:.2f}",
     ]
     return "\n".join(lines)
+
+
+def floor_rates(result: dict, *, rollout_only: bool = False) -> str:
+    """Which precision and measured rates the result's floor used (`Precision.describe`)."""
+    precision, rates = precision_of(result)
+    return precision.describe(rates, rollout_only=rollout_only)
 
 
 def format_comparison(results: list[dict]) -> str:

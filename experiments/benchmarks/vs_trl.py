@@ -249,11 +249,10 @@ def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
         f"{'peak RSS GiB':<20}{rss_o / 2**30:>9.2f}{rss_t / 2**30:>9.2f}{rss_o / rss_t:>10.2f}",
         f"{'loss (step 1)':<20}{ours_runs[0]['losses'][0]:>9.4f}{trl_runs[0]['losses'][0]:>9.4f}",
         "",
-        f"floor of this step (ours' rates: {first['rates']['flops'] / 1e9:.0f} GFLOP/s, "
-        f"{first['rates']['bandwidth'] / 1e9:.1f} GB/s): {floor['total']:.2f} s; ours {mo['step'] / floor['total']:.2f}"
-        f" x floor, TRL {mt['step'] / floor['total']:.2f} x floor",
-        f"rollout phase: floor {floor['generation']:.2f} s; ours {mo['generation'] / floor['generation']:.2f} x its "
-        f"floor, TRL {mt['generation'] / floor['generation']:.2f} x",
+        f"floor of this step ({ours.floor_rates(first)}; ours' rates): {floor['total']:.2f} s; "
+        f"ours {mo['step'] / floor['total']:.2f} x floor, TRL {mt['step'] / floor['total']:.2f} x floor",
+        f"rollout phase ({ours.floor_rates(first, rollout_only=True)}): floor {floor['generation']:.2f} s; "
+        f"ours {mo['generation'] / floor['generation']:.2f} x its floor, TRL {mt['generation'] / floor['generation']:.2f} x",
         f"ratio: {mo['step'] / mt['step']:.3f}",
     ]
     return "\n".join(lines)
