@@ -53,7 +53,8 @@ def plot(exp, summary: dict, results: list[dict], out: Path) -> None:
                     label=f"{arm} (mean of {len(curves)} seeds)")
     sampled = int(exp.measure.get("curve_sampled_n") or 0)
     how = f"{sampled} samples per prompt at T={exp.measure.sampled_temperature}" if sampled else "greedy"
-    axes[0].set_ylabel(f"held-out accuracy ({how})")
+    split = "validation" if "data.eval_split=val" in list(exp.common) else "held-out"
+    axes[0].set_ylabel(f"{split} accuracy ({how})")
     axes[0].set_title("Accuracy vs generated training samples", fontsize=10)
     axes[1].set_ylabel(f"mean answer length (tokens, {'sampled' if sampled else 'greedy'})")
     axes[1].set_title("Answer length", fontsize=10)
