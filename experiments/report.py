@@ -55,6 +55,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 
 
 COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
+COLUMNS["recipes_continual"] = COLUMNS["knowledge_injection"]  # its search, on the validation split
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
 COLUMNS["recipes_facts"] = [c for c in COLUMNS["recipes"] if c[1] != "mean_clipped_teacher_mass"]  # no clip there
 
