@@ -1,6 +1,6 @@
 """Experiment 1: knowledge injection and forgetting, continual (SDFT) vs SFT. See experiments/conf/knowledge_injection.yaml.
 
-    python experiments/knowledge_injection.py                    # 2 arms x 3 seeds on SmolLM2-135M-Instruct
+    python experiments/knowledge_injection.py                    # 3 arms x 3 seeds on SmolLM2-135M-Instruct
     python experiments/knowledge_injection.py seeds=[0] parallel=0 -- model=tiny trainer.max_steps=2
 
 Writes experiments/results/knowledge_injection/: results.json, results.csv, summary.md, knowledge_injection.png.

@@ -46,7 +46,7 @@ def _check_outputs(name: str, out: Path, arms: list[str]) -> dict:
 
 
 def test_knowledge_injection_tiny(tmp_path):
-    _, out = _run("knowledge_injection", tmp_path, TINY)
+    _, out = _run("knowledge_injection", tmp_path, TINY, ["~arms.continual_lr5e-5_60steps"])
     res = _check_outputs("knowledge_injection", out, ["sft", "continual"])
     for run in res["runs"]:
         c = run["continual"]
