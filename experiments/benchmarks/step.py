@@ -369,9 +369,6 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
 
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def _autocast_dtype(precision: str) -> str | None:
     """The autocast dtype of a Lightning mixed precision ("bf16-mixed" -> bf16, "16-mixed" -> fp16), else None."""
     return {"bf16-mixed": "bf16", "bf16": "bf16", "16-mixed": "fp16", "16": "fp16"}.get(str(precision))
@@ -384,7 +381,12 @@ def floor_precision(args: argparse.Namespace, model: torch.nn.Module) -> Precisi
     dtype from weights autocast casts once per rollout (its weight cache lasts the rollout's one precision
     context); else in the model's dtype. The teacher and the student compute in the autocast dtype, else in the
     model's."""
-    model_dtype = _DTYPE_NAMES.get(next(model.parameters()).dtype, "fp32")
+    from floor import DTYPE_BYTES
+
+    from lightning_sd.models import DTYPES
+
+    names = {DTYPES[name]: name for name in DTYPE_BYTES}  # torch dtype -> the floor's short name
+    model_dtype = names.get(next(model.parameters()).dtype, "fp32")
     autocast = _autocast_dtype(args.precision)
     compute = autocast or model_dtype
     if args.generation_dtype is not None:
