@@ -177,6 +177,19 @@ def main(cfg: DictConfig) -> dict:
         raise
 
 
+def sampled_eval(module, datamodule, e, seed: int) -> dict:
+    """The student's sampled accuracy on the evaluation prompts: `eval.samples` completions per prompt at
+    `eval.temperature` (no top-p/top-k), seeded by the run's seed (sampler seed 1000 + seed), student only."""
+    from lightning_sd.evaluation import evaluate
+    from lightning_sd.sampling import SamplingConfig
+
+    sampling = SamplingConfig(n=e.samples, do_sample=True, temperature=e.temperature,
+                              max_new_tokens=e.max_new_tokens, seed=1000 + int(seed))
+    result = evaluate(module, datamodule.val_dataloader(), sampling, with_teacher=False, keep_samples=0)
+    return {"student_accuracy": result.student_accuracy, "n": result.n, "samples_per_prompt": e.samples,
+            "temperature": e.temperature, "mean_completion_tokens": result.mean_completion_tokens}
+
+
 def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary. `metrics.json` holds
     the resolved config, seed, command-line overrides, git commit, the evaluations, the run means of the step
@@ -216,6 +229,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
         with eval_progress(f"eval {tag}", total, enabled=run.typed["trainer"].enable_progress_bar) as advance:
             result = evaluate(module, loader, with_teacher=e.teacher, progress=advance)
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
+        if e.samples and result.n:
+            metrics[f"eval_{tag}"]["sampled"] = sampled_eval(module, datamodule, e, cfg.seed)
         if result.n == 0:
             print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
                   flush=True)
@@ -226,6 +241,10 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
               f"{teacher}  (n={result.n}, mean completion {result.mean_completion_tokens:.1f} tokens, "
               f"{time.perf_counter() - t0:.1f} s)" + (f"  verifier failures {result.verifier_failures}"
                                                       if result.verifier_failures else ""), flush=True)
+        if e.samples:
+            sampled = metrics[f"eval_{tag}"]["sampled"]
+            print(f"[eval {tag}] student sampled accuracy {sampled['student_accuracy']:.3f}  ({e.samples} per prompt "
+                  f"at temperature {e.temperature}, n={sampled['n']})", flush=True)
 
     trainer = None
     if e.before and ckpt_path is None:

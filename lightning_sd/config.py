@@ -150,10 +150,22 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
+    """The before/after evaluation: greedy accuracy of the student (and of the teacher with its context); with
+    `samples` > 0 also the student's sampled accuracy, `samples` completions per prompt at `temperature`."""
+
     before: bool = True
     after: bool = True
     teacher: bool = True
     max_new_tokens: int = 48
+    samples: int = 0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 0:
+            raise ConfigError(f"eval.samples must be an integer >= 0 (0: greedy only), got {self.samples!r}")
+        if self.samples and not self.temperature > 0:
+            raise ConfigError(f"eval.temperature must be > 0 to sample (eval.samples={self.samples}), "
+                              f"got {self.temperature}")
 
 
 @dataclass
@@ -310,9 +322,12 @@ def check_objective(metric: Any, d: DataConfig, e: EvalConfig) -> None:
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"optimized_metric must be a key of metrics.json such as eval_after.student_accuracy, "
                           f"or null, got {metric!r}")
-    stage = metric.split(".")[0]
+    stage, _, rest = metric.partition(".")
     if stage in ("eval_before", "eval_after") and not getattr(e, stage.split("_")[1]):
         raise ConfigError(f"optimized_metric={metric} needs eval.{stage.split('_')[1]}=true")
+    if stage in ("eval_before", "eval_after") and rest.startswith("sampled") and not e.samples:
+        raise ConfigError(f"optimized_metric={metric} is the sampled accuracy: set eval.samples (completions per "
+                          f"prompt, e.g. eval.samples=2)")
     held_out = (d.task is not None and d.eval_split != "val") or \
         (d.path is not None and (d.eval_split is None or "test" in d.eval_split.lower()))
     if held_out:
@@ -408,5 +423,6 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"logger.log_samples_every must be >= 1 or null (off), "
                           f"got {typed['logger'].log_samples_every}")
     validate_callbacks(typed["callbacks"])
+    typed["eval"].validate()
     check_objective(cfg.get("optimized_metric"), d, typed["eval"])
     return typed

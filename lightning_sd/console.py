@@ -110,6 +110,9 @@ def summary_rows(metrics: dict, run_dir: str) -> list[tuple[str, str]]:
         rows.append(("teacher-with-context", f"{_acc(before.get('teacher_accuracy'))} -> "
                                              f"{_acc(after.get('teacher_accuracy'))}"))
         rows.append(("gap (teacher - student)", f"{_acc(before.get('gap'))} -> {_acc(after.get('gap'))}"))
+        if before.get("sampled") or after.get("sampled"):
+            rows.append(("student sampled accuracy", f"{_acc((before.get('sampled') or {}).get('student_accuracy'))} "
+                                                     f"-> {_acc((after.get('sampled') or {}).get('student_accuracy'))}"))
         failures = sum(int(e.get("verifier_failures") or 0) for e in (before, after))
         if failures:
             rows.append(("verifier failures", f"{failures} (warnings above name the rows)"))

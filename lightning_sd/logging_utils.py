@@ -65,9 +65,11 @@ def log_config(logger, config: dict) -> None:
 
 
 def log_eval(logger, tag: str, result: dict, step: int | None = None) -> dict[str, float]:
-    """Evaluation numbers as metrics `eval/<tag>/<name>` (e.g. `eval/after/student_accuracy`) and, with a W&B
+    """Evaluation numbers as metrics `eval/<tag>/<name>` (e.g. `eval/after/student_accuracy`; a nested dict's as
+    `eval/<tag>/<name>/<key>`, e.g. `eval/after/sampled/student_accuracy`) and, with a W&B
     logger, the evaluation samples as a table `eval/<tag>/samples`. Returns the metrics logged."""
-    metrics = {f"eval/{tag}/{k}": float(v) for k, v in result.items()
+    flat = {**result, **{f"{k}/{kk}": vv for k, v in result.items() if isinstance(v, dict) for kk, vv in v.items()}}
+    metrics = {f"eval/{tag}/{k}": float(v) for k, v in flat.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     if not logger or not metrics:
         return metrics

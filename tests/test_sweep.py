@@ -94,3 +94,29 @@ def test_a_search_without_optimized_metric_is_refused(tmp_path):
     proc = run_train(["-m", "hparams_search=rl_feedback_json", "optimized_metric=null",
                       f"hydra.sweep.dir={tmp_path / 'search'}", *TINY])
     assert proc.returncode == 1 and "a search needs optimized_metric" in proc.stderr
+
+
+def test_the_half_samples_search_returns_the_sampled_accuracy_after_96_samples(tmp_path):
+    sweep_dir = tmp_path / "search"
+    proc = run_train(["-m", "hparams_search=rl_feedback_half_samples", "hydra.sweeper.n_trials=1",
+                      f"hydra.sweep.dir={sweep_dir}", *TINY])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    sampled = record["eval_after"]["sampled"]
+    assert record["objective"] == {"metric": "eval_after.sampled.student_accuracy",
+                                   "value": sampled["student_accuracy"]}
+    assert sampled["n"] == 2 * 2 and sampled["samples_per_prompt"] == 2 and sampled["temperature"] == 1.0
+    assert "student sampled accuracy" in proc.stdout
+    cfg = compose_cfg(["hparams_search=rl_feedback_half_samples"])
+    assert cfg.trainer.max_steps * cfg.data.batch_size * cfg.generation.n == 96  # half of rl_feedback_rich's 192
+
+
+def test_the_sampled_evaluation_is_checked_at_start_up():
+    base = [*TINY, "data.eval_split=val"]
+    with pytest.raises(ConfigError, match=r"set eval.samples"):
+        validate_config(compose_cfg([*base, "optimized_metric=eval_after.sampled.student_accuracy"]))
+    with pytest.raises(ConfigError, match=r"eval.samples must be an integer >= 0"):
+        validate_config(compose_cfg([*base, "eval.samples=-1"]))
+    with pytest.raises(ConfigError, match=r"eval.temperature must be > 0"):
+        validate_config(compose_cfg([*base, "eval.samples=2", "eval.temperature=0"]))
+    validate_config(compose_cfg([*base, "eval.samples=2", "optimized_metric=eval_after.sampled.student_accuracy"]))
