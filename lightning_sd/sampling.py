@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
+from lightning_sd.lean_decode import LeanDecoder
+from lightning_sd.lean_decode import supports as supports_lean
 from lightning_sd.models import DTYPES
 
 
@@ -32,7 +34,10 @@ class SamplingConfig:
     the samples are the same either way (False: the benchmarks' baseline). `dtype` (`bf16`, `fp16`, `fp32`;
     None: the model's own dtype under the caller's autocast, if any) runs the rollout without autocast on a copy
     of the weights cast to that dtype, made once per rollout (`compute_network`); the log-probs it returns are
-    the copy's, so `loss.is_clip` can weight the difference to the trainer. The defaults are those of
+    the copy's, so `loss.is_clip` can weight the difference to the trainer.
+    `lean_decode=True` decodes Llama-family models (Llama, SmolLM, Qwen2, Mistral) with `lean_decode.LeanDecoder`,
+    the same computation in fewer operations with an in-place KV cache; False, or another family: the model's
+    own forward each step. The defaults are those of
     the `generation` group's default option (conf/generation/default.yaml), whose schema derives from this."""
 
     n: int = 1
@@ -46,6 +51,7 @@ class SamplingConfig:
     seed: int = 0
     share_prefill: bool = True
     dtype: str | None = None
+    lean_decode: bool = True
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -289,8 +295,12 @@ def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     logits = prefill(model, prompt_ids, prompt_mask, n, cache, cache_arg,
                      share=config.share_prefill and cache_expandable(cache))
 
-    def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return _forward_last(model, tok[:, None], attn, pos[:, None], cache, cache_arg)
+    if config.lean_decode and config.max_new_tokens > 1 and supports_lean(model, mask.size(1) + config.max_new_tokens):
+        step = LeanDecoder.from_cache(model, cache, mask.size(1), config.max_new_tokens - 1).step
+        del cache  # its columns live on in the decoder's buffers
+    else:
+        def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return _forward_last(model, tok[:, None], attn, pos[:, None], cache, cache_arg)
 
     tokens, logps = decode(step, logits, mask, config, stop, pad_token_id, generator, keep_going, sync_every)
     completion, completion_mask, logprobs, truncated = stop_masked(tokens, logps, stop, pad_token_id)

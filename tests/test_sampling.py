@@ -217,7 +217,9 @@ def test_shared_prefill_runs_each_prompt_once(tiny, records, n, prefill_rows):
     model.eval()
     rows = _prefill_rows(model)
     batch = make_batch(tok, records[:2])
-    shared, unshared = _sample_both_ways(model, tok, batch, n=n, max_new_tokens=3, fixed_length=True)
+    # lean_decode off: the hook counts the model's own forwards, which the lean decode step does not call
+    shared, unshared = _sample_both_ways(model, tok, batch, n=n, max_new_tokens=3, fixed_length=True,
+                                         lean_decode=False)
     assert rows[:3] == [prefill_rows, 2 * n, 2 * n]  # shared: the prefill, then two decode steps
     assert rows[3:] == [2 * n] * 3  # unshared
     _assert_same_rollout(shared, unshared)

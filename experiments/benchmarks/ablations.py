@@ -10,6 +10,7 @@
 | bf16 | student forward+backward: fp32 vs bf16 autocast |
 | prefill | `--groups` prompts x `--group-n` rollouts each: the prompt prefilled once and its cache repeated n ways (`generation.share_prefill`) vs every row prefilled |
 | rollout_dtype | a rollout of R rows in fp32 vs under bf16 autocast (weights cast in every decode step) vs from a bf16 copy cast once (`generation.dtype=bf16`) |
+| lean_decode | a rollout of R rows decoded by the model's own forward vs the lean step (`generation.lean_decode`), in fp32 and from a bf16 copy |
 
 Each alternative runs `--reps` times in turn (A, B, A, B, ...); min and median are printed. Run on a quiet
 machine (see README.md); numbers go to docs/performance.md.
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-ALL = ("head", "decode", "logits", "teacher", "loss", "bf16", "prefill", "rollout_dtype")
+ALL = ("head", "decode", "logits", "teacher", "loss", "bf16", "prefill", "rollout_dtype", "lean_decode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -295,6 +296,16 @@ def ablate_rollout_dtype(model, tok, args) -> None:
            interleave(fns, args.reps))
 
 
+def ablate_lean_decode(model, tok, args) -> None:
+    ids, mask, *_ = batch(tok, args.batch, 1)
+    model.eval()
+    fns = {f"{dtype or 'fp32'}, {'lean step' if lean else 'model forward'}":
+           _sampler(model, tok, ids, mask, max_new_tokens=args.decode_len, dtype=dtype, lean_decode=lean)
+           for dtype in (None, "bf16") for lean in (False, True)}
+    report(f"lean_decode: {args.batch} rows x {args.decode_len} new tokens (prompt {ids.size(1)})",
+           interleave(fns, args.reps))
+
+
 def main(argv=None) -> None:
     from lightning_sd.models import load_model
 
@@ -324,6 +335,8 @@ def main(argv=None) -> None:
             ablate_prefill(model, tok, args)
         elif name == "rollout_dtype":
             ablate_rollout_dtype(model, tok, args)
+        elif name == "lean_decode":
+            ablate_lean_decode(model, tok, args)
 
 
 if __name__ == "__main__":

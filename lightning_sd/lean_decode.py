@@ -1,0 +1,149 @@
+"""`LeanDecoder`: one decode step of a Llama-family model (Llama, SmolLM, Qwen2, Mistral) for a rollout, the
+same computation as the Hugging Face forward of one new token per row with a KV cache, in far fewer tensor
+operations, with keys and values written in place into buffers sized for the whole rollout.
+
+Why: a decode step of a small model on a few rows spends as long in the framework's per-operation overhead
+(about 150 small operations per layer: norms in several steps, rotary embedding, mask building, cache
+concatenation) as in reading the weights (measurements: docs/performance.md). Here a layer is about 25
+operations: each norm is one fused `rms_norm`, the rotary embedding uses a sine with the sign of
+`rotate_half` folded in (computed once per step, bit-identical to `rotate_half`), the new key and value are
+copied into the preallocated cache (no concatenation), and attention runs on the key/value heads with the
+query heads of a group packed as `[rows, kv_heads, group, head_dim]` (what Hugging Face does for one query
+token). The projections are the model's own modules, so LoRA layers and `cpu_linear`'s oneDNN kernels apply.
+
+Matches the Hugging Face step to the dtype's rounding (the fused norm sums in another order), not bit for bit.
+Prefill stays Hugging Face's; `LeanDecoder.from_cache` takes over its cache. `supports(model)` says whether a
+model qualifies; others decode with Hugging Face's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "qwen2", "mistral")
+_LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def _get(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside a PEFT wrapper (its LoRA layers in place), or `model` itself."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def supports(model: nn.Module, total_length: int | None = None) -> bool:
+    """Whether `model` is a causal LM of a supported family in the layout this step assumes: SiLU MLP,
+    RMS norms, full attention over `total_length` positions (a sliding window at least that long is full
+    attention), the default rotary embedding's module, unsharded weights (FSDP/ZeRO-3 gathered, or plain).
+    A PEFT model qualifies when its base model does."""
+    model = base_model(model)
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if cfg is None or inner is None or getattr(cfg, "model_type", None) not in FAMILIES:
+        return False
+    if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        return False
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window is not None and (total_length is None or total_length > window):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])) and window is None:
+        return False
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or \
+            getattr(model, "lm_head", None) is None:
+        return False
+    for layer in inner.layers:
+        parts = [_get(layer, p) for p in _LAYER_PARTS]
+        if any(p is None for p in parts):
+            return False
+        attn = layer.self_attn
+        if not all(hasattr(attn, a) for a in ("head_dim", "num_key_value_groups", "scaling")):
+            return False
+        for norm in parts[-2:]:
+            if not isinstance(getattr(norm, "weight", None), torch.Tensor) or \
+                    not hasattr(norm, "variance_epsilon") or norm.weight.numel() == 0:
+                return False
+    return all(p.numel() > 0 for p in model.parameters())
+
+
+def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[i].keys, layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]  # older transformers
+
+
+class LeanDecoder:
+    """The decode step over a prefilled cache. `step(tokens [R], attention mask [R, L], positions [R])` ->
+    logits `[R, V]` of the next token, where `L` counts the prompt's columns and every token fed so far
+    including this one (the mask `sampling.decode` keeps); the new key/value goes to column `L - 1`."""
+
+    def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        model = base_model(model)
+        self.model = model
+        inner = model.model
+        self.embed, self.final_norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, \
+            model.lm_head
+        self.layers = list(inner.layers)
+        self.keys, self.values = keys, values
+
+    @classmethod
+    def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int) -> "LeanDecoder":
+        """Copy a Hugging Face cache holding `prefilled` columns into buffers with room for `max_new_tokens`
+        more (`[R, kv_heads, prefilled + max_new_tokens, head_dim]` per layer, keys and values)."""
+        model = base_model(model)
+        keys, values = [], []
+        for i in range(len(model.model.layers)):
+            k, v = _layer_kv(cache, i)
+            if k.size(2) != prefilled:
+                raise ValueError(f"the cache holds {k.size(2)} columns, expected {prefilled}")
+            size = (k.size(0), k.size(1), prefilled + max_new_tokens, k.size(3))
+            kb, vb = k.new_empty(size), v.new_empty(size)
+            kb[:, :, :prefilled].copy_(k)
+            vb[:, :, :prefilled].copy_(v)
+            keys.append(kb)
+            values.append(vb)
+        return cls(model, keys, values)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        # Hugging Face's RMSNorm: normalize in float32, cast back, then scale by the weight
+        return norm.weight * F.rms_norm(x.float(), (x.size(-1),), eps=norm.variance_epsilon).to(x.dtype)
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        col = attention_mask.size(1) - 1
+        rows = tokens.size(0)
+        h = self.embed(tokens[:, None])  # [R, 1, D]
+        cos, sin = self.rotary(h, positions[:, None])  # [R, 1, hd], broadcast over the heads of [R, H, hd]
+        half = cos.size(-1) // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign folded in
+        mask = attention_mask[:, None, None, :].bool()  # [R, 1, 1, L]: the rows' left padding
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            hd, groups = attn.head_dim, attn.num_key_value_groups
+            x = self._norm(h, layer.input_layernorm)
+            q = attn.q_proj(x).view(rows, -1, hd)  # [R, H, hd]
+            k = attn.k_proj(x).view(rows, -1, hd)  # [R, KVH, hd]
+            v = attn.v_proj(x).view(rows, -1, hd)
+            q = q * cos + torch.cat((q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((k[..., half:], k[..., :half]), dim=-1) * sin
+            self.keys[i][:, :, col].copy_(k)
+            self.values[i][:, :, col].copy_(v)
+            kv_heads = k.size(1)
+            out = F.scaled_dot_product_attention(
+                q.view(rows, kv_heads, groups, hd), self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1],
+                attn_mask=mask, scale=attn.scaling)  # [R, KVH, G, hd]: one query per head of each group
+            h = h + attn.o_proj(out.reshape(rows, 1, kv_heads * groups * hd))
+            x = self._norm(h, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.head(self._norm(h, self.final_norm))[:, -1]
