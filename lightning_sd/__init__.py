@@ -33,6 +33,7 @@ from lightning_sd.losses import (
     per_token_divergence,
     reduce_loss,
 )
+from lightning_sd.heap import retain_freed_memory
 from lightning_sd.lora import apply_lora
 from lightning_sd.models import load_model
 from lightning_sd.methods import METHODS, Method, Step, Terms
@@ -60,5 +61,5 @@ __all__ = [
     "evaluate", "EvalResult",
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
-    "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference",
+    "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference", "retain_freed_memory",
 ]

@@ -146,6 +146,10 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     typed = validate_config(cfg)
     check_data_files(typed)  # before the model is loaded
     m, d, t = typed["model"], typed["data"], typed["teacher"]
+    if typed["trainer"].retain_heap:
+        from lightning_sd.heap import retain_freed_memory
+
+        retain_freed_memory()
     records = hf_records(d)  # data=hf: a missing column or split stops the run before the model is loaded
     model_kwargs = {k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")}
     student, tokenizer = load_model(**model_kwargs)

@@ -106,6 +106,7 @@ class TrainerConfig:
     sharding_strategy: Optional[str] = None
     fsdp_wrap: Optional[list] = None
     offload: bool = False
+    retain_heap: bool = True
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")

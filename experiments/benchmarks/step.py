@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generation.dtype: sample from a copy of the student in this dtype (bf16 | fp16 | fp32)")
     p.add_argument("--is-clip", type=float, default=None, help="loss.is_clip (truncated importance weights)")
     p.add_argument("--no-share-prefill", action="store_true", help="generation.share_prefill=false")
+    p.add_argument("--no-lean-decode", action="store_true", help="generation.lean_decode=false")
+    p.add_argument("--no-retain-heap", action="store_true",
+                   help="trainer.retain_heap=false: glibc's default allocator thresholds")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (allocations, caches)")
     p.add_argument("--seed", type=int, default=0)
@@ -315,6 +318,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if not args.no_retain_heap:  # as train.py does (trainer.retain_heap, default true)
+        from lightning_sd.heap import retain_freed_memory
+
+        retain_freed_memory()
     torch.manual_seed(args.seed)
     rates = measure_rates(device, fp16="fp16" in (args.generation_dtype, _autocast_dtype(args.precision)))
     extra = {"name_or_path": args.name_or_path} if args.name_or_path else {}
@@ -335,7 +342,7 @@ def run_worker(args: argparse.Namespace) -> dict:
                          loss=loss, optimizer={"name": "adamw", "lr": args.lr})
     sampling = SamplingConfig(n=1, max_new_tokens=args.completion_len, temperature=args.temperature,
                               fixed_length=True, seed=args.seed, dtype=args.generation_dtype,
-                              share_prefill=not args.no_share_prefill)
+                              share_prefill=not args.no_share_prefill, lean_decode=not args.no_lean_decode)
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(_SameBatch(batch, total), batch_size=1, collate_fn=_first)
     if device.type == "cuda":

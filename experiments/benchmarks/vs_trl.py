@@ -14,6 +14,9 @@ and checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf
 copy of the student made once per rollout (`generation.dtype=bf16`, the fast path) and therefore corrects the
 sampler/trainer mismatch with truncated importance weights (`loss.is_clip=2`); TRL samples under autocast and
 needs none. `--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights).
+Each side runs with its own shipped settings otherwise: ours with `trainer.retain_heap` (glibc keeps freed
+memory for the next step) and the lean decode step, TRL with glibc's default allocator thresholds;
+`--no-retain-heap` runs ours with glibc's defaults, `--trl-retain-heap` gives TRL our allocator setting.
 
 Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
 that both see the same machine state. Medians are over all measured steps of all runs of a side.
@@ -70,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16 mixed precision)")
     p.add_argument("--autocast-rollouts", action="store_true",
                    help="bf16: ours samples under autocast like TRL (default: from a bf16 copy, with IS weights)")
+    p.add_argument("--no-retain-heap", action="store_true",
+                   help="ours without trainer.retain_heap (glibc's default allocator thresholds, as TRL runs)")
+    p.add_argument("--trl-retain-heap", action="store_true",
+                   help="TRL with the same allocator setting as ours (lightning_sd.retain_freed_memory)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -87,6 +94,7 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
     if not args.fp32 and not args.autocast_rollouts:
         out += ["--generation-dtype", "bf16", "--is-clip", "2.0"]
     out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
+    out += ["--no-retain-heap"] if args.no_retain_heap else []
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
                   "--chunk-size", "none"]
 
@@ -113,6 +121,10 @@ def run_trl_worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.trl_retain_heap:
+        from lightning_sd.heap import retain_freed_memory
+
+        retain_freed_memory()
     torch.manual_seed(args.seed)
     rates = ours.measure_rates(device)
     model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed)
