@@ -192,16 +192,16 @@ def sampled_eval(module, datamodule, e, seed: int) -> dict:
 
 def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary. `metrics.json` holds
-    the resolved config, seed, command-line overrides, git commit, the evaluations, the run means of the step
-    diagnostics (`train_diagnostics`), the per-step `train/*` values of the CSV log (`history`) and, with
-    `optimized_metric`, the `objective` a search trial returns."""
+    the resolved config, seed, command-line overrides, git commit, machine and load (`machine`), start and end
+    times, the evaluations, the run means of the step diagnostics (`train_diagnostics`), the per-step `train/*`
+    values of the CSV log (`history`) and, with `optimized_metric`, the `objective` a search trial returns."""
     from lightning.pytorch import Trainer, seed_everything
 
     from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
     from lightning_sd.evaluation import evaluate
-    from lightning_sd.logging_utils import finish_logger, log_config, log_eval, train_history
+    from lightning_sd.logging_utils import finish_logger, log_config, log_eval, machine, train_history
 
     seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
@@ -216,7 +216,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     device = torch.device("cuda" if run.typed["trainer"].accelerator in ("gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-                     "git_commit": git_commit(), "run_dir": run_dir, **hydra_facts()}
+                     "git_commit": git_commit(), "run_dir": run_dir, "machine": machine(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), **hydra_facts()}
 
     if ckpt_path is not None:  # the first part's evaluation before training, from its metrics.json
         metrics.update(earlier_results(run_dir), resumed_from=ckpt_path)
@@ -269,6 +270,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     if e.after:
         run_eval("after")
     metrics["total_seconds"] = time.perf_counter() - t_start
+    metrics["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     metrics["global_step"] = trainer.global_step
     metrics["peak_memory_gib"] = peak_memory_gib()
     metrics["history"] = train_history(run_dir)  # the CSV logger's rows (written at the end of fit)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -118,12 +117,9 @@ def git_commit() -> str | None:
 
 
 def machine() -> dict:
-    import torch
+    from lightning_sd.logging_utils import machine as facts
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg": os.getloadavg()}
+    return facts()
 
 
 def pooled(parts: list[dict]) -> dict:

@@ -128,11 +128,60 @@ def probe_table(res: dict) -> str:
             "Numbers: [results.json](../experiments/results/teacher_probe/results.json).")
 
 
+def _value(text: str) -> str:
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return f"{x:.3g}" if x != int(x) else str(int(x))
+
+
+def sweep_table(name: str, folder: Path) -> str:
+    """A recipe search run by Hydra's Optuna sweeper (`train.py -m hparams_search=...` with
+    `hydra.sweep.dir=experiments/results/<name>`): one row per finished trial, in order, with its sampled
+    values, the objective it returned and its greedy accuracy after; the best trial in bold."""
+    import yaml
+
+    trials = sorted((int(p.name), json.loads((p / "metrics.json").read_text())) for p in folder.iterdir()
+                    if p.name.isdigit() and (p / "metrics.json").is_file())
+    sweeper = yaml.safe_load((folder / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]["sweeper"]
+    params = list(sweeper["params"])
+    best = max((m["objective"]["value"] for _, m in trials), default=None)
+    metric = trials[0][1]["objective"]["metric"] if trials else "?"
+    lines = ["| trial | " + " | ".join(f"`{p}`" for p in params) + f" | `{metric}` | greedy accuracy after | train s |",
+             "|---" * (len(params) + 4) + "|"]
+    for num, m in trials:
+        values = dict(o.split("=", 1) for o in m["overrides"] if "=" in o)
+        objective = f"{m['objective']['value']:.3f}"
+        if m["objective"]["value"] == best:
+            objective = f"**{objective}**"
+        lines.append(f"| {num} | " + " | ".join(_value(values.get(p, "-")) for p in params)
+                     + f" | {objective} | {m['eval_after']['student_accuracy']:.3f} | {m['train_seconds']:.0f} |")
+    first = trials[0][1] if trials else {}
+    cfg = first.get("config", {})
+    sampler = sweeper["sampler"]
+    commits = sorted({str(m.get("git_commit"))[:12] for _, m in trials})
+    done = (folder / "optimization_results.yaml").is_file()
+    machine = first.get("machine")
+    where = (f"Machine: {machine['processor']}, {machine['cpu_count']} cores, torch {machine['torch']}. "
+             if machine else "")
+    lines += ["", f"Optuna {sampler['_target_'].rsplit('.', 1)[-1]} (seed {sampler['seed']}, the first "
+                  f"{sampler['n_startup_trials']} trials random), {len(trials)} of {sweeper['n_trials']} trials"
+                  f"{'' if done else ' so far'}, one at a time; each trial seed {cfg.get('seed')}, "
+                  f"{cfg.get('trainer', {}).get('max_steps')} steps, scored on data.eval_split="
+                  f"{cfg.get('data', {}).get('eval_split')} ({cfg.get('data', {}).get('n_eval')} prompts). {where}"
+                  f"{sum(m['total_seconds'] for _, m in trials) / 60:.0f} run-minutes. Code: {', '.join(commits)}. "
+                  f"Per-trial records: `experiments/results/{name}/<trial>/metrics.json`."]
+    return "\n".join(lines)
+
+
 def render(doc: str) -> str:
     def sub(match: re.Match) -> str:
         name = match.group(1)
         path = ROOT / "experiments" / "results" / name / "results.json"
-        if not path.is_file():
+        if (path.parent / "0" / ".hydra").is_dir():
+            body = sweep_table(name, path.parent)
+        elif not path.is_file():
             body = f"(no results yet: run `python experiments/{name}.py`)"
         elif name == "teacher_probe":
             body = probe_table(json.loads(path.read_text()))

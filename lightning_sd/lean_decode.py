@@ -97,7 +97,7 @@ class LeanDecoder:
         self.keys, self.values = keys, values
 
     @classmethod
-    def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int) -> "LeanDecoder":
+    def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int) -> LeanDecoder:
         """Copy a Hugging Face cache holding `prefilled` columns into buffers with room for `max_new_tokens`
         more (`[R, kv_heads, prefilled + max_new_tokens, head_dim]` per layer, keys and values)."""
         model = base_model(model)

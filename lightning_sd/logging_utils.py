@@ -17,6 +17,19 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sd.files import atomic_write_text
 
 
+def machine() -> dict:
+    """Where a run ran, for its record: platform, processor, CPU count, torch version and threads, GPU name, and
+    the load average (1, 5, 15 min) at the time of the call."""
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg": os.getloadavg()}
+
+
 def run_folder(trainer, pl_module=None) -> str:
     """Where a run's files go: the module's `run_dir` (set by `train.py`), else the trainer's root dir."""
     folder = getattr(pl_module, "run_dir", None) if pl_module is not None else None

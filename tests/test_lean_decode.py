@@ -11,8 +11,14 @@ import torch
 from conftest import make_batch
 
 from lightning_sd.lean_decode import LeanDecoder, supports
-from lightning_sd.sampling import SamplingConfig, _cache_kwarg, _forward_last, _make_cache, position_ids_from_mask, \
-    sample
+from lightning_sd.sampling import (
+    SamplingConfig,
+    _cache_kwarg,
+    _forward_last,
+    _make_cache,
+    position_ids_from_mask,
+    sample,
+)
 
 
 def rollout(model, tok, batch, lean: bool, **settings):

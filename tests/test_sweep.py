@@ -54,9 +54,18 @@ def test_a_two_trial_optuna_search_records_every_trial_and_the_best_params(tmp_p
         assert {o.split("=")[0] for o in record["overrides"]} >= searched | {"model"}
         assert [h["step"] for h in record["history"]] == [0] and "reward" in record["history"][0]
         assert "truncated" in record["train_diagnostics"]
+        assert record["machine"]["cpu_count"] and record["started"] <= record["finished"]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna" and set(results["best_params"]) == searched
     assert 0.0 <= results["best_value"] <= 1.0
+    # docs' table of the search (experiments/report.py): one row per trial, the best objective in bold
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    text = report.sweep_table("search", sweep_dir)
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2 and f"**{results['best_value']:.3f}**" in text
+    assert "2 of 2 trials, one at a time" in text and "data.eval_split=val (2 prompts)" in text
 
 
 def test_a_search_on_the_test_split_is_refused_before_its_first_trial(tmp_path):
