@@ -100,7 +100,8 @@ def test_rl_feedback_vs_grpo_tiny_in_subprocesses(tmp_path):
 
 def test_rl_feedback_json_draws_its_curve_from_sampled_accuracy(tmp_path):
     extra = [*TINY, "data.n_eval=3", "generation.n=2"]
-    _, out = _run("rl_feedback_json", tmp_path, extra, ["measure.curve_every=2", "~arms.grpo", "~arms.rl_feedback"])
+    _, out = _run("rl_feedback_json", tmp_path, extra, ["measure.curve_every=2", "~arms.grpo", "~arms.rl_feedback",
+                                                        "~arms.rl_feedback_optuna"])
     res = _check_outputs("rl_feedback_json", out, ["rl_feedback_mix09"])
     import report
 
