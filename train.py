@@ -180,12 +180,9 @@ def main(cfg: DictConfig) -> dict:
 def sampled_eval(module, datamodule, e, seed: int) -> dict:
     """The student's sampled accuracy on the evaluation prompts: `eval.samples` completions per prompt at
     `eval.temperature` (no top-p/top-k), seeded by the run's seed (sampler seed 1000 + seed), student only."""
-    from lightning_sd.evaluation import evaluate
-    from lightning_sd.sampling import SamplingConfig
+    from lightning_sd.evaluation import evaluate_sampled
 
-    sampling = SamplingConfig(n=e.samples, do_sample=True, temperature=e.temperature,
-                              max_new_tokens=e.max_new_tokens, seed=1000 + int(seed))
-    result = evaluate(module, datamodule.val_dataloader(), sampling, with_teacher=False, keep_samples=0)
+    result = evaluate_sampled(module, datamodule.val_dataloader(), e.samples, e.temperature, 1000 + int(seed))
     return {"student_accuracy": result.student_accuracy, "n": result.n, "samples_per_prompt": e.samples,
             "temperature": e.temperature, "mean_completion_tokens": result.mean_completion_tokens}
 

@@ -160,7 +160,7 @@ def run_one(spec: dict) -> dict:
 
     from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.callbacks import PeriodicEvaluation
-    from lightning_sd.evaluation import evaluate, kl_from_reference
+    from lightning_sd.evaluation import evaluate, evaluate_sampled, kl_from_reference
     from lightning_sd.models import load_model
     from lightning_sd.sampling import SamplingConfig
 
@@ -243,12 +243,10 @@ def run_one(spec: dict) -> dict:
     result["after"] = {**after.as_dict(), "seconds": time.perf_counter() - t0}
     n = int(measure.get("sampled_n") or 0)
     if n:
-        sampling = SamplingConfig(n=n, do_sample=True, temperature=float(measure.get("sampled_temperature", 1.0)),
-                                  max_new_tokens=module.eval_sampling.max_new_tokens, seed=1000 + int(spec["seed"]))
-        s = evaluate(module, eval_batches(), sampling, with_teacher=False, keep_samples=0)
+        temperature = float(measure.get("sampled_temperature", 1.0))
+        s = evaluate_sampled(module, eval_batches(), n, temperature, 1000 + int(spec["seed"]))
         result["after_sampled"] = {"accuracy": s.student_accuracy, "n_samples": s.n,
-                                   "mean_completion_tokens": s.mean_completion_tokens,
-                                   "temperature": sampling.temperature}
+                                   "mean_completion_tokens": s.mean_completion_tokens, "temperature": temperature}
     if measure.get("drift"):
         from dataclasses import asdict
 

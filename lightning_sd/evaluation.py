@@ -113,6 +113,14 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
                       verifier_failures=failures)
 
 
+def evaluate_sampled(module, batches, samples: int, temperature: float, seed: int) -> EvalResult:
+    """The student's sampled accuracy over `batches`: `samples` completions per prompt at `temperature` (no
+    top-p/top-k), `module.eval_sampling.max_new_tokens` long, drawn from sampler seed `seed`; no teacher."""
+    sampling = SamplingConfig(n=samples, do_sample=True, temperature=temperature,
+                              max_new_tokens=module.eval_sampling.max_new_tokens, seed=seed)
+    return evaluate(module, batches, sampling, with_teacher=False, keep_samples=0)
+
+
 GENERAL_PROMPTS: tuple[str, ...] = (
     "Write a short poem about the sea.", "Explain what photosynthesis is in two sentences.",
     "Give me three tips for sleeping better.", "What is the difference between weather and climate?",
