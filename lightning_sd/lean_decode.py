@@ -14,6 +14,13 @@ token). The projections are the model's own modules, so LoRA layers and `cpu_lin
 Matches the Hugging Face step to the dtype's rounding (the fused norm sums in another order), not bit for bit.
 Prefill stays Hugging Face's; `LeanDecoder.from_cache` takes over its cache. `supports(model)` says whether a
 model qualifies; others decode with Hugging Face's forward.
+
+`compiled=True` runs the step as one `torch.compile`d function of the weights (`decode_layers`): the small
+operations between the projections become a few fused kernels, the projections are `W @ x^T` on the weights
+as they are (no per-rollout packing), and the cache is attended over its full length with the mask, so the
+shapes stay fixed through a rollout. Weights are inputs, not constants: new weights after an optimizer step
+reuse the compiled code. Plain projections only (`compilable`); its results differ from the eager step by
+the dtype's rounding, because fused kernels keep intermediates in float32.
 """
 
 from __future__ import annotations
@@ -75,6 +82,63 @@ def supports(model: nn.Module, total_length: int | None = None) -> bool:
     return all(p.numel() > 0 for p in model.parameters())
 
 
+def compilable(model: nn.Module) -> bool:
+    """Whether `model` (which `supports`) can decode through the compiled step: every projection and the
+    output layer an exact `nn.Linear` with a plain CPU or CUDA weight (no LoRA layer, no sharded view)."""
+    model = base_model(model)
+    linears = [_get(layer, p) for layer in model.model.layers for p in _LAYER_PARTS[:7]] + [model.lm_head]
+    return all(type(m) is nn.Linear and type(m.weight) in (nn.Parameter, torch.Tensor) for m in linears)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [R, K] -> [R, N]` as `(W @ x^T)^T`: for a few rows this reads the weight as fast as a packed kernel,
+    and the transpose is folded into the fused kernel that reads the result."""
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
+def decode_layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, col: torch.Tensor,
+                  layers: list[tuple], keys: list[torch.Tensor], values: list[torch.Tensor], final: tuple,
+                  head: tuple, head_dim: int, scaling: float) -> torch.Tensor:
+    """One decode step as a pure function of the weights: embeddings `h [R, D]`, rotary `cos`/`sin [R, 1, hd]`
+    (`sin` with `rotate_half`'s sign folded in), `mask [R, 1, 1, L]` (bool, over the cache's full length L),
+    `col [1]` the column this token's key/value is written to in every `keys`/`values [R, KVH, L, hd]`.
+    `layers`: per layer `(norm weight, eps, wq, bq, wk, bk, wv, bv, wo, norm weight, eps, w_gate, w_up, w_down)`;
+    `final`: `(norm weight, eps)`; `head`: `(weight, bias)`. Returns logits `[R, V]` in the weights' dtype."""
+    rows, half = h.size(0), head_dim // 2
+    for (n1, e1, wq, bq, wk, bk, wv, bv, wo, n2, e2, wg, wu, wd), kb, vb in zip(layers, keys, values):
+        x = _rms(h, n1, e1)
+        q = _linear(x, wq, bq).reshape(rows, -1, head_dim)
+        k = _linear(x, wk, bk).reshape(rows, -1, head_dim)
+        v = _linear(x, wv, bv).reshape(rows, -1, head_dim)
+        q = q * cos + torch.cat((q[..., half:], q[..., :half]), dim=-1) * sin
+        k = k * cos + torch.cat((k[..., half:], k[..., :half]), dim=-1) * sin
+        kb.index_copy_(2, col, k[:, :, None])
+        vb.index_copy_(2, col, v[:, :, None])
+        kv_heads = k.size(1)
+        out = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, -1, head_dim), kb, vb, attn_mask=mask,
+                                             scale=scaling)
+        h = h + _linear(out.reshape(rows, -1), wo, None)
+        x = _rms(h, n2, e2)
+        h = h + _linear(F.silu(_linear(x, wg, None)) * _linear(x, wu, None), wd, None)
+    return _linear(_rms(h, *final), *head)
+
+
+_COMPILED: list = []
+
+
+def compiled_decode_layers():
+    """`decode_layers` under `torch.compile`, made once per process (the compiled code is reused for new
+    weights of the same shapes; a new length of the cache compiles once more, then the length is symbolic)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(decode_layers))
+    return _COMPILED[0]
+
+
 def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     layers = getattr(cache, "layers", None)
     if layers is not None:
@@ -87,7 +151,8 @@ class LeanDecoder:
     logits `[R, V]` of the next token, where `L` counts the prompt's columns and every token fed so far
     including this one (the mask `sampling.decode` keeps); the new key/value goes to column `L - 1`."""
 
-    def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 compiled: bool = False) -> None:
         model = base_model(model)
         self.model = model
         inner = model.model
@@ -95,11 +160,29 @@ class LeanDecoder:
             model.lm_head
         self.layers = list(inner.layers)
         self.keys, self.values = keys, values
+        self.compiled = compiled
+        if compiled:
+            if not compilable(model):
+                raise ValueError("the compiled decode step needs plain nn.Linear projections (see `compilable`)")
+            self._weights = [self._layer_weights(layer) for layer in self.layers]
+            self._final = (self.final_norm.weight, self.final_norm.variance_epsilon)
+            self._head = (self.head.weight, self.head.bias)
+            self._mask: torch.Tensor | None = None
+
+    @staticmethod
+    def _layer_weights(layer: nn.Module) -> tuple:
+        a, m = layer.self_attn, layer.mlp
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        return (n1.weight, n1.variance_epsilon, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, n2.weight, n2.variance_epsilon, m.gate_proj.weight,
+                m.up_proj.weight, m.down_proj.weight)
 
     @classmethod
-    def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int) -> LeanDecoder:
+    def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int,
+                   compiled: bool = False) -> LeanDecoder:
         """Copy a Hugging Face cache holding `prefilled` columns into buffers with room for `max_new_tokens`
-        more (`[R, kv_heads, prefilled + max_new_tokens, head_dim]` per layer, keys and values)."""
+        more (`[R, kv_heads, prefilled + max_new_tokens, head_dim]` per layer, keys and values). `compiled`:
+        decode with `compiled_decode_layers` (the buffers' free columns are zeroed: it attends over all)."""
         model = base_model(model)
         keys, values = [], []
         for i in range(len(model.model.layers)):
@@ -107,12 +190,12 @@ class LeanDecoder:
             if k.size(2) != prefilled:
                 raise ValueError(f"the cache holds {k.size(2)} columns, expected {prefilled}")
             size = (k.size(0), k.size(1), prefilled + max_new_tokens, k.size(3))
-            kb, vb = k.new_empty(size), v.new_empty(size)
+            kb, vb = (k.new_zeros(size), v.new_zeros(size)) if compiled else (k.new_empty(size), v.new_empty(size))
             kb[:, :, :prefilled].copy_(k)
             vb[:, :, :prefilled].copy_(v)
             keys.append(kb)
             values.append(vb)
-        return cls(model, keys, values)
+        return cls(model, keys, values, compiled)
 
     @staticmethod
     def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -126,6 +209,8 @@ class LeanDecoder:
         cos, sin = self.rotary(h, positions[:, None])  # [R, 1, hd], broadcast over the heads of [R, H, hd]
         half = cos.size(-1) // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign folded in
+        if self.compiled:
+            return self._compiled_step(h[:, 0], cos, sin, attention_mask)
         mask = attention_mask[:, None, None, :].bool()  # [R, 1, 1, L]: the rows' left padding
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -147,3 +232,17 @@ class LeanDecoder:
             mlp = layer.mlp
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.head(self._norm(h, self.final_norm))[:, -1]
+
+    def _compiled_step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        col = attention_mask.size(1) - 1
+        full = self.keys[0].size(2)
+        if self._mask is None:  # [R, 1, 1, full], additive: the prompt's columns, then one column per token fed
+            self._mask = torch.full((h.size(0), 1, 1, full), float("-inf"), dtype=h.dtype, device=h.device)
+            self._mask[:, 0, 0, :col + 1].masked_fill_(attention_mask.bool(), 0.0)
+        else:
+            self._mask[:, 0, 0, col].masked_fill_(attention_mask[:, col].bool(), 0.0)
+        attn = self.layers[0].self_attn
+        index = torch.tensor([col], device=h.device)
+        return compiled_decode_layers()(h, cos, sin, self._mask, index, self._weights, self.keys, self.values,
+                                        self._final, self._head, attn.head_dim, attn.scaling)

@@ -525,16 +525,40 @@ class SelfDistillationModule(LightningModule):
         if grads:
             torch._foreach_mul_(grads, scale)
 
+    def _gradient_scaler(self):
+        """The trainer's loss scaler (fp16 mixed precision), or None (bf16 mixed precision, fp32, no trainer)."""
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        return getattr(plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under mixed precision without a loss scaler (bf16): there Lightning
+        refuses to clip for a fused optimizer, a rule meant for the scaler that fp16 has and bf16 has not, so the
+        gradients are clipped here directly (by norm or by value, as `trainer.gradient_clip_algorithm` says)."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and type(plugin) is MixedPrecision and self._gradient_scaler() is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _fused_optimizer(self, params: list[torch.Tensor]) -> bool | None:
         """`optimizer.fused`: true/false as given; null (auto) fuses the update into one kernel per parameter when
         every parameter is a plain floating tensor on CPU or CUDA and no strategy shards parameters or owns the
-        optimizer (FSDP, DeepSpeed). The for-loop AdamW that torch picks on CPU otherwise keeps per-parameter
-        temporaries and is much slower (measurements: docs/performance.md)."""
+        optimizer (FSDP, DeepSpeed), and not when fp16's loss scaler must be undone before clipping. The for-loop
+        AdamW that torch picks on CPU otherwise keeps per-parameter temporaries and is much slower (measurements:
+        docs/performance.md)."""
         fused = self.optimizer_cfg.get("fused")
         if fused is not None:
             return bool(fused)
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is not None and (shards_parameters(strategy) or engine_owns_gradients(strategy)):
+            return None
+        if self._gradient_scaler() is not None and self._trainer.gradient_clip_val:
             return None
         plain = all(type(p) is nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                     for p in params)

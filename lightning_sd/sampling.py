@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
-from lightning_sd.lean_decode import LeanDecoder
+from lightning_sd.lean_decode import LeanDecoder, compilable
 from lightning_sd.lean_decode import supports as supports_lean
 from lightning_sd.models import DTYPES
 
@@ -37,7 +37,9 @@ class SamplingConfig:
     the copy's, so `loss.is_clip` can weight the difference to the trainer.
     `lean_decode=True` decodes Llama-family models (Llama, SmolLM, Qwen2, Mistral) with `lean_decode.LeanDecoder`,
     the same computation in fewer operations with an in-place KV cache; False, or another family: the model's
-    own forward each step. The defaults are those of
+    own forward each step. `compile_decode=True` runs that step through `torch.compile` (`LeanDecoder`'s
+    `compiled`; plain projections only, LoRA students keep the eager step): compiled once per process, then
+    reused for new weights. The defaults are those of
     the `generation` group's default option (conf/generation/default.yaml), whose schema derives from this."""
 
     n: int = 1
@@ -52,6 +54,7 @@ class SamplingConfig:
     share_prefill: bool = True
     dtype: str | None = None
     lean_decode: bool = True
+    compile_decode: bool = False
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -66,6 +69,9 @@ class SamplingConfig:
             raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.compile_decode and not self.lean_decode:
+            raise ValueError("generation.compile_decode=true compiles the lean decode step: set "
+                             "generation.lean_decode=true, or generation.compile_decode=false")
 
 
 @dataclass
@@ -296,7 +302,8 @@ def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
                      share=config.share_prefill and cache_expandable(cache))
 
     if config.lean_decode and config.max_new_tokens > 1 and supports_lean(model, mask.size(1) + config.max_new_tokens):
-        step = LeanDecoder.from_cache(model, cache, mask.size(1), config.max_new_tokens - 1).step
+        step = LeanDecoder.from_cache(model, cache, mask.size(1), config.max_new_tokens - 1,
+                                      compiled=config.compile_decode and compilable(model)).step
         del cache  # its columns live on in the decoder's buffers
     else:
         def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

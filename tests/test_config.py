@@ -187,6 +187,7 @@ def test_loss_options_start_from_the_schema_defaults_and_list_only_what_they_cha
     ("teacher=ema teacher.rate=0.99", "teacher.rate=0.99 is the weight of the student"),
     ("generation.top_p=0", "generation.top_p"),
     ("generation.dtype=bf17", "generation.dtype"),
+    ("generation.compile_decode=true generation.lean_decode=false", "generation.compile_decode"),
     ("trainer.precision=bf17", "trainer.precision"),
     ("data.truncation=right", "data.truncation"),
     ("optimizer.lr=abc", "optimizer.lr"),

@@ -132,3 +132,99 @@ def test_one_new_token_needs_no_decoder(tiny, records, lean_steps):
     model.eval()
     out = rollout(model, tok, make_batch(tok, records), True, max_new_tokens=1)
     assert out.completion_ids.shape[1] == 1 and lean_steps[0] == 0
+
+
+def _teacher_forced(model, batch, tokens, compiled: bool) -> torch.Tensor:
+    """Logits `[R, T, V]` of the lean step (eager or compiled) fed `tokens [R, T]` after the prompt's prefill."""
+    mask = batch.prompt_mask.long()
+    with torch.no_grad():
+        cache, arg = _make_cache(model), _cache_kwarg(model)
+        pos = position_ids_from_mask(mask)
+        _forward_last(model, batch.prompt_ids, mask, pos, cache, arg)
+        decoder = LeanDecoder.from_cache(model, cache, mask.size(1), tokens.size(1), compiled=compiled)
+        attn, nxt, out = mask, pos[:, -1] + 1, []
+        for t in range(tokens.size(1)):
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            out.append(decoder.step(tokens[:, t], attn, nxt))
+            nxt = nxt + 1
+    return torch.stack(out, dim=1)
+
+
+def _grouped_query(model):
+    """A copy of `model` with 2 key/value heads for its 4 query heads (grouped-query attention), random."""
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(model.config)
+    config.num_key_value_heads = 2
+    torch.manual_seed(1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_step_gives_the_eager_steps_logits(tiny, records, dtype):
+    """`compiled=True`, teacher-forced for 8 positions, with grouped-query attention and left padding: the
+    compiled step's logits match the eager step's (fp32: to 1e-4; bf16: to bf16's rounding, since fused kernels
+    keep intermediates in float32)."""
+    from lightning_sd.lean_decode import compilable
+
+    model, tok = tiny
+    model = _grouped_query(model).to(dtype)
+    assert compilable(model)
+    batch = make_batch(tok, records)
+    tokens = torch.randint(3, 200, (batch.prompt_ids.size(0), 8), generator=torch.Generator().manual_seed(0))
+    eager = _teacher_forced(model, batch, tokens, compiled=False).float()
+    compiled = _teacher_forced(model, batch, tokens, compiled=True).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert compiled.shape == eager.shape
+    assert torch.allclose(compiled, eager, atol=tol, rtol=0), (compiled - eager).abs().max()
+    if dtype == torch.bfloat16:  # the same distributions to bf16's rounding
+        p, q = eager.log_softmax(-1), compiled.log_softmax(-1)
+        assert (p.exp() * (p - q)).sum(-1).max() < 1e-3
+
+
+def test_compiled_rollouts_reuse_their_code_for_new_weights(tiny, records):
+    """Two compiled rollouts with different weights of the same shapes (an optimizer step between them): no new
+    graph is compiled, and each draws the eager step's tokens for its own weights (fp32, same seed)."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny
+    model = copy.deepcopy(model).eval()
+    batch = make_batch(tok, records)
+    settings = dict(n=2, max_new_tokens=10, temperature=1.0, fixed_length=True)
+
+    def both():
+        eager = rollout(model, tok, batch, True, **settings)
+        compiled = rollout(model, tok, batch, True, compile_decode=True, **settings)
+        assert torch.equal(eager.completion_ids, compiled.completion_ids)
+        assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-4, rtol=0)
+        return compiled
+
+    first = both()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    second = both()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not torch.allclose(first.logprobs, second.logprobs, atol=1e-3)  # the new weights did change the step
+
+
+def test_a_lora_student_keeps_the_eager_step_when_compile_is_asked(tiny, records, lean_steps, monkeypatch):
+    pytest.importorskip("peft")
+    import lightning_sd.lean_decode as lean_decode
+    from lightning_sd.lean_decode import compilable
+    from lightning_sd.lora import apply_lora
+
+    def never():
+        raise AssertionError("a LoRA student must not reach the compiled step")
+
+    monkeypatch.setattr(lean_decode, "compiled_decode_layers", never)
+    model, tok = tiny
+    student = apply_lora(copy.deepcopy(model), {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}).eval()
+    assert supports(student, 64) and not compilable(student) and compilable(model)
+    batch = make_batch(tok, records)
+    eager = rollout(student, tok, batch, True, max_new_tokens=6, fixed_length=True)
+    asked = rollout(student, tok, batch, True, max_new_tokens=6, fixed_length=True, compile_decode=True)
+    assert lean_steps[0] == 10
+    assert torch.equal(eager.completion_ids, asked.completion_ids)
+    assert torch.equal(eager.logprobs, asked.logprobs)

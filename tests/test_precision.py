@@ -103,3 +103,56 @@ def test_generation_runs_under_the_training_precision():
     generation = seen[: marks[0]]
     assert len(generation) >= 1
     assert all(not grad and autocast and dtype == torch.bfloat16 for grad, autocast, dtype in generation)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_bf16_mixed_clips_gradients_for_the_fused_optimizer(algorithm):
+    """bf16 mixed precision has no loss scaler, so clipping works with the fused AdamW that `optimizer.fused=null`
+    picks (Lightning refuses that pair, a rule meant for fp16's scaler): the step runs, the optimizer is fused,
+    and the gradients it receives are clipped to `gradient_clip_val`."""
+    from lightning.pytorch import Callback, Trainer
+    from test_distributed_ddp import RECORDS, _batch, _fixed_rollout, _loader
+
+    from lightning_sd.models import load_model
+    from lightning_sd.module import SelfDistillationModule
+
+    student, tok = load_model("tiny", seed=0)
+    module = SelfDistillationModule(student, tok, teacher="live", loss={"name": "distill", "template": "answer_hint"},
+                                    optimizer={"name": "adamw", "lr": 1e-3})
+    seen = {}
+
+    class Capture(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batch.rollout = _fixed_rollout(tok, batch)
+
+        def on_after_backward(self, trainer, pl_module):
+            seen["raw"] = torch.cat([p.grad.detach().flatten() for p in pl_module.student.parameters()
+                                     if p.grad is not None])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["fused"] = optimizer.param_groups[0]["fused"]
+
+    clip = 1e-3
+    optimizer_step = torch.optim.AdamW.step
+
+    def step(self, closure=None):  # Lightning's closure runs forward, backward and clipping inside the step
+        loss = closure() if closure is not None else None
+        seen["clipped"] = torch.cat([p.grad.detach().flatten() for g in self.param_groups for p in g["params"]
+                                     if p.grad is not None])
+        optimizer_step(self)
+        return loss
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", step)
+        Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                gradient_clip_val=clip, gradient_clip_algorithm=algorithm, callbacks=[Capture()]).fit(
+            module, _loader([_batch(tok, RECORDS[:4])]))
+    assert seen["fused"] is True
+    raw, clipped = seen["raw"].double(), seen["clipped"].double()
+    if algorithm == "norm":
+        assert float(raw.norm()) > 10 * clip
+        assert float(clipped.norm()) == pytest.approx(clip, rel=1e-3)
+    else:
+        assert float(raw.abs().max()) > 10 * clip
+        assert float(clipped.abs().max()) <= clip * (1 + 1e-6)

@@ -10,7 +10,7 @@
 | bf16 | student forward+backward: fp32 vs bf16 autocast |
 | prefill | `--groups` prompts x `--group-n` rollouts each: the prompt prefilled once and its cache repeated n ways (`generation.share_prefill`) vs every row prefilled |
 | rollout_dtype | a rollout of R rows in fp32 vs under bf16 autocast (weights cast in every decode step) vs from a bf16 copy cast once (`generation.dtype=bf16`) |
-| lean_decode | a rollout of R rows decoded by the model's own forward vs the lean step (`generation.lean_decode`), in fp32 and from a bf16 copy |
+| lean_decode | a rollout of R rows decoded by the model's own forward vs the lean step (`generation.lean_decode`) vs the lean step compiled (`generation.compile_decode`), in fp32 and from a bf16 copy |
 
 Each alternative runs `--reps` times in turn (A, B, A, B, ...); min and median are printed. Run on a quiet
 machine (see README.md); numbers go to docs/performance.md.
@@ -299,9 +299,18 @@ def ablate_rollout_dtype(model, tok, args) -> None:
 def ablate_lean_decode(model, tok, args) -> None:
     ids, mask, *_ = batch(tok, args.batch, 1)
     model.eval()
-    fns = {f"{dtype or 'fp32'}, {'lean step' if lean else 'model forward'}":
-           _sampler(model, tok, ids, mask, max_new_tokens=args.decode_len, dtype=dtype, lean_decode=lean)
-           for dtype in (None, "bf16") for lean in (False, True)}
+    fns = {f"{dtype or 'fp32'}, {name}":
+           _sampler(model, tok, ids, mask, max_new_tokens=args.decode_len, dtype=dtype, lean_decode=lean,
+                    compile_decode=compiled)
+           for dtype in (None, "bf16")
+           for name, lean, compiled in (("model forward", False, False), ("lean step", True, False),
+                                        ("lean step, compiled", True, True))}
+    for name, fn in fns.items():  # the first compiled call compiles: not timed
+        if name.endswith("compiled"):
+            t0 = time.perf_counter()
+            fn()
+            print(f"  {name}: first rollout (compilation or its load from the on-disk cache) "
+                  f"{time.perf_counter() - t0:.1f} s")
     report(f"lean_decode: {args.batch} rows x {args.decode_len} new tokens (prompt {ids.size(1)})",
            interleave(fns, args.reps))
 

@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--is-clip", type=float, default=None, help="loss.is_clip (truncated importance weights)")
     p.add_argument("--no-share-prefill", action="store_true", help="generation.share_prefill=false")
     p.add_argument("--no-lean-decode", action="store_true", help="generation.lean_decode=false")
+    p.add_argument("--compile-decode", action="store_true", help="generation.compile_decode=true")
     p.add_argument("--no-retain-heap", action="store_true",
                    help="trainer.retain_heap=false: glibc's default allocator thresholds")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
@@ -342,7 +343,8 @@ def run_worker(args: argparse.Namespace) -> dict:
                          loss=loss, optimizer={"name": "adamw", "lr": args.lr})
     sampling = SamplingConfig(n=1, max_new_tokens=args.completion_len, temperature=args.temperature,
                               fixed_length=True, seed=args.seed, dtype=args.generation_dtype,
-                              share_prefill=not args.no_share_prefill, lean_decode=not args.no_lean_decode)
+                              share_prefill=not args.no_share_prefill, lean_decode=not args.no_lean_decode,
+                              compile_decode=args.compile_decode)
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(_SameBatch(batch, total), batch_size=1, collate_fn=_first)
     if device.type == "cuda":

@@ -9,14 +9,17 @@ decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length
 `min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
 Neither side clips gradients; both use torch's fused AdamW at the same learning rate (TRL's default
 `adamw_torch_fused`; ours `optimizer.fused=null`, which fuses on one device). Precision and gradient checkpointing
-are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf16=True`) unless `--fp32`,
-and checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf16 our side samples from a bf16
-copy of the student made once per rollout (`generation.dtype=bf16`, the fast path) and therefore corrects the
-sampler/trainer mismatch with truncated importance weights (`loss.is_clip=2`); TRL samples under autocast and
-needs none. `--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights).
+are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf16=True`) unless `--fp32`, and
+checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf16 our side runs its fast path: it
+samples from a bf16 copy of the student made once per rollout (`generation.dtype=bf16`) with the decode step
+compiled (`generation.compile_decode=true`), and therefore corrects the sampler/trainer mismatch with truncated
+importance weights (`loss.is_clip=2`); TRL samples under autocast and needs none. Each of our runs compiles the
+decode step (or loads it from PyTorch's on-disk cache) in its warm-up step, which is not timed.
+`--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights).
 Each side runs with its own shipped settings otherwise: ours with `trainer.retain_heap` (glibc keeps freed
 memory for the next step) and the lean decode step, TRL with glibc's default allocator thresholds;
 `--no-retain-heap` runs ours with glibc's defaults, `--trl-retain-heap` gives TRL our allocator setting.
+`--no-compile-decode` runs ours with the eager decode step.
 
 Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
 that both see the same machine state. Medians are over all measured steps of all runs of a side.
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16 mixed precision)")
     p.add_argument("--autocast-rollouts", action="store_true",
                    help="bf16: ours samples under autocast like TRL (default: from a bf16 copy, with IS weights)")
+    p.add_argument("--no-compile-decode", action="store_true",
+                   help="bf16: ours with the eager decode step (generation.compile_decode=false)")
     p.add_argument("--no-retain-heap", action="store_true",
                    help="ours without trainer.retain_heap (glibc's default allocator thresholds, as TRL runs)")
     p.add_argument("--trl-retain-heap", action="store_true",
@@ -95,6 +100,7 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
         out += ["--generation-dtype", "bf16", "--is-clip", "2.0"]
     out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
     out += ["--no-retain-heap"] if args.no_retain_heap else []
+    out += ["--compile-decode"] if not args.fp32 and not args.autocast_rollouts and not args.no_compile_decode else []
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
                   "--chunk-size", "none"]
 
