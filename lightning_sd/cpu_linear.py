@@ -54,10 +54,11 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor):
 
 
 @contextmanager
-def onednn_linears(model: nn.Module, rows_hint: int = 8) -> Iterator[int]:
-    """Swap the `forward` of every packable `nn.Linear` in `model` for oneDNN's packed kernel; yields how many
-    were swapped (0 where oneDNN is missing or nothing qualifies). Weights must not change inside the context
-    (call it around one rollout, under `torch.no_grad()`). `rows_hint`: the expected rows per call."""
+def onednn_linears(model: nn.Module, rows_hint: int = 8, only: list[nn.Module] | None = None) -> Iterator[int]:
+    """Swap the `forward` of every packable `nn.Linear` in `model` (or in `only`, those modules) for oneDNN's
+    packed kernel; yields how many were swapped (0 where oneDNN is missing or nothing qualifies). Weights must
+    not change inside the context (call it around one rollout, under `torch.no_grad()`). `rows_hint`: the
+    expected rows per call."""
     if not onednn_available():
         yield 0
         return
@@ -65,7 +66,7 @@ def onednn_linears(model: nn.Module, rows_hint: int = 8) -> Iterator[int]:
     try:
         dtypes = packable_dtypes()
         with torch.no_grad():
-            for module in model.modules():
+            for module in model.modules() if only is None else only:
                 if _packable(module, dtypes):
                     packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
                     module.forward = _packed_forward(module, packed)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
-from lightning_sd.lean_decode import LeanDecoder, compilable
+from lightning_sd.lean_decode import LeanDecoder, base_model, compilable
 from lightning_sd.lean_decode import supports as supports_lean
 from lightning_sd.models import DTYPES
 
@@ -278,12 +278,27 @@ def sample(
     """
     config.validate()
     with compute_network(model, config.dtype) as (net, copy_bytes), \
-            onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n):
+            onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n, only=_packed_for_prefill_only(
+                net, config, prompt_ids.size(1))):
         rollout = _sample_rows(net, prompt_ids, prompt_mask, config, pad_token_id, stop_token_ids, generator,
                                keep_going, sync_every)
     if copy_bytes:
         rollout.extras["rollout_copy_bytes"] = copy_bytes
     return rollout
+
+
+def _compiled_decode(model: torch.nn.Module, config: SamplingConfig, prompt_length: int) -> bool:
+    """Whether this rollout decodes with the compiled lean step (`config.compile_decode`)."""
+    return (config.lean_decode and config.compile_decode and config.max_new_tokens > 1
+            and supports_lean(model, prompt_length + config.max_new_tokens) and compilable(model))
+
+
+def _packed_for_prefill_only(model: torch.nn.Module, config: SamplingConfig,
+                             prompt_length: int) -> list[torch.nn.Module] | None:
+    """The compiled decode step reads the weights unpacked, so only the output layer is packed for oneDNN, for
+    the prefill's last position (a `[R, 1, D]` view that `F.linear` would multiply against R expanded copies of
+    the weight); None: every linear layer, for the eager steps."""
+    return [base_model(model).lm_head] if _compiled_decode(model, config, prompt_length) else None
 
 
 def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -303,7 +318,7 @@ def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
 
     if config.lean_decode and config.max_new_tokens > 1 and supports_lean(model, mask.size(1) + config.max_new_tokens):
         step = LeanDecoder.from_cache(model, cache, mask.size(1), config.max_new_tokens - 1,
-                                      compiled=config.compile_decode and compilable(model)).step
+                                      compiled=_compiled_decode(model, config, mask.size(1))).step
         del cache  # its columns live on in the decoder's buffers
     else:
         def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -228,3 +228,31 @@ def test_a_lora_student_keeps_the_eager_step_when_compile_is_asked(tiny, records
     assert lean_steps[0] == 10
     assert torch.equal(eager.completion_ids, asked.completion_ids)
     assert torch.equal(eager.logprobs, asked.logprobs)
+
+
+def test_the_compiled_step_packs_only_the_output_layer(tiny, records, monkeypatch):
+    """The eager steps pack every linear layer for oneDNN once per rollout; the compiled step reads the weights
+    unpacked, so only the output layer is packed (for the prefill's last position)."""
+    from contextlib import contextmanager
+
+    import lightning_sd.sampling as sampling
+    from lightning_sd.cpu_linear import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    swapped, real = [], sampling.onednn_linears
+
+    @contextmanager
+    def counting(*args, **kwargs):
+        with real(*args, **kwargs) as n:
+            swapped.append(n)
+            yield n
+
+    monkeypatch.setattr(sampling, "onednn_linears", counting)
+    model, tok = tiny
+    model.eval()
+    batch = make_batch(tok, records)
+    eager = rollout(model, tok, batch, True, max_new_tokens=6, fixed_length=True)
+    compiled = rollout(model, tok, batch, True, max_new_tokens=6, fixed_length=True, compile_decode=True)
+    assert swapped == [7 * model.config.num_hidden_layers + 1, 1]
+    assert torch.equal(eager.completion_ids, compiled.completion_ids)
