@@ -105,7 +105,8 @@ def decode_layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: t
                   layers: list[tuple], keys: list[torch.Tensor], values: list[torch.Tensor], final: tuple,
                   head: tuple, head_dim: int, scaling: float) -> torch.Tensor:
     """One decode step as a pure function of the weights: embeddings `h [R, D]`, rotary `cos`/`sin [R, 1, hd]`
-    (`sin` with `rotate_half`'s sign folded in), `mask [R, 1, 1, L]` (bool, over the cache's full length L),
+    (`sin` with `rotate_half`'s sign folded in), `mask [R, 1, 1, L]` (additive, in the weights' dtype: 0 where
+    attended, -inf elsewhere, over the cache's full length L),
     `col [1]` the column this token's key/value is written to in every `keys`/`values [R, KVH, L, hd]`.
     `layers`: per layer `(norm weight, eps, wq, bq, wk, bk, wv, bv, wo, norm weight, eps, w_gate, w_up, w_down)`;
     `final`: `(norm weight, eps)`; `head`: `(weight, bias)`. Returns logits `[R, V]` in the weights' dtype."""
@@ -133,7 +134,8 @@ _COMPILED: list = []
 
 def compiled_decode_layers():
     """`decode_layers` under `torch.compile`, made once per process (the compiled code is reused for new
-    weights of the same shapes; a new length of the cache compiles once more, then the length is symbolic)."""
+    weights of the same shapes; a new number of rows or cache length compiles once more, and that size is
+    symbolic after that)."""
     if not _COMPILED:
         _COMPILED.append(torch.compile(decode_layers))
     return _COMPILED[0]

@@ -184,7 +184,8 @@ def test_the_compiled_step_gives_the_eager_steps_logits(tiny, records, dtype):
 
 def test_compiled_rollouts_reuse_their_code_for_new_weights(tiny, records):
     """Two compiled rollouts with different weights of the same shapes (an optimizer step between them): no new
-    graph is compiled, and each draws the eager step's tokens for its own weights (fp32, same seed)."""
+    graph is compiled, and each draws the eager step's tokens for its own weights (fp32, same seed). Fewer rows
+    and a shorter prompt after that still draw the eager step's tokens."""
     from torch._dynamo.utils import counters
 
     model, tok = tiny
@@ -207,6 +208,9 @@ def test_compiled_rollouts_reuse_their_code_for_new_weights(tiny, records):
     second = both()
     assert counters["stats"]["unique_graphs"] == graphs
     assert not torch.allclose(first.logprobs, second.logprobs, atol=1e-3)  # the new weights did change the step
+    for other in (records[:2], records[2:3]):  # fewer rows, then a shorter prompt: recompiled, still exact
+        batch = make_batch(tok, other)
+        both()
 
 
 def test_a_lora_student_keeps_the_eager_step_when_compile_is_asked(tiny, records, lean_steps, monkeypatch):
