@@ -98,7 +98,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Hugging Face's RMSNorm: normalize in float32, cast back, then scale by the weight
     return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of `x [R, H, hd]`, with `rotate_half`'s sign already folded into `sin`."""
+    half = x.size(-1) // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def decode_layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, col: torch.Tensor,
@@ -110,14 +117,13 @@ def decode_layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: t
     `col [1]` the column this token's key/value is written to in every `keys`/`values [R, KVH, L, hd]`.
     `layers`: per layer `(norm weight, eps, wq, bq, wk, bk, wv, bv, wo, norm weight, eps, w_gate, w_up, w_down)`;
     `final`: `(norm weight, eps)`; `head`: `(weight, bias)`. Returns logits `[R, V]` in the weights' dtype."""
-    rows, half = h.size(0), head_dim // 2
+    rows = h.size(0)
     for (n1, e1, wq, bq, wk, bk, wv, bv, wo, n2, e2, wg, wu, wd), kb, vb in zip(layers, keys, values):
         x = _rms(h, n1, e1)
         q = _linear(x, wq, bq).reshape(rows, -1, head_dim)
         k = _linear(x, wk, bk).reshape(rows, -1, head_dim)
         v = _linear(x, wv, bv).reshape(rows, -1, head_dim)
-        q = q * cos + torch.cat((q[..., half:], q[..., :half]), dim=-1) * sin
-        k = k * cos + torch.cat((k[..., half:], k[..., :half]), dim=-1) * sin
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         kb.index_copy_(2, col, k[:, :, None])
         vb.index_copy_(2, col, v[:, :, None])
         kv_heads = k.size(1)
@@ -201,8 +207,7 @@ class LeanDecoder:
 
     @staticmethod
     def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        # Hugging Face's RMSNorm: normalize in float32, cast back, then scale by the weight
-        return norm.weight * F.rms_norm(x.float(), (x.size(-1),), eps=norm.variance_epsilon).to(x.dtype)
+        return _rms(x, norm.weight, norm.variance_epsilon)
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         col = attention_mask.size(1) - 1
@@ -221,8 +226,7 @@ class LeanDecoder:
             q = attn.q_proj(x).view(rows, -1, hd)  # [R, H, hd]
             k = attn.k_proj(x).view(rows, -1, hd)  # [R, KVH, hd]
             v = attn.v_proj(x).view(rows, -1, hd)
-            q = q * cos + torch.cat((q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((k[..., half:], k[..., :half]), dim=-1) * sin
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             self.keys[i][:, :, col].copy_(k)
             self.values[i][:, :, col].copy_(v)
             kv_heads = k.size(1)

@@ -277,11 +277,14 @@ def sample(
     (same tokens and log-probs as prefilling all R rows: the draws consume `generator` identically).
     """
     config.validate()
-    with compute_network(model, config.dtype) as (net, copy_bytes), \
-            onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n, only=_packed_for_prefill_only(
-                net, config, prompt_ids.size(1))):
-        rollout = _sample_rows(net, prompt_ids, prompt_mask, config, pad_token_id, stop_token_ids, generator,
-                               keep_going, sync_every)
+    with compute_network(model, config.dtype) as (net, copy_bytes):
+        compiled = _compiled_decode(net, config, prompt_ids.size(1))
+        # the compiled step reads the weights unpacked: only the output layer is packed, for the prefill's last
+        # position (a [R, 1, D] view that F.linear would multiply against R expanded copies of the weight)
+        with onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n,
+                            only=[base_model(net).lm_head] if compiled else None):
+            rollout = _sample_rows(net, prompt_ids, prompt_mask, config, pad_token_id, stop_token_ids, generator,
+                                   keep_going, sync_every, compiled)
     if copy_bytes:
         rollout.extras["rollout_copy_bytes"] = copy_bytes
     return rollout
@@ -293,19 +296,12 @@ def _compiled_decode(model: torch.nn.Module, config: SamplingConfig, prompt_leng
             and supports_lean(model, prompt_length + config.max_new_tokens) and compilable(model))
 
 
-def _packed_for_prefill_only(model: torch.nn.Module, config: SamplingConfig,
-                             prompt_length: int) -> list[torch.nn.Module] | None:
-    """The compiled decode step reads the weights unpacked, so only the output layer is packed for oneDNN, for
-    the prefill's last position (a `[R, 1, D]` view that `F.linear` would multiply against R expanded copies of
-    the weight); None: every linear layer, for the eager steps."""
-    return [base_model(model).lm_head] if _compiled_decode(model, config, prompt_length) else None
-
-
 def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                  config: SamplingConfig, pad_token_id: int, stop_token_ids: Sequence[int],
                  generator: torch.Generator | None, keep_going: Callable[[bool], bool] | None,
-                 sync_every: int) -> Rollout:
-    """Prefill and decode: prompts `[B, P]` -> a `Rollout` of R = B * n rows (`sample`)."""
+                 sync_every: int, compiled: bool = False) -> Rollout:
+    """Prefill and decode: prompts `[B, P]` -> a `Rollout` of R = B * n rows (`sample`); `compiled`: decode with
+    the compiled lean step (`_compiled_decode` said so)."""
     n = config.n
     device = prompt_ids.device
     ids = prompt_ids.repeat_interleave(n, dim=0)
@@ -318,7 +314,7 @@ def _sample_rows(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
 
     if config.lean_decode and config.max_new_tokens > 1 and supports_lean(model, mask.size(1) + config.max_new_tokens):
         step = LeanDecoder.from_cache(model, cache, mask.size(1), config.max_new_tokens - 1,
-                                      compiled=_compiled_decode(model, config, mask.size(1))).step
+                                      compiled=compiled).step
         del cache  # its columns live on in the decoder's buffers
     else:
         def step(tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -96,11 +96,11 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
         if getattr(args, k) is not None:
             out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     out += ["--precision", "32-true" if args.fp32 else "bf16-mixed"]
-    if not args.fp32 and not args.autocast_rollouts:
+    if not args.fp32 and not args.autocast_rollouts:  # our bf16 fast path
         out += ["--generation-dtype", "bf16", "--is-clip", "2.0"]
+        out += [] if args.no_compile_decode else ["--compile-decode"]
     out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
     out += ["--no-retain-heap"] if args.no_retain_heap else []
-    out += ["--compile-decode"] if not args.fp32 and not args.autocast_rollouts and not args.no_compile_decode else []
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
                   "--chunk-size", "none"]
 
