@@ -7,6 +7,10 @@ reading the weights, and oneDNN's packed kernel reads them faster than MKL's fp3
 per rollout, not per token. The packed copies are dropped when the
 context exits; the module's own `forward` is restored.
 
+Inside the context `packed_weight(module)` returns the packed copy, and `packed_linear(x, packed, bias, n)` is
+the packed kernel as a custom operator that `torch.compile` calls as it is (the compiled decode step uses it
+for fp32 weights).
+
 Only exact `nn.Linear` modules with a plain 2-D fp32 or bf16 CPU weight are swapped (sharded FSDP/DTensor views,
 other dtypes and subclasses keep their own forward), and each call falls back to `F.linear` when grad is
 enabled, under CPU autocast, or for an input of another dtype than the weight. Results are matmuls with a
@@ -42,15 +46,36 @@ def _packable(module: nn.Module, dtypes: tuple[torch.dtype, ...] = (torch.float3
             and w.is_contiguous() and (module.bias is None or module.bias.dtype == w.dtype))
 
 
+@torch.library.custom_op("lightning_sd::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: int) -> torch.Tensor:
+    """`x [..., K] -> [..., out_features]` through oneDNN with a weight packed by `onednn_linears`
+    (`packed_weight`). An operator `torch.compile` leaves as it is: inductor cannot trace the packed layout."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                         out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def _packed_forward(module: nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != weight.dtype or torch.is_autocast_enabled("cpu"):
             return nn.functional.linear(x, weight, bias)
+        # the kernel itself, not the `packed_linear` operator: a dispatch less on each of ~200 calls a step
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
+    forward.packed = packed
     return forward
+
+
+def packed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The oneDNN copy of `module.weight` while `onednn_linears` has swapped it in, else None."""
+    return getattr(vars(module).get("forward"), "packed", None)
 
 
 @contextmanager

@@ -16,9 +16,10 @@ Prefill stays Hugging Face's; `LeanDecoder.from_cache` takes over its cache. `su
 model qualifies; others decode with Hugging Face's forward.
 
 `compiled=True` runs the step as one `torch.compile`d function of the weights (`decode_layers`): the small
-operations between the projections become a few fused kernels, the projections are `W @ x^T` on the weights
-as they are (no per-rollout packing), and the cache is attended over its full length with the mask, so the
-shapes stay fixed through a rollout. Weights are inputs, not constants: new weights after an optimizer step
+operations between the projections become a few fused kernels, and the cache is attended over its full length
+with the mask, so the shapes stay fixed through a rollout. The projections read the weights oneDNN packed for
+the rollout where `cpu_linear.onednn_linears` packed them (`packed_weight`; fp32 on CPU, see
+`compiled_reads_packed`), else they are `W @ x^T` on the weights as they are. Weights are inputs, not constants: new weights after an optimizer step
 reuse the compiled code. Plain projections only (`compilable`); its results differ from the eager step by
 the dtype's rounding, because fused kernels keep intermediates in float32.
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_sd.cpu_linear import packed_linear, packed_weight
 
 FAMILIES = ("llama", "qwen2", "mistral")
 _LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -90,11 +93,28 @@ def compilable(model: nn.Module) -> bool:
     return all(type(m) is nn.Linear and type(m.weight) in (nn.Parameter, torch.Tensor) for m in linears)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x [R, K] -> [R, N]` as `(W @ x^T)^T`: for a few rows this reads the weight as fast as a packed kernel,
-    and the transpose is folded into the fused kernel that reads the result."""
+def compiled_reads_packed(dtype: torch.dtype) -> bool:
+    """Whether the compiled step should read projections of this dtype packed by oneDNN: fp32, where `W @ x^T`
+    reads the weights more slowly than the packed kernel; not bf16, which `W @ x^T` reads as fast (measured:
+    docs/performance.md)."""
+    return dtype == torch.float32
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, int],
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """`x [R, K] -> [R, N]`. `weight` a tensor `[N, K]`: as `(W @ x^T)^T`, which for a few rows reads the weight
+    as fast as a packed kernel, the transpose folded into the fused kernel that reads the result. `weight` a pair
+    `(oneDNN-packed weight, N)`: through `packed_linear`."""
+    if isinstance(weight, tuple):
+        return packed_linear(x, weight[0], bias, weight[1])
     out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
     return out.t()
+
+
+def _projection(linear: nn.Linear) -> torch.Tensor | tuple[torch.Tensor, int]:
+    """What `_linear` reads for `linear`: its oneDNN-packed copy with the output size, if packed, else its weight."""
+    packed = packed_weight(linear)
+    return linear.weight if packed is None else (packed, linear.out_features)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,7 +136,8 @@ def decode_layers(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: t
     attended, -inf elsewhere, over the cache's full length L),
     `col [1]` the column this token's key/value is written to in every `keys`/`values [R, KVH, L, hd]`.
     `layers`: per layer `(norm weight, eps, wq, bq, wk, bk, wv, bv, wo, norm weight, eps, w_gate, w_up, w_down)`;
-    `final`: `(norm weight, eps)`; `head`: `(weight, bias)`. Returns logits `[R, V]` in the weights' dtype."""
+    `final`: `(norm weight, eps)`; `head`: `(weight, bias)`. Each projection weight is a tensor or a pair
+    `(oneDNN-packed weight, output size)` (`_linear`). Returns logits `[R, V]` in the weights' dtype."""
     rows = h.size(0)
     for (n1, e1, wq, bq, wk, bk, wv, bv, wo, n2, e2, wg, wu, wd), kb, vb in zip(layers, keys, values):
         x = _rms(h, n1, e1)
@@ -174,16 +195,17 @@ class LeanDecoder:
                 raise ValueError("the compiled decode step needs plain nn.Linear projections (see `compilable`)")
             self._weights = [self._layer_weights(layer) for layer in self.layers]
             self._final = (self.final_norm.weight, self.final_norm.variance_epsilon)
-            self._head = (self.head.weight, self.head.bias)
+            self._head = (_projection(self.head), self.head.bias)
             self._mask: torch.Tensor | None = None
 
     @staticmethod
     def _layer_weights(layer: nn.Module) -> tuple:
         a, m = layer.self_attn, layer.mlp
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        return (n1.weight, n1.variance_epsilon, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, n2.weight, n2.variance_epsilon, m.gate_proj.weight,
-                m.up_proj.weight, m.down_proj.weight)
+        w = _projection
+        return (n1.weight, n1.variance_epsilon, w(a.q_proj), a.q_proj.bias, w(a.k_proj), a.k_proj.bias,
+                w(a.v_proj), a.v_proj.bias, w(a.o_proj), n2.weight, n2.variance_epsilon, w(m.gate_proj),
+                w(m.up_proj), w(m.down_proj))
 
     @classmethod
     def from_cache(cls, model: nn.Module, cache, prefilled: int, max_new_tokens: int,

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lightning_sd.cpu_linear import onednn_linears
-from lightning_sd.lean_decode import LeanDecoder, base_model, compilable
+from lightning_sd.lean_decode import LeanDecoder, base_model, compilable, compiled_reads_packed
 from lightning_sd.lean_decode import supports as supports_lean
 from lightning_sd.models import DTYPES
 
@@ -279,10 +279,11 @@ def sample(
     config.validate()
     with compute_network(model, config.dtype) as (net, copy_bytes):
         compiled = _compiled_decode(net, config, prompt_ids.size(1))
-        # the compiled step reads the weights unpacked: only the output layer is packed, for the prefill's last
-        # position (a [R, 1, D] view that F.linear would multiply against R expanded copies of the weight)
+        # a compiled step on bf16 weights reads them unpacked: only the output layer is packed then, for the
+        # prefill's last position (a [R, 1, D] view that F.linear would multiply against R expanded copies of it)
+        head_only = compiled and not compiled_reads_packed(next(net.parameters()).dtype)
         with onednn_linears(net, rows_hint=prompt_ids.size(0) * config.n,
-                            only=[base_model(net).lm_head] if compiled else None):
+                            only=[base_model(net).lm_head] if head_only else None):
             rollout = _sample_rows(net, prompt_ids, prompt_mask, config, pad_token_id, stop_token_ids, generator,
                                    keep_going, sync_every, compiled)
     if copy_bytes:

@@ -283,6 +283,19 @@ def test_vs_trl_report_ratio_line(tiny_result):
     assert "rollout phase (rollout fp32: fp32 matmul" in report
 
 
+def test_vs_trl_phase_floors_sum_the_measured_phases_the_floor_counts_together():
+    vs = _load("vs_trl")
+    mo = {"generation": 4.0, "teacher_forward": 2.0, "student_forward": 1.0, "backward": 3.0, "optimizer": 0.5,
+          "other": 0.5, "step": 11.0}
+    mt = {k: 2 * v for k, v in mo.items()}
+    floor = {"generation": 2.0, "teacher_forward": 1.0, "student_fwd_bwd": 2.0, "optimizer": 0.25, "total": 5.25}
+    lines = vs.phase_floors(mo, mt, floor)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
+    assert rows["student_fwd_bwd"] == ["2.000", "2.00", "4.00"]  # (1 + 3) / 2, TRL twice that
+    assert rows["generation"] == ["2.000", "2.00", "4.00"] and rows["optimizer"] == ["0.250", "2.00", "4.00"]
+    assert lines[-1].endswith(f"{(11.0 - 4.0 + 2.0) / 5.25:.2f} x floor")
+
+
 def test_vs_trl_runs_bf16_by_default_with_ours_sampling_from_a_bf16_copy():
     vs = _load("vs_trl")
     argv = vs._ours_argv(vs.parse_args([]))
@@ -292,9 +305,10 @@ def test_vs_trl_runs_bf16_by_default_with_ours_sampling_from_a_bf16_copy():
     assert fp32[fp32.index("--precision") + 1] == "32-true" and "--generation-dtype" not in fp32
     autocast = vs._ours_argv(vs.parse_args(["--autocast-rollouts"]))
     assert "--generation-dtype" not in autocast and autocast[autocast.index("--precision") + 1] == "bf16-mixed"
-    # the bf16 fast path decodes with the compiled step; fp32, autocast rollouts and the flag turn it off
-    assert "--compile-decode" in argv
-    assert "--compile-decode" not in fp32 and "--compile-decode" not in autocast
+    # both precisions decode with the compiled step; autocast rollouts and the flag turn it off
+    assert "--compile-decode" in argv and "--compile-decode" in fp32
+    assert "--compile-decode" not in autocast
+    assert "--compile-decode" not in vs._ours_argv(vs.parse_args(["--fp32", "--no-compile-decode"]))
     assert "--compile-decode" not in vs._ours_argv(vs.parse_args(["--no-compile-decode"]))
 
 

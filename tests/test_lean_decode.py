@@ -161,19 +161,28 @@ def _grouped_query(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_compiled_step_gives_the_eager_steps_logits(tiny, records, dtype):
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "onednn-packed"])
+def test_the_compiled_step_gives_the_eager_steps_logits(tiny, records, dtype, packed):
     """`compiled=True`, teacher-forced for 8 positions, with grouped-query attention and left padding: the
     compiled step's logits match the eager step's (fp32: to 1e-4; bf16: to bf16's rounding, since fused kernels
-    keep intermediates in float32)."""
+    keep intermediates in float32), with the weights as they are and with the projections packed by oneDNN
+    (read through `packed_linear` inside the compiled code)."""
+    from contextlib import nullcontext
+
+    from lightning_sd.cpu_linear import onednn_available, onednn_linears, packable_dtypes
     from lightning_sd.lean_decode import compilable
 
+    if packed and not (onednn_available() and dtype in packable_dtypes()):
+        pytest.skip(f"oneDNN does not pack {dtype} weights here")
     model, tok = tiny
     model = _grouped_query(model).to(dtype)
     assert compilable(model)
     batch = make_batch(tok, records)
     tokens = torch.randint(3, 200, (batch.prompt_ids.size(0), 8), generator=torch.Generator().manual_seed(0))
     eager = _teacher_forced(model, batch, tokens, compiled=False).float()
-    compiled = _teacher_forced(model, batch, tokens, compiled=True).float()
+    with onednn_linears(model) if packed else nullcontext(0) as swapped:
+        assert swapped == (7 * model.config.num_hidden_layers + 1 if packed else 0)
+        compiled = _teacher_forced(model, batch, tokens, compiled=True).float()
     tol = 1e-4 if dtype == torch.float32 else 0.1
     assert compiled.shape == eager.shape
     assert torch.allclose(compiled, eager, atol=tol, rtol=0), (compiled - eager).abs().max()
@@ -234,17 +243,21 @@ def test_a_lora_student_keeps_the_eager_step_when_compile_is_asked(tiny, records
     assert torch.equal(eager.logprobs, asked.logprobs)
 
 
-def test_the_compiled_step_packs_only_the_output_layer(tiny, records, monkeypatch):
-    """The eager steps pack every linear layer for oneDNN once per rollout; the compiled step reads the weights
-    unpacked, so only the output layer is packed (for the prefill's last position)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_what_the_compiled_step_packs(tiny, records, monkeypatch, dtype):
+    """The eager steps pack every linear layer for oneDNN once per rollout. The compiled step on fp32 weights
+    reads those packed copies too; on bf16 weights it reads them unpacked, so only the output layer is packed
+    (for the prefill's last position)."""
     from contextlib import contextmanager
 
+    import lightning_sd.lean_decode as lean_decode
     import lightning_sd.sampling as sampling
-    from lightning_sd.cpu_linear import onednn_available
+    from lightning_sd.cpu_linear import onednn_available, packable_dtypes
 
-    if not onednn_available():
-        pytest.skip("this torch build has no oneDNN packed linear")
+    if not (onednn_available() and dtype in packable_dtypes()):
+        pytest.skip(f"oneDNN does not pack {dtype} weights here")
     swapped, real = [], sampling.onednn_linears
+    read, compiled_step = [], lean_decode.compiled_decode_layers
 
     @contextmanager
     def counting(*args, **kwargs):
@@ -252,11 +265,24 @@ def test_the_compiled_step_packs_only_the_output_layer(tiny, records, monkeypatc
             swapped.append(n)
             yield n
 
+    def recording():
+        step = compiled_step()
+
+        def run(h, cos, sin, mask, col, layers, *rest):
+            read.append(sum(isinstance(w, tuple) for w in layers[0]))  # projections read packed, first layer
+            return step(h, cos, sin, mask, col, layers, *rest)
+        return run
+
     monkeypatch.setattr(sampling, "onednn_linears", counting)
+    monkeypatch.setattr(lean_decode, "compiled_decode_layers", recording)
     model, tok = tiny
-    model.eval()
+    model = copy.deepcopy(model).to(dtype).eval()
     batch = make_batch(tok, records)
     eager = rollout(model, tok, batch, True, max_new_tokens=6, fixed_length=True)
     compiled = rollout(model, tok, batch, True, max_new_tokens=6, fixed_length=True, compile_decode=True)
-    assert swapped == [7 * model.config.num_hidden_layers + 1, 1]
-    assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    every = 7 * model.config.num_hidden_layers + 1
+    if dtype == torch.float32:
+        assert swapped == [every, every] and read == [7] * 5
+        assert torch.equal(eager.completion_ids, compiled.completion_ids)
+    else:
+        assert swapped == [every, 1] and read == [0] * 5

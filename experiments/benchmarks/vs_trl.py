@@ -13,9 +13,10 @@ are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf
 checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf16 our side runs its fast path: it
 samples from a bf16 copy of the student made once per rollout (`generation.dtype=bf16`) with the decode step
 compiled (`generation.compile_decode=true`), and therefore corrects the sampler/trainer mismatch with truncated
-importance weights (`loss.is_clip=2`); TRL samples under autocast and needs none. Each of our runs compiles the
-decode step (or loads it from PyTorch's on-disk cache) in its warm-up step, which is not timed.
-`--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights).
+importance weights (`loss.is_clip=2`); TRL samples under autocast and needs none. In fp32 our side compiles the
+decode step too (the same fp32 computation, to fp32's rounding). Each of our runs compiles the decode step (or
+loads it from PyTorch's on-disk cache) in its warm-up step, which is not timed.
+`--autocast-rollouts` runs ours the way TRL does (autocast in every decode step, no weights, no compiled step).
 Each side runs with its own shipped settings otherwise: ours with `trainer.retain_heap` (glibc keeps freed
 memory for the next step) and the lean decode step, TRL with glibc's default allocator thresholds;
 `--no-retain-heap` runs ours with glibc's defaults, `--trl-retain-heap` gives TRL our allocator setting.
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autocast-rollouts", action="store_true",
                    help="bf16: ours samples under autocast like TRL (default: from a bf16 copy, with IS weights)")
     p.add_argument("--no-compile-decode", action="store_true",
-                   help="bf16: ours with the eager decode step (generation.compile_decode=false)")
+                   help="ours with the eager decode step (generation.compile_decode=false)")
     p.add_argument("--no-retain-heap", action="store_true",
                    help="ours without trainer.retain_heap (glibc's default allocator thresholds, as TRL runs)")
     p.add_argument("--trl-retain-heap", action="store_true",
@@ -98,7 +99,8 @@ def _ours_argv(args: argparse.Namespace) -> list[str]:
     out += ["--precision", "32-true" if args.fp32 else "bf16-mixed"]
     if not args.fp32 and not args.autocast_rollouts:  # our bf16 fast path
         out += ["--generation-dtype", "bf16", "--is-clip", "2.0"]
-        out += [] if args.no_compile_decode else ["--compile-decode"]
+    if not args.no_compile_decode and (args.fp32 or not args.autocast_rollouts):
+        out += ["--compile-decode"]
     out += [] if args.no_gradient_checkpointing else ["--gradient-checkpointing"]
     out += ["--no-retain-heap"] if args.no_retain_heap else []
     return out + ["--teacher", "frozen", "--beta", "0.0", "--support", "full", "--reduction", "sequence_mean",
@@ -242,6 +244,24 @@ def _medians(runs: list[dict]) -> dict:
     return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in (*PHASES, "step")}
 
 
+# the floor's phases, as sums of the measured phases (the floor counts the student's forward and backward as one)
+FLOOR_PHASES = {"generation": ("generation",), "teacher_forward": ("teacher_forward",),
+                "student_fwd_bwd": ("student_forward", "backward"), "optimizer": ("optimizer",)}
+
+
+def phase_floors(mo: dict, mt: dict, floor: dict) -> list[str]:
+    """Each phase of the floor against ours and TRL's medians, and what the step would be against the floor if
+    the rollout ran at its floor and everything else as measured (what the other phases leave reachable)."""
+    lines = [f"{'floor by phase (s)':<20}{'floor':>9}{'ours/fl':>9}{'TRL/fl':>9}"]
+    for k, parts in FLOOR_PHASES.items():
+        o, t = sum(mo[p] for p in parts), sum(mt[p] for p in parts)
+        lines.append(f"{k:<20}{floor[k]:>9.3f}{o / floor[k]:>9.2f}{t / floor[k]:>9.2f}")
+    rest = mo["step"] - mo["generation"]
+    lines.append(f"ours with the rollout at its floor and the rest as measured: "
+                 f"{(rest + floor['generation']) / floor['total']:.2f} x floor")
+    return lines
+
+
 def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
     mo, mt = _medians(ours_runs), _medians(trl_runs)
     first = ours_runs[0]
@@ -271,6 +291,7 @@ def format_report(ours_runs: list[dict], trl_runs: list[dict]) -> str:
         f"ours {mo['step'] / floor['total']:.2f} x floor, TRL {mt['step'] / floor['total']:.2f} x floor",
         f"rollout phase ({ours.floor_rates(first, rollout_only=True)}): floor {floor['generation']:.2f} s; "
         f"ours {mo['generation'] / floor['generation']:.2f} x its floor, TRL {mt['generation'] / floor['generation']:.2f} x",
+        *phase_floors(mo, mt, floor),
         f"ratio: {mo['step'] / mt['step']:.3f}",
     ]
     return "\n".join(lines)
