@@ -40,6 +40,7 @@ from lightning_sd.methods import METHODS, Method, Step, Terms
 from lightning_sd.module import SelfDistillationModule
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout, SamplingConfig, sample
+from lightning_sd.step_in_backward import OptimizerInBackward
 from lightning_sd.teachers import (
     EmaTeacher,
     ExternalTeacher,
@@ -62,4 +63,5 @@ __all__ = [
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
     "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference", "retain_freed_memory",
+    "OptimizerInBackward",
 ]

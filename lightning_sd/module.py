@@ -35,6 +35,7 @@ from lightning_sd.methods import (Method, Step, generate_analyses, is_dataset_ro
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout, SamplingConfig
 from lightning_sd.scoring import Scorer
+from lightning_sd.step_in_backward import OptimizerInBackward, step_in_backward_conflicts
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
 # The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
@@ -63,6 +64,7 @@ class OptimizerConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     fused: Optional[bool] = None  # null: a fused update kernel where torch has one and no strategy shards params
+    in_backward: bool = False  # true: each parameter stepped inside backward, its gradient freed (OptimizerInBackward)
 
 
 @dataclass
@@ -87,7 +89,8 @@ class SelfDistillationModule(LightningModule):
         context: a teacher-context builder `(record, RowView) -> str | None`; default: the method's
             (`Method.context`, formatting `loss.template`).
         task: an object with `verify(record, completion) -> Verdict` used for rewards and evaluation.
-        optimizer: dict of `OptimizerConfig` keys `{name: adamw|sgd, lr, weight_decay, betas, eps, fused}`;
+        optimizer: dict of `OptimizerConfig` keys `{name: adamw|sgd, lr, weight_decay, betas, eps, fused,
+            in_backward}` (`in_backward`: see `OptimizerInBackward`);
             scheduler: dict of `SchedulerConfig` keys `{name: constant|linear|cosine, warmup_steps, min_lr_ratio}`;
             a key left out takes the schema's default.
         eval_sampling: sampling settings for `validation_step` (default greedy, `SamplingConfig`'s length).
@@ -326,7 +329,20 @@ class SelfDistillationModule(LightningModule):
             # (the engine then averages over ranks); exact for accumulate_grad_batches=1, see docs/scaling.md
             self._norm_count = 0.0
             return out["loss"] * self._trainer.world_size / max(global_sum(self._trainer, out["count"]), 1.0)
+        if self._in_backward():
+            return self._loss_for_step_in_backward(out)
         return out["loss"]
+
+    def _loss_for_step_in_backward(self, out: LossOutput) -> torch.Tensor | None:
+        """With `optimizer.in_backward` the weights change during backward, before `on_before_optimizer_step`
+        could scale the gradients: the loss is normalized here instead (one device, one micro-batch a step, so this
+        batch's count is the step's total), and a batch without signal runs no backward at all (no update, as for
+        any empty step)."""
+        if float(out["signal"].sum()) <= 0:
+            return None
+        if self.loss_cfg.reduction == "sum" or float(out["count"]) <= 0:
+            return out["loss"]
+        return out["loss"] / out["count"]
 
     def teacher_topk_requested(self) -> int:
         """How many of the teacher's top alternatives per token this step keeps in `batch.loss_terms`: the
@@ -518,7 +534,7 @@ class SelfDistillationModule(LightningModule):
             for p in self.student.parameters():
                 p.grad = None
             return
-        if self.loss_cfg.reduction == "sum" or total <= 0:
+        if self.loss_cfg.reduction == "sum" or total <= 0 or self._in_backward():  # in backward: done in the loss
             return
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
@@ -567,14 +583,21 @@ class SelfDistillationModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
         o = self.optimizer_cfg
+        fused = self._fused_optimizer(params)
         if o["name"] == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
-                                          eps=o["eps"], fused=self._fused_optimizer(params))
+            def make(group: list[nn.Parameter]) -> torch.optim.Optimizer:
+                return torch.optim.AdamW(group, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
+                                         eps=o["eps"], fused=fused)
         elif o["name"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"],
-                                        fused=self._fused_optimizer(params))
+            def make(group: list[nn.Parameter]) -> torch.optim.Optimizer:
+                return torch.optim.SGD(group, lr=o["lr"], weight_decay=o["weight_decay"], fused=fused)
         else:
             raise ValueError(f"optimizer.name={o['name']!r} is not one of 'adamw', 'sgd'")
+        if o.get("in_backward"):
+            self._check_step_in_backward()
+            optimizer = OptimizerInBackward(params, make)
+        else:
+            optimizer = make(params)
         s = self.scheduler_cfg
         total = max(int(self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1), 1)
         warmup = int(s.get("warmup_steps") or 0)
@@ -594,6 +617,24 @@ class SelfDistillationModule(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_step_in_backward(self) -> None:
+        """`optimizer.in_backward` against the trainer this module runs under (the same rules train.py checks
+        in the config at start-up, for a module used in one's own Lightning code)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        strategy = type(trainer.strategy).__name__
+        problems = step_in_backward_conflicts(
+            gradient_clip_val=trainer.gradient_clip_val, accumulate_grad_batches=trainer.accumulate_grad_batches,
+            processes=trainer.world_size, precision=str(trainer.precision),
+            strategy=None if strategy in ("SingleDeviceStrategy", "SingleDeviceXLAStrategy") else strategy)
+        if problems:
+            raise ValueError("optimizer.in_backward=true updates each parameter inside backward, which rules out: "
+                             + "; ".join(problems))
+
+    def _in_backward(self) -> bool:
+        return bool(self.optimizer_cfg.get("in_backward"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the teacher followed the last optimizer step in `optimizer_step`, before any checkpoint of that step

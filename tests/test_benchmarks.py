@@ -305,11 +305,13 @@ def test_vs_trl_runs_bf16_by_default_with_ours_sampling_from_a_bf16_copy():
     assert fp32[fp32.index("--precision") + 1] == "32-true" and "--generation-dtype" not in fp32
     autocast = vs._ours_argv(vs.parse_args(["--autocast-rollouts"]))
     assert "--generation-dtype" not in autocast and autocast[autocast.index("--precision") + 1] == "bf16-mixed"
-    # both precisions decode with the compiled step; autocast rollouts and the flag turn it off
-    assert "--compile-decode" in argv and "--compile-decode" in fp32
-    assert "--compile-decode" not in autocast
-    assert "--compile-decode" not in vs._ours_argv(vs.parse_args(["--fp32", "--no-compile-decode"]))
+    # the bf16 fast path decodes with the compiled step; fp32, autocast rollouts and the flag turn it off
+    assert "--compile-decode" in argv
+    assert "--compile-decode" not in fp32 and "--compile-decode" not in autocast
     assert "--compile-decode" not in vs._ours_argv(vs.parse_args(["--no-compile-decode"]))
+    # updates inside backward only when asked for
+    assert "--optimizer-in-backward" not in argv
+    assert "--optimizer-in-backward" in vs._ours_argv(vs.parse_args(["--fp32", "--optimizer-in-backward"]))
 
 
 def test_scaling_table_and_plot_from_grid_rows(tmp_path):

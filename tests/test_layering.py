@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = {
     "losses": 1, "data": 1, "sampling": 1, "contexts": 1, "models": 1, "distributed": 1, "lora": 1, "files": 1,
     "logging_utils": 1, "token_heatmap": 1, "cpu_linear": 1, "lean_decode": 1, "heap": 1, "console": 1, "batch": 1,
+    "step_in_backward": 1,
     "rollout": 2, "forward": 2, "teachers": 2,
     "methods": 3, "objectives": 3, "scoring": 3, "evaluation": 3, "rollout_backends": 3,
     "module": 4,

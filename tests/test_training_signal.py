@@ -31,19 +31,21 @@ def hint_or_nothing(switch: Signal):
 
 
 def run(records, steps: int, signal, *, accumulate: int = 1, teacher: str = "ema", scheduler=None, ckpt_dir=None,
-        ckpt_path=None, loss=None, task=None, n: int = 1, context=None, stop_after: int | None = None):
+        ckpt_path=None, loss=None, task=None, n: int = 1, context=None, stop_after: int | None = None,
+        optimizer=None, gradient_clip_val=None):
     model, tok = load_model("tiny", seed=0)
     switch = Signal(signal)
     module = SelfDistillationModule(model, tok, teacher=teacher, teacher_kwargs={"rate": 0.5} if teacher == "ema" else {},
                                     loss=loss or {"name": "distill", "template": "answer_hint"},
-                                    context=context or hint_or_nothing(switch), task=task, optimizer={"lr": 1e-2},
+                                    context=context or hint_or_nothing(switch), task=task,
+                                    optimizer={"lr": 1e-2, **(optimizer or {})},
                                     scheduler=scheduler or {"name": "cosine", "warmup_steps": 2})
     callbacks = [switch, OnPolicyGeneration(SamplingConfig(n=n, max_new_tokens=5)), StopAfter(stop_after)]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1))
     trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=ckpt_dir is not None,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                      accumulate_grad_batches=accumulate)
+                      accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val)
     loader = DataLoader([records] * (steps * accumulate), batch_size=None, collate_fn=lambda recs: make_batch(tok, recs))
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return module, trainer

@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-share-prefill", action="store_true", help="generation.share_prefill=false")
     p.add_argument("--no-lean-decode", action="store_true", help="generation.lean_decode=false")
     p.add_argument("--compile-decode", action="store_true", help="generation.compile_decode=true")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="optimizer.in_backward=true: each parameter updated inside backward, its gradient freed")
     p.add_argument("--no-retain-heap", action="store_true",
                    help="trainer.retain_heap=false: glibc's default allocator thresholds")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
@@ -340,7 +342,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     module = TimedModule(student, tokenizer, teacher=args.teacher,
                          teacher_kwargs={"rate": args.teacher_rate} if args.teacher == "ema" else
                          {"mix": 0.5} if args.teacher == "trust_region" else None,
-                         loss=loss, optimizer={"name": "adamw", "lr": args.lr})
+                         loss=loss, optimizer={"name": "adamw", "lr": args.lr,
+                                               "in_backward": args.optimizer_in_backward})
     sampling = SamplingConfig(n=1, max_new_tokens=args.completion_len, temperature=args.temperature,
                               fixed_length=True, seed=args.seed, dtype=args.generation_dtype,
                               share_prefill=not args.no_share_prefill, lean_decode=not args.no_lean_decode,

@@ -1,0 +1,111 @@
+"""`OptimizerInBackward`: the optimizer step taken inside the backward pass, one parameter at a time, each
+gradient freed as soon as it has been applied, so a full set of gradients never exists.
+
+Why: after the backward pass and before the optimizer step the gradients are one more copy of the trainable
+weights (fp32: 4 bytes a parameter), and that is where a step's memory peaks. Stepping each parameter from a
+hook that fires once backward has accumulated its gradient (`register_post_accumulate_grad_hook`) removes that
+copy from the peak. The update is the same as one optimizer over all parameters (AdamW and SGD update each
+parameter from its own gradient and state alone); what it rules out is anything that needs every gradient
+before the first update: clipping by the global norm, accumulating gradients over micro-batches, averaging them
+across ranks, and fp16's loss scaler (`validate_step_in_backward`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class OptimizerInBackward(torch.optim.Optimizer):
+    """One optimizer per parameter (`make([p])`), each stepped by a hook as soon as backward has accumulated that
+    parameter's gradient; the gradient is then set to None. `step(closure)` runs the closure (the forward and
+    backward passes) with the hooks armed; a backward outside `step` leaves gradients in place as usual.
+
+    The hyperparameters live in this optimizer's single param group (a scheduler sets `lr` there) and are copied
+    into each parameter's optimizer before its update. `state_dict()` holds every parameter's optimizer state."""
+
+    def __init__(self, params: Iterable[nn.Parameter], make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
+        params = list(params)
+        if not params:
+            raise ValueError("OptimizerInBackward needs at least one parameter")
+        self._per_param = [make([p]) for p in params]
+        defaults = {k: v for k, v in self._per_param[0].param_groups[0].items() if k != "params"}
+        super().__init__(params, defaults)
+        self._armed = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in
+                         zip(params, self._per_param)]
+
+    def _hook(self, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+        def step_and_free(param: torch.Tensor) -> None:
+            if not self._armed:
+                return
+            group = opt.param_groups[0]
+            for k, v in self.param_groups[0].items():
+                if k != "params":
+                    group[k] = v
+            opt.step()
+            param.grad = None
+
+        return step_and_free
+
+    def step(self, closure: Callable[[], torch.Tensor | None] | None = None):  # type: ignore[override]
+        """Run `closure` (it computes the loss and calls backward); each parameter is updated during its
+        backward. Without a closure there is nothing to do: the gradients have been applied already."""
+        if closure is None:
+            raise RuntimeError("OptimizerInBackward updates the weights inside backward: call step(closure) with a "
+                               "closure that runs the backward pass (Lightning's automatic optimization does)")
+        self._armed = True
+        try:
+            with torch.enable_grad():
+                return closure()
+        finally:
+            self._armed = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"param_groups": [{k: v for k, v in self.param_groups[0].items() if k != "params"}],
+                "per_parameter": [opt.state_dict() for opt in self._per_param]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        per_param = state_dict.get("per_parameter")
+        if per_param is None or len(per_param) != len(self._per_param):
+            found = "none" if per_param is None else len(per_param)
+            raise ValueError(f"this optimizer state is not an OptimizerInBackward state for {len(self._per_param)} "
+                             f"parameters (it has {found}); was it saved with optimizer.in_backward set differently?")
+        self.param_groups[0].update(state_dict["param_groups"][0])
+        for opt, state in zip(self._per_param, per_param):
+            opt.load_state_dict(state)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks from the parameters (they stay registered for the parameters' lifetime otherwise)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def step_in_backward_conflicts(*, gradient_clip_val: float | None, accumulate_grad_batches: int, processes: int,
+                               precision: str, strategy: str | None = None) -> list[str]:
+    """What in a run's setup needs all gradients before the first update, one `key=value: what to do` line
+    each (empty: `optimizer.in_backward` can be used). `processes`: the run's world size; `strategy`: Lightning's
+    strategy name where it is a string."""
+    problems = []
+    if gradient_clip_val:
+        problems.append(f"trainer.gradient_clip_val={gradient_clip_val}: clipping needs every gradient's norm "
+                        "before any update; set it to null")
+    if accumulate_grad_batches != 1:
+        problems.append(f"trainer.accumulate_grad_batches={accumulate_grad_batches}: each micro-batch would update "
+                        "the weights; set it to 1")
+    if strategy not in (None, "auto", "single_device") or processes != 1:
+        what = f"trainer.strategy={strategy}" if strategy not in (None, "auto", "single_device") else \
+            f"{processes} processes"
+        problems.append(f"{what}: gradients must be averaged or sharded across ranks before an update; train on "
+                        "one device (trainer=cpu or trainer=gpu)")
+    if precision in ("16-mixed", "16"):
+        problems.append(f"trainer.precision={precision}: the loss scaler must see every gradient before an update; "
+                        "use bf16-mixed or 32-true")
+    return problems
