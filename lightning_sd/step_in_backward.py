@@ -24,7 +24,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
     backward passes) with the hooks armed; a backward outside `step` leaves gradients in place as usual.
 
     The hyperparameters live in this optimizer's single param group (a scheduler sets `lr` there) and are copied
-    into each parameter's optimizer before its update. `state_dict()` holds every parameter's optimizer state."""
+    into each parameter's optimizer before its update. Each parameter's optimizer state is created at
+    construction (`_allocate_state`). `state_dict()` holds every parameter's optimizer state."""
 
     def __init__(self, params: Iterable[nn.Parameter], make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
         params = list(params)
@@ -34,6 +35,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
         defaults = {k: v for k, v in self._per_param[0].param_groups[0].items() if k != "params"}
         super().__init__(params, defaults)
         self._armed = False
+        for p, opt in zip(params, self._per_param):
+            _allocate_state(opt, p)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in
                          zip(params, self._per_param)]
 
@@ -86,6 +89,26 @@ class OptimizerInBackward(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _allocate_state(opt: torch.optim.Optimizer, param: nn.Parameter) -> None:
+    """Create `opt`'s state for `param` now, before any forward pass, rather than lazily inside the first backward,
+    where it would land among that pass's temporaries and raise the process's memory high-water mark. Made by one
+    step on a zero gradient with `lr` and `weight_decay` at 0, which leaves `param` as it is (AdamW: zero moments;
+    SGD: a zero momentum buffer), then every step counter put back to 0: the state the first real step would have
+    created."""
+    group = opt.param_groups[0]
+    saved = {k: group[k] for k in ("lr", "weight_decay") if k in group}
+    grad, param.grad = param.grad, torch.zeros_like(param)
+    try:
+        group.update({k: 0.0 for k in saved})
+        opt.step()
+    finally:
+        group.update(saved)
+        param.grad = grad
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = state["step"].zero_() if isinstance(state["step"], torch.Tensor) else 0
 
 
 def step_in_backward_conflicts(*, gradient_clip_val: float | None, accumulate_grad_batches: int, processes: int,

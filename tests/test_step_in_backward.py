@@ -67,6 +67,20 @@ def test_at_most_one_gradient_is_alive_when_a_parameter_is_updated():
     assert alive == [1] * (2 * len(params))
 
 
+def test_the_state_exists_before_the_first_backward_and_the_weights_are_untouched():
+    """The per-parameter state is made at construction (so it does not land among the first backward's
+    temporaries): zero moments and step 0, the weights bit for bit as they were, no gradient left behind."""
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = OptimizerInBackward(net.parameters(), lambda ps: _adamw(ps, fused=True))
+    for p, b, sub in zip(net.parameters(), before, opt._per_param):
+        assert torch.equal(p, b) and p.grad is None
+        state = sub.state[p]
+        assert float(state["step"]) == 0
+        assert state["exp_avg"].shape == p.shape and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    assert opt._per_param[0].param_groups[0]["lr"] == 1e-2 and opt._per_param[0].param_groups[0]["weight_decay"] == 0.1
+
+
 def test_a_state_dict_round_trip_continues_exactly():
     a, b = _net(), _net()
     straight = OptimizerInBackward(a.parameters(), _adamw)
