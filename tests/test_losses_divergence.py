@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_sd.losses import MASKED_LOGIT, per_token_divergence
+from lightning_sd.losses import MASKED_LOGIT, fused_full_kl, per_token_divergence
 
 NEG_INF = float("-inf")
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -506,6 +506,27 @@ def test_fused_full_kl_equals_composed_path_over_several_row_chunks(beta, temper
     (ref * w.to(ref.dtype)).sum().backward()
     assert s1.grad.dtype == dtype
     torch.testing.assert_close(s1.grad, s2.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype, keeps_inputs", [(torch.float32, False), (torch.bfloat16, True)])
+def test_fused_full_kl_keeps_the_logits_alive_only_when_they_are_smaller_than_its_derivative(dtype, keeps_inputs):
+    """float32 student logits: the loss saves its [N, V] derivative, so once the caller drops the logits nothing
+    holds them (the memory is free before backward); bf16 logits are saved as they are (half the size of a
+    float32 derivative). Either way backward gives the composed path's gradient."""
+    import weakref
+
+    g = torch.Generator().manual_seed(3)
+    leaf = torch.randn(3, 4, 64, generator=g).to(dtype).requires_grad_(True)
+    t = torch.randn(3, 4, 64, generator=g).to(dtype)
+    logits = leaf * 2  # a non-leaf, like the output layer's; the product keeps none of its output
+    alive = weakref.ref(logits)
+    value = fused_full_kl(logits, t, 0.0, 1.3)
+    del logits
+    assert (alive() is not None) == keeps_inputs
+    value.sum().backward()
+    ref_leaf = leaf.detach().clone().requires_grad_(True)
+    _composed(ref_leaf * 2, t, 0.0, 1.3).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_full_kl_of_identical_logits_is_exactly_zero():
