@@ -12,6 +12,7 @@ across ranks, and fp16's loss scaler (`validate_step_in_backward`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -37,15 +38,20 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._armed = False
         for p, opt in zip(params, self._per_param):
             _allocate_state(opt, p)
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in
-                         zip(params, self._per_param)]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
-    def _hook(self, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        # the parameter holds its hook for life: the hook holds this optimizer weakly, so that an optimizer that is
+        # replaced (a second `fit`) frees its state, and its hooks do nothing from then on
+        owner = weakref.ref(self)
+
         def step_and_free(param: torch.Tensor) -> None:
-            if not self._armed:
+            this = owner()
+            if this is None or not this._armed:
                 return
+            opt = this._per_param[index]
             group = opt.param_groups[0]
-            for k, v in self.param_groups[0].items():
+            for k, v in this.param_groups[0].items():
                 if k != "params":
                     group[k] = v
             opt.step()

@@ -96,6 +96,29 @@ def test_a_state_dict_round_trip_continues_exactly():
         assert torch.equal(pa, pb)
 
 
+def test_a_replaced_optimizer_frees_its_state():
+    """A second optimizer over the same parameters (Lightning builds one per `fit`): the first one's state is
+    freed once it is dropped, though the parameters keep its hooks (they hold it weakly), and the second one's
+    updates are those of a fresh optimizer."""
+    import gc
+    import weakref
+
+    a, b = _net(), _net()
+    first = OptimizerInBackward(b.parameters(), _adamw)
+    _train(b, first, 2)
+    state = weakref.ref(first._per_param[0])
+    del first
+    gc.collect()
+    assert state() is None
+    with torch.no_grad():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.copy_(pb)
+    _train(a, _adamw(a.parameters()), 2, start=2)
+    _train(b, OptimizerInBackward(b.parameters(), _adamw), 2, start=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=1e-12)
+
+
 def test_misuse_is_refused_or_harmless():
     net = _net()
     opt = OptimizerInBackward(net.parameters(), _adamw)
