@@ -2,12 +2,12 @@
 gradient freed as soon as it has been applied, so a full set of gradients never exists.
 
 Why: after the backward pass and before the optimizer step the gradients are one more copy of the trainable
-weights (fp32: 4 bytes a parameter), and that is where a step's memory peaks. Stepping each parameter from a
+weights (fp32: 4 bytes a parameter), at the point where a step's memory often peaks. Stepping each parameter from a
 hook that fires once backward has accumulated its gradient (`register_post_accumulate_grad_hook`) removes that
 copy from the peak. The update is the same as one optimizer over all parameters (AdamW and SGD update each
 parameter from its own gradient and state alone); what it rules out is anything that needs every gradient
 before the first update: clipping by the global norm, accumulating gradients over micro-batches, averaging them
-across ranks, and fp16's loss scaler (`validate_step_in_backward`).
+across ranks, and fp16's loss scaler (`step_in_backward_conflicts` lists them for a run's setup).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], torch.Tensor | None] | None = None):  # type: ignore[override]
         """Run `closure` (it computes the loss and calls backward); each parameter is updated during its
-        backward. Without a closure there is nothing to do: the gradients have been applied already."""
+        backward. A closure is required: the updates happen inside its backward pass."""
         if closure is None:
             raise RuntimeError("OptimizerInBackward updates the weights inside backward: call step(closure) with a "
                                "closure that runs the backward pass (Lightning's automatic optimization does)")
