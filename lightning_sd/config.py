@@ -17,7 +17,7 @@ from lightning_sd.models import DTYPES
 from lightning_sd.module import OptimizerConfig, SchedulerConfig
 from lightning_sd.objectives import LossConfig, check_renamed_keys
 from lightning_sd.sampling import SamplingConfig
-from lightning_sd.step_in_backward import step_in_backward_conflicts
+from lightning_sd.step_in_backward import check_step_in_backward
 from lightning_sd.teachers import TEACHER_KINDS
 
 
@@ -419,13 +419,13 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"optimizer.name={typed['optimizer'].name!r} is not one of 'adamw', 'sgd'")
     if typed["optimizer"].in_backward:
         devices = tr.devices if isinstance(tr.devices, int) else 1
-        problems = step_in_backward_conflicts(
-            gradient_clip_val=tr.gradient_clip_val, accumulate_grad_batches=tr.accumulate_grad_batches,
-            processes=devices * tr.num_nodes, precision=tr.precision,
-            strategy=tr.strategy if isinstance(tr.strategy, str) else None)
-        if problems:
-            raise ConfigError("optimizer.in_backward=true updates each parameter inside backward, which rules out: "
-                              + "; ".join(problems))
+        try:
+            check_step_in_backward(gradient_clip_val=tr.gradient_clip_val,
+                                   accumulate_grad_batches=tr.accumulate_grad_batches,
+                                   processes=devices * tr.num_nodes, precision=tr.precision,
+                                   strategy=tr.strategy if isinstance(tr.strategy, str) else None)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if typed["scheduler"].name not in ("constant", "linear", "cosine"):
         raise ConfigError(f"scheduler.name={typed['scheduler'].name!r} is not one of 'constant', 'linear', 'cosine'")
     if typed["logger"].name not in (None, "csv", "wandb"):

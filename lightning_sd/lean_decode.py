@@ -19,9 +19,10 @@ model qualifies; others decode with Hugging Face's forward.
 operations between the projections become a few fused kernels, and the cache is attended over its full length
 with the mask, so the shapes stay fixed through a rollout. The projections read the weights oneDNN packed for
 the rollout where `cpu_linear.onednn_linears` packed them (`packed_weight`; fp32 on CPU, see
-`compiled_reads_packed`), else they are `W @ x^T` on the weights as they are. Weights are inputs, not constants: new weights after an optimizer step
-reuse the compiled code. Plain projections only (`compilable`); its results differ from the eager step by
-the dtype's rounding, because fused kernels keep intermediates in float32.
+`compiled_reads_packed`), else they are `W @ x^T` on the weights as they are. Weights are inputs, not
+constants: new weights after an optimizer step reuse the compiled code. Plain projections only (`compilable`);
+its results differ from the eager step by the dtype's rounding, because fused kernels keep intermediates in
+float32.
 """
 
 from __future__ import annotations

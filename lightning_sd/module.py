@@ -35,7 +35,7 @@ from lightning_sd.methods import (Method, Step, generate_analyses, is_dataset_ro
 from lightning_sd.objectives import LossConfig
 from lightning_sd.sampling import Rollout, SamplingConfig
 from lightning_sd.scoring import Scorer
-from lightning_sd.step_in_backward import OptimizerInBackward, step_in_backward_conflicts
+from lightning_sd.step_in_backward import OptimizerInBackward, check_step_in_backward
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
 # The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
@@ -625,13 +625,10 @@ class SelfDistillationModule(LightningModule):
         if trainer is None:
             return
         strategy = type(trainer.strategy).__name__
-        problems = step_in_backward_conflicts(
+        check_step_in_backward(
             gradient_clip_val=trainer.gradient_clip_val, accumulate_grad_batches=trainer.accumulate_grad_batches,
             processes=trainer.world_size, precision=str(trainer.precision),
             strategy=None if strategy in ("SingleDeviceStrategy", "SingleDeviceXLAStrategy") else strategy)
-        if problems:
-            raise ValueError("optimizer.in_backward=true updates each parameter inside backward, which rules out: "
-                             + "; ".join(problems))
 
     def _in_backward(self) -> bool:
         return bool(self.optimizer_cfg.get("in_backward"))

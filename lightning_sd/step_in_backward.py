@@ -7,7 +7,7 @@ hook that fires once backward has accumulated its gradient (`register_post_accum
 copy from the peak. The update is the same as one optimizer over all parameters (AdamW and SGD update each
 parameter from its own gradient and state alone); what it rules out is anything that needs every gradient
 before the first update: clipping by the global norm, accumulating gradients over micro-batches, averaging them
-across ranks, and fp16's loss scaler (`step_in_backward_conflicts` lists them for a run's setup).
+across ranks, and fp16's loss scaler (`check_step_in_backward` refuses them for a run's setup).
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ def _allocate_state(opt: torch.optim.Optimizer, param: nn.Parameter) -> None:
             state["step"] = state["step"].zero_() if isinstance(state["step"], torch.Tensor) else 0
 
 
-def step_in_backward_conflicts(*, gradient_clip_val: float | None, accumulate_grad_batches: int, processes: int,
-                               precision: str, strategy: str | None = None) -> list[str]:
-    """What in a run's setup needs all gradients before the first update, one `key=value: what to do` line
-    each (empty: `optimizer.in_backward` can be used). `processes`: the run's world size; `strategy`: Lightning's
-    strategy name where it is a string."""
+def check_step_in_backward(*, gradient_clip_val: float | None, accumulate_grad_batches: int, processes: int,
+                           precision: str, strategy: str | None = None) -> None:
+    """Raise a ValueError naming everything in a run's setup that needs all gradients before the first update,
+    each with the key to change; return when `optimizer.in_backward` can be used. `processes`: the run's world
+    size; `strategy`: Lightning's strategy name where it is a string."""
     problems = []
     if gradient_clip_val:
         problems.append(f"trainer.gradient_clip_val={gradient_clip_val}: clipping needs every gradient's norm "
@@ -137,4 +137,6 @@ def step_in_backward_conflicts(*, gradient_clip_val: float | None, accumulate_gr
     if precision in ("16-mixed", "16"):
         problems.append(f"trainer.precision={precision}: the loss scaler must see every gradient before an update; "
                         "use bf16-mixed or 32-true")
-    return problems
+    if problems:
+        raise ValueError("optimizer.in_backward=true updates each parameter inside backward, which rules out: "
+                         + "; ".join(problems))

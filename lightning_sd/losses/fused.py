@@ -44,6 +44,14 @@ def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
     return x / temperature if temperature != 1.0 else x
 
 
+def _log_softmaxes(student: Tensor, teacher: Tensor, dtype: torch.dtype,
+                   temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """For a chunk of rows: the scaled student logits before the clamp, and both models' log-softmaxes."""
+    scaled = _scaled(student, dtype, temperature)
+    log_t = torch.log_softmax(prepare_logits(teacher, dtype, temperature), dim=-1)
+    return scaled, torch.log_softmax(scaled.clamp(min=MASKED_LOGIT), dim=-1), log_t
+
+
 def _derivative(scaled: Tensor, log_s: Tensor, log_t: Tensor, kl: Tensor, beta: float,
                 clip: Optional[float]) -> Tensor:
     """d(per-token KL) / d(scaled student logits) for a chunk of rows (`scaled`: before the clamp), before the
@@ -75,9 +83,7 @@ class _FusedFullKL(torch.autograd.Function):
         early = bool(ctx.needs_input_grad[0]) and student.dtype == dtype
         deriv = torch.empty(s_flat.shape, dtype=dtype, device=student.device) if early else None
         for a, b in _row_chunks(s_flat.shape[0], vocab):
-            scaled = _scaled(s_flat[a:b], dtype, temperature)
-            log_s = torch.log_softmax(scaled.clamp(min=MASKED_LOGIT), dim=-1)
-            log_t = torch.log_softmax(prepare_logits(t_flat[a:b], dtype, temperature), dim=-1)
+            scaled, log_s, log_t = _log_softmaxes(s_flat[a:b], t_flat[a:b], dtype, temperature)
             out[a:b] = entry_terms(log_s, log_t, beta).sum(-1)
             if deriv is not None:
                 deriv[a:b] = _derivative(scaled, log_s, log_t, out[a:b], beta, grad_clip)
@@ -102,9 +108,7 @@ class _FusedFullKL(torch.autograd.Function):
         s_flat, t_flat = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
         grad = torch.empty(s_flat.shape, dtype=student.dtype, device=student.device)
         for a, b in _row_chunks(s_flat.shape[0], vocab):
-            scaled = _scaled(s_flat[a:b], dtype, temperature)
-            log_s = torch.log_softmax(scaled.clamp(min=MASKED_LOGIT), dim=-1)
-            log_t = torch.log_softmax(prepare_logits(t_flat[a:b], dtype, temperature), dim=-1)
+            scaled, log_s, log_t = _log_softmaxes(s_flat[a:b], t_flat[a:b], dtype, temperature)
             grad[a:b] = _derivative(scaled, log_s, log_t, out[a:b], beta, clip) * (g_flat[a:b, None] / temperature)
         return grad.view(student.shape), None, None, None, None
 
