@@ -22,8 +22,8 @@ memory for the next step) and the lean decode step, TRL with glibc's default all
 `--no-retain-heap` runs ours with glibc's defaults, `--trl-retain-heap` gives TRL our allocator setting.
 `--no-compile-decode` runs ours with the eager decode step. `--optimizer-in-backward` runs ours with each parameter
 updated inside backward and its gradient freed at once (`optimizer.in_backward=true`, possible here because
-neither side clips), which TRL has no counterpart for: the same updates, one copy of the weights less at the
-memory peak.
+neither side clips), which TRL has no counterpart for: the same updates, with up to one copy of the weights
+less at the memory peak.
 
 Each run is a fresh subprocess (peak RSS is per process); the order alternates ours, TRL, TRL, ours, ... so
 that both see the same machine state. Medians are over all measured steps of all runs of a side.
