@@ -120,7 +120,7 @@ def _projection(linear: nn.Linear) -> torch.Tensor | tuple[torch.Tensor, int]:
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Hugging Face's RMSNorm: normalize in float32, cast back, then scale by the weight
-    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+    return weight * F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.size(-1),), eps=eps).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ CHATML_TEMPLATE = (
 
 # dtype names of `model.dtype` and `generation.dtype`
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
 class ModelLoadError(RuntimeError):
@@ -120,9 +120,15 @@ def tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_hea
         max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    # float64 weights are drawn in float64: float32 draws (vectorized normal_) round differently on different CPUs
+    init_dtype, previous = (torch.float64 if dtype == torch.float64 else torch.float32), torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(init_dtype)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
     return model.to(dtype)
 
 

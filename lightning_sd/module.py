@@ -38,12 +38,20 @@ from lightning_sd.scoring import Scorer
 from lightning_sd.step_in_backward import OptimizerInBackward, check_step_in_backward
 from lightning_sd.teachers import TeacherPolicy, build_teacher
 
-# The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
-# dropout in the teacher's scores. Lightning warns about any module in eval mode when training starts.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# The module turns every data loader's batch into a `StepBatch` (`on_before_batch_transfer`); Lightning notes that
-# this hook wins over a data module's, which is what is meant (the package's data module defines none).
-warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
+
+
+def quiet_intended_lightning_notes() -> None:
+    """Hide two notes Lightning prints about what this module does on purpose. Run at import and again by each
+    module made (a caller may have reset the warning filters since, as pytest does around each test).
+    - The teacher's frozen copy (and a sampling-only network) stay in eval mode for the whole run, by design: no
+      dropout in the teacher's scores. Lightning warns about any module in eval mode when training starts.
+    - The module turns every data loader's batch into a `StepBatch` (`on_before_batch_transfer`); Lightning notes
+      that this hook wins over a data module's, which is what is meant (the package's data module defines none)."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but")
+
+
+quiet_intended_lightning_notes()
 
 
 # step diagnostics (`SelfDistillationModule.step_diagnostics`), logged as train/<key>
@@ -116,6 +124,7 @@ class SelfDistillationModule(LightningModule):
         run_dir: str | None = None,
     ) -> None:
         super().__init__()
+        quiet_intended_lightning_notes()
         self.student = student
         self.tokenizer = tokenizer
         self.pad_token_id = ensure_pad_token(tokenizer)

@@ -18,6 +18,7 @@ from lightning_sd.losses import (
     apply_importance_weight,
     per_token_divergence,
 )
+from lightning_sd.losses.support import compute_dtype
 from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
 
 LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
@@ -188,14 +189,16 @@ class LossConfig:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """`[R, C, V]` logits, `[R, C]` tokens -> `[R, C]` log-probs of those tokens (float32)."""
-    logp = (logits.float() / temperature).log_softmax(-1)
+    """`[R, C, V]` logits, `[R, C]` tokens -> `[R, C]` log-probs of those tokens (float32; float64 for float64
+    logits)."""
+    logp = (logits.to(compute_dtype(logits)) / temperature).log_softmax(-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                                chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """`[N, H]` final hidden states, `[V, H]` output embedding, `[N]` tokens -> `[N]` log-probs (float32),
+    """`[N, H]` final hidden states, `[V, H]` output embedding, `[N]` tokens -> `[N]` log-probs (float32; float64
+    for float64 weights),
     building at most `chunk_size x V` logits at a time, in forward and (recomputed) in backward."""
     from torch.utils.checkpoint import checkpoint
 
@@ -204,7 +207,7 @@ def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, token
 
     out = [checkpoint(piece, hidden[i : i + chunk_size], weight, tokens[i : i + chunk_size], use_reentrant=False)
            for i in range(0, hidden.size(0), chunk_size)]
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=compute_dtype(hidden, weight))
 
 
 def distillation_terms(

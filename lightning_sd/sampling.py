@@ -22,6 +22,7 @@ import torch
 from lightning_sd.cpu_linear import onednn_linears
 from lightning_sd.lean_decode import LeanDecoder, base_model, compilable, compiled_reads_packed
 from lightning_sd.lean_decode import supports as supports_lean
+from lightning_sd.losses.support import compute_dtype
 from lightning_sd.models import DTYPES
 
 
@@ -95,8 +96,9 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Apply temperature, then top-k, then top-p (nucleus) to `[R, V]` logits; filtered entries become -inf."""
-    logits = logits.float() / temperature
+    """Apply temperature, then top-k, then top-p (nucleus) to `[R, V]` logits; filtered entries become -inf.
+    Float32 out (float64 for float64 logits)."""
+    logits = logits.to(compute_dtype(logits)) / temperature
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -115,16 +117,17 @@ def sampler_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, config: S
     """Log-probs `[...]` of `tokens` `[...]` under exactly the distribution `sample` drew them from, given
     logits `[..., V]` of the same weights: temperature, then top-k, then top-p (`filter_logits`); greedy
     decoding records the untempered, unfiltered log-softmax, and so does this. A token outside the filtered
-    support gets -inf. No grad; float32; `chunk_rows` rows of `V` at a time (top-p sorts each row)."""
+    support gets -inf. No grad; float32 (float64 for float64 logits); `chunk_rows` rows of `V` at a time (top-p
+    sorts each row)."""
     with torch.no_grad():
         flat = logits.detach().reshape(-1, logits.size(-1))
         ids = tokens.reshape(-1, 1)
-        out = torch.empty(flat.size(0), dtype=torch.float32, device=flat.device)
+        out = torch.empty(flat.size(0), dtype=compute_dtype(flat), device=flat.device)
         for a in range(0, flat.size(0), chunk_rows):
             block = flat[a:a + chunk_rows]
             if config.do_sample:
                 block = filter_logits(block, config.temperature, config.top_k, config.top_p)
-            out[a:a + chunk_rows] = block.float().log_softmax(-1).gather(-1, ids[a:a + chunk_rows]).squeeze(-1)
+            out[a:a + chunk_rows] = block.to(out.dtype).log_softmax(-1).gather(-1, ids[a:a + chunk_rows]).squeeze(-1)
         return out.view(tokens.shape)
 
 
@@ -237,7 +240,7 @@ def draw(logits: torch.Tensor, config: SamplingConfig,
         logp_all = filter_logits(logits, config.temperature, config.top_k, config.top_p).log_softmax(-1)
         tok = sample_categorical(logp_all, generator)
     else:
-        logp_all = logits.float().log_softmax(-1)
+        logp_all = logits.to(compute_dtype(logits)).log_softmax(-1)
         tok = logp_all.argmax(-1)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 

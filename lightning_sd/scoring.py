@@ -19,7 +19,7 @@ from lightning_sd.batch import LossOutput
 from lightning_sd.losses import (apply_importance_weight, chunked_divergence, clipped_teacher_mass, importance_weight,
                                  reduce_loss)
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
-from lightning_sd.losses.support import prepare_logits
+from lightning_sd.losses.support import compute_dtype, prepare_logits
 from lightning_sd.methods import is_dataset_rollout
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
@@ -64,8 +64,8 @@ class Scorer:
             values = torch.cat([sampler_token_logprobs(hidden[a:a + cfg.chunk_size] @ weight.T,
                                                        tokens[a:a + cfg.chunk_size], config)
                                 for a in range(0, hidden.size(0), cfg.chunk_size)]
-                               or [hidden.new_zeros(0, dtype=torch.float32)])
-            logp = torch.zeros(keep.shape, dtype=torch.float32, device=values.device).masked_scatter(keep, values)
+                               or [hidden.new_zeros(0, dtype=compute_dtype(hidden))])
+            logp = torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
         else:
             logp = sampler_token_logprobs(student_out, rollout.completion_ids, config)
         w = importance_weight(logp, rollout.logprobs, cfg.is_clip)
@@ -127,8 +127,8 @@ class Scorer:
             s, t = student_out[a:a + rows].detach(), teacher_out[a:a + rows].detach()
             if s_weight is not None:
                 s, t = s @ s_weight.T, t @ t_weight.T
-            s_scaled = prepare_logits(s, torch.float32, cfg.temperature)
-            t_scaled = prepare_logits(t, torch.float32, cfg.temperature)
+            s_scaled = prepare_logits(s, compute_dtype(s, t), cfg.temperature)
+            t_scaled = prepare_logits(t, compute_dtype(s, t), cfg.temperature)
             ids = tokens[a:a + rows, :, None]
             s_lse, t_lse = s_scaled.logsumexp(-1, keepdim=True), t_scaled.logsumexp(-1, keepdim=True)
             advantage.append(((t_scaled.gather(-1, ids) - t_lse) - (s_scaled.gather(-1, ids) - s_lse)).squeeze(-1))

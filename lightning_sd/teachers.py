@@ -166,7 +166,8 @@ class TrustRegionTeacher(FrozenTeacher):
             with self.network(student) as net:
                 frozen = run(net)
             live = run(student)
-            return torch.lerp(frozen.float(), live.float(), self.mix)
+            dtype = torch.promote_types(torch.promote_types(frozen.dtype, live.dtype), torch.float32)
+            return torch.lerp(frozen.to(dtype), live.to(dtype), self.mix)
 
     def sampling_network(self, student):
         return _yield(student)

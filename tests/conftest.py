@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ from lightning.pytorch import Callback
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's on-disk cache is not keyed by the CPU kernel choice: code compiled under one ATEN_CPU_CAPABILITY
+# and loaded under another computes NaN or crashes. One cache per choice (the suite runs under several).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_lightning_sd_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 torch.set_num_threads(1)  # tiny models: one thread is faster than two (no OpenMP spin)
 
 

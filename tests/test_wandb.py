@@ -18,6 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+SWEEPS = ROOT / "sweeps"
 TINY = ["model=tiny", "data.batch_size=2", "data.n_train=8", "data.n_eval=2", "data.eval_batch_size=2",
         "generation.max_new_tokens=6", "eval.max_new_tokens=6", "trainer.enable_progress_bar=false"]
 
@@ -124,11 +125,18 @@ def trials(parameters: dict) -> list[dict]:
     return [{**first, name: value} for name, values in options.items() for value in values]
 
 
-@pytest.mark.parametrize("sweep_file", sorted(p.name for p in (CONF / "sweep").glob("*.yaml")))
+SWEEP_FILES = sorted(p.name for p in SWEEPS.glob("*.yaml"))
+
+
+def test_the_sweep_files_are_found():
+    assert SWEEP_FILES, f"no W&B sweep file in {SWEEPS}"
+
+
+@pytest.mark.parametrize("sweep_file", SWEEP_FILES)
 def test_sweep_trial_command_is_plain_train_py_with_hydra_overrides(sweep_file, monkeypatch):
     from lightning_sd.config import validate_config
 
-    sweep = yaml.safe_load((CONF / "sweep" / sweep_file).read_text())
+    sweep = yaml.safe_load((SWEEPS / sweep_file).read_text())
     assert sweep["program"] == "train.py" and sweep["metric"]["name"] == "eval/after/student_accuracy"
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
     monkeypatch.setenv("WANDB_RUN_ID", "r1")
