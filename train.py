@@ -197,7 +197,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     from lightning_sd.build import build_logger, build_run, check_data
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
-    from lightning_sd.evaluation import evaluate
+    from lightning_sd.evaluation import evaluate, evaluate_probes
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval, machine, train_history
 
     seed_everything(cfg.seed, workers=True)
@@ -229,6 +229,9 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
         metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
         if e.samples and result.n:
             metrics[f"eval_{tag}"]["sampled"] = sampled_eval(module, datamodule, e, cfg.seed)
+        probes = evaluate_probes(module, datamodule)
+        if probes:
+            metrics[f"eval_{tag}"]["probes"] = probes
         if result.n == 0:
             print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
                   flush=True)
@@ -243,6 +246,9 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
             sampled = metrics[f"eval_{tag}"]["sampled"]
             print(f"[eval {tag}] student sampled accuracy {sampled['student_accuracy']:.3f}  ({e.samples} per prompt "
                   f"at temperature {e.temperature}, n={sampled['n']})", flush=True)
+        for label, probe in probes.items():
+            print(f"[eval {tag}] {label} (a probe, never trained): student accuracy {probe['student_accuracy']:.3f}  "
+                  f"(n={probe['n']})", flush=True)
 
     trainer = None
     if e.before and ckpt_path is None:

@@ -158,9 +158,9 @@ def run_one(spec: dict) -> dict:
     from lightning.pytorch import Trainer, seed_everything
     from omegaconf import OmegaConf
 
-    from lightning_sd.build import build_logger, build_run, check_data
+    from lightning_sd.build import build_logger, build_run, check_data, probes_split
     from lightning_sd.callbacks import PeriodicEvaluation
-    from lightning_sd.evaluation import evaluate, evaluate_sampled, kl_from_reference
+    from lightning_sd.evaluation import GENERAL_PROMPTS, evaluate, evaluate_probes, evaluate_sampled, kl_from_reference
     from lightning_sd.models import load_model
     from lightning_sd.sampling import SamplingConfig
 
@@ -201,6 +201,7 @@ def run_one(spec: dict) -> dict:
             before = {**pooled(list(by_task.values())), "by_task": by_task}
         else:
             before = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4).as_dict()
+            before["probes"] = evaluate_probes(module, dm)
         before["seconds"] = time.perf_counter() - t0
         json.dump(before, open(before_path, "w"), indent=2)
         os.makedirs(os.path.dirname(shared_path), exist_ok=True)
@@ -215,12 +216,16 @@ def run_one(spec: dict) -> dict:
         curve_sampling = None if not curve_n else SamplingConfig(
             n=curve_n, do_sample=True, temperature=float(measure.get("sampled_temperature", 1.0)),
             max_new_tokens=module.eval_sampling.max_new_tokens, seed=2000 + int(spec["seed"]))
-        curve = PeriodicEvaluation(int(measure.get("curve_every") or steps), eval_batches, curve_sampling)
+        curve = PeriodicEvaluation(int(measure.get("curve_every") or steps), eval_batches, curve_sampling,
+                                   probes=dm if measure.get("curve_probes") and dm.probe_labels else None)
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
         ckpt = last if os.path.isfile(last) else None
         if ckpt is None and curve_sampling is None:  # the greedy step-0 point is the "before" evaluation
-            curve.points = [{"step": 0, "samples": 0, "tokens": 0, "accuracy": before["student_accuracy"],
+            curve.points = [{"step": 0, "samples": 0, "tokens": 0, "train_seconds": 0.0,
+                             "accuracy": before["student_accuracy"],
                              "mean_completion_tokens": before["mean_completion_tokens"], "n": before["n"]}]
+            if curve.probes is not None:
+                curve.points[0]["probes"] = {k: v["student_accuracy"] for k, v in (before.get("probes") or {}).items()}
         logger = build_logger(run.typed["logger"], run_dir, resume=ckpt is not None)
         trainer = Trainer(**run.trainer_kwargs, callbacks=[*run.callbacks, curve], logger=logger,
                           default_root_dir=run_dir)
@@ -241,6 +246,8 @@ def run_one(spec: dict) -> dict:
     t0 = time.perf_counter()
     after = evaluate(module, eval_batches(), with_teacher=False, keep_samples=4)
     result["after"] = {**after.as_dict(), "seconds": time.perf_counter() - t0}
+    if not hasattr(dm, "task_labels"):  # a sequence's probes are in its accuracy matrix
+        result["after"]["probes"] = evaluate_probes(module, dm)
     n = int(measure.get("sampled_n") or 0)
     if n:
         temperature = float(measure.get("sampled_temperature", 1.0))
@@ -253,9 +260,11 @@ def run_one(spec: dict) -> dict:
         m = run.typed["model"]
         base, _ = load_model(**{k: v for k, v in asdict(m).items() if k not in ("gradient_checkpointing", "lora")})
         base.to(next(module.student.parameters()).device)
-        result["drift"] = kl_from_reference(module.student, base, module.tokenizer,
+        split = probes_split(run.typed["data"])  # the general prompts' validation part in a search, else the test's
+        result["drift"] = kl_from_reference(module.student, base, module.tokenizer, GENERAL_PROMPTS[split],
                                             max_new_tokens=int(measure.get("drift_max_new_tokens") or 48),
                                             system_prompt=module.system_prompt)
+        result["drift"]["prompts"] = split
         del base
     from lightning_sd.logging_utils import train_history
 

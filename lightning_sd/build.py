@@ -58,6 +58,16 @@ def build_verifier_for(d, task):
     return build_verifier(d.verifier, d.verifier_pattern)
 
 
+def probes_split(d) -> str:
+    """The part of every probe (`data.probes`) a run evaluates: "val" when the run's own evaluation is a
+    validation split (`data.eval_split=val` for a task, a non-test split of a Hugging Face dataset), else "eval",
+    the probes' test part."""
+    if d.task is not None:
+        return d.eval_split
+    validation = d.path is not None and d.eval_split is not None and "test" not in d.eval_split.lower()
+    return "val" if validation else "eval"
+
+
 def build_datamodule(d, tokenizer, max_steps: int | None = None,
                      records: tuple[list[dict], list[dict]] | None = None):
     from lightning_sd.data.datamodule import PromptDataModule
@@ -65,22 +75,25 @@ def build_datamodule(d, tokenizer, max_steps: int | None = None,
 
     if d.task == SEQUENCE_TASK:  # continual training over a sequence of tasks (data/continual_*.yaml)
         kw = dict(d.task_kwargs or {})
-        steps = check_sequence(kw, max_steps) if max_steps is not None else int(kw.get("steps_per_task") or 0)
+        steps = check_sequence(kw, max_steps, d.probes) if max_steps is not None else int(kw.get("steps_per_task") or 0)
         return SequentialTasksDataModule(
-            tokenizer, tasks=list(kw["tasks"]), probes=list(kw.get("probes") or []), steps_per_task=steps,
+            tokenizer, tasks=list(kw["tasks"]), probes=list(d.probes), steps_per_task=steps,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, n_train=d.n_train, n_eval=d.n_eval,
-            max_prompt_length=d.max_prompt_length, truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt)
+            max_prompt_length=d.max_prompt_length, truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt,
+            eval_split=d.eval_split)
     if records is not None or d.path is not None:  # data=hf
         train, evals = records if records is not None else hf_records(d)
         return PromptDataModule(
             tokenizer=tokenizer, records=train, eval_records=evals or None, n_train=d.n_train, n_eval=d.n_eval,
             batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, max_prompt_length=d.max_prompt_length,
-            truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt)
+            truncation=d.truncation, seed=d.seed, system_prompt=d.system_prompt, probes=list(d.probes),
+            eval_split=probes_split(d))
     return PromptDataModule(
         tokenizer=tokenizer, task=d.task, task_kwargs=dict(d.task_kwargs or {}), train_file=d.train_file,
         eval_file=d.eval_file, n_train=d.n_train, n_eval=d.n_eval, batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-        seed=d.seed, system_prompt=d.system_prompt, eval_split=d.eval_split)
+        seed=d.seed, system_prompt=d.system_prompt, eval_split=probes_split(d),
+        probes=list(d.probes))
 
 
 def build_strategy(tr, student, micro_batch_size: int | None = None):

@@ -68,6 +68,9 @@ class DataConfig:
     num_proc: Optional[int] = None  # data=hf: processes for loading and mapping
     fields: Optional[dict] = None  # data=hf: {prompt, solution, answer, system, id} -> column names
     format: Optional[dict] = None  # data=hf: {_target_: a function row -> record}, for rows a mapping cannot express
+    # task specs only evaluated, never trained (retention; task_spec.py): by default the known-facts probe
+    probes: list = field(default_factory=lambda: [{"task": "known_facts", "task_kwargs": {}, "n_train": None,
+                                                   "n_eval": None, "label": "known_facts"}])
 
 
 @dataclass

@@ -113,6 +113,9 @@ def summary_rows(metrics: dict, run_dir: str) -> list[tuple[str, str]]:
         if before.get("sampled") or after.get("sampled"):
             rows.append(("student sampled accuracy", f"{_acc((before.get('sampled') or {}).get('student_accuracy'))} "
                                                      f"-> {_acc((after.get('sampled') or {}).get('student_accuracy'))}"))
+        for label in dict.fromkeys([*(before.get("probes") or {}), *(after.get("probes") or {})]):
+            was, now = ((e.get("probes") or {}).get(label, {}).get("student_accuracy") for e in (before, after))
+            rows.append((f"{label} (probe, never trained)", f"{_acc(was)} -> {_acc(now)}"))
         failures = sum(int(e.get("verifier_failures") or 0) for e in (before, after))
         if failures:
             rows.append(("verifier failures", f"{failures} (warnings above name the rows)"))

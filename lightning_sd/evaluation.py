@@ -46,14 +46,16 @@ def _generate(module, network, prompt_ids, prompt_mask, sampling: SamplingConfig
                       generator=generator)
 
 
-def generate_and_verify(module, batch: StepBatch, sampling: SamplingConfig, network=None) -> dict:
-    """Sample from `network` (default: the student) for the batch's prompts and verify with `module.task`."""
+def generate_and_verify(module, batch: StepBatch, sampling: SamplingConfig, network=None, task=None) -> dict:
+    """Sample from `network` (default: the student) for the batch's prompts and verify with `task` (default:
+    `module.task`)."""
     rollout = _generate(module, network or module.student, batch.prompt_ids.to(module.device),
                         batch.prompt_mask.to(module.device), sampling)
     texts = decode_completions(module.tokenizer, rollout)
     correct, failures = [], 0
-    if module.task is not None:
-        rewards, _, failures = score_rollouts(module.task, batch.records, texts, rollout.prompt_index,
+    task = module.task if task is None else task
+    if task is not None:
+        rewards, _, failures = score_rollouts(task, batch.records, texts, rollout.prompt_index,
                                               timeout_s=VERIFIER_TIMEOUT_S)
         correct = [float(reward is not None and reward >= 1.0) for reward in rewards]
     lengths = rollout.completion_mask.sum(-1).float().tolist()
@@ -74,15 +76,16 @@ def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]
 
 @torch.no_grad()
 def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_teacher: bool = True,
-             keep_samples: int = 8, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             keep_samples: int = 8, progress: Callable[[int, int], None] | None = None, task=None) -> EvalResult:
     """Accuracy of the student and of the teacher-with-context over `batches` (an iterable of data-module
-    batches). Greedy by default. `progress(prompts, tokens)` is called after each generation (student, then
-    teacher) with the prompts it covered and the tokens it generated."""
+    batches), verified by `task` (default: `module.task`). Greedy by default. `progress(prompts, tokens)` is
+    called after each generation (student, then teacher) with the prompts it covered and the tokens it
+    generated."""
     sampling = sampling or module.eval_sampling
     student_correct, teacher_correct, lengths, samples = [], [], [], []
     failures = 0
     for batch in map(as_step_batch, batches):
-        out = generate_and_verify(module, batch, sampling)
+        out = generate_and_verify(module, batch, sampling, task=task)
         student_correct += out["correct"]
         lengths += out["lengths"]
         failures += out["failures"]
@@ -95,7 +98,7 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
             with module.teacher.sampling_network(module.student) as net:
                 teacher_batch = StepBatch(records=batch.records, prompt_ids=enc.ids, prompt_mask=enc.mask,
                                           prompt_text=texts)
-                t_out = generate_and_verify(module, teacher_batch, sampling, network=net)
+                t_out = generate_and_verify(module, teacher_batch, sampling, network=net, task=task)
             teacher_correct += [c for c, r in zip(t_out["correct"], [ok[i] for i in t_out["prompt_index"]]) if r]
             failures += t_out["failures"]
             if progress is not None:
@@ -113,6 +116,14 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
                       verifier_failures=failures)
 
 
+def evaluate_probes(module, datamodule, keep_samples: int = 2) -> dict[str, dict]:
+    """The student's greedy accuracy on each probe of `datamodule` (`data.probes`: tasks only evaluated, never
+    trained), each verified by its own task: `{label: EvalResult.as_dict()}`; empty without probes."""
+    return {label: evaluate(module, datamodule.eval_dataloader(label), with_teacher=False, keep_samples=keep_samples,
+                            task=datamodule.probe_task(label)).as_dict()
+            for label in getattr(datamodule, "probe_labels", [])}
+
+
 def evaluate_sampled(module, batches, samples: int, temperature: float, seed: int) -> EvalResult:
     """The student's sampled accuracy over `batches`: `samples` completions per prompt at `temperature` (no
     top-p/top-k), `module.eval_sampling.max_new_tokens` long, drawn from sampler seed `seed`; no teacher."""
@@ -121,29 +132,45 @@ def evaluate_sampled(module, batches, samples: int, temperature: float, seed: in
     return evaluate(module, batches, sampling, with_teacher=False, keep_samples=0)
 
 
-GENERAL_PROMPTS: tuple[str, ...] = (
-    "Write a short poem about the sea.", "Explain what photosynthesis is in two sentences.",
-    "Give me three tips for sleeping better.", "What is the difference between weather and climate?",
-    "Describe a cat to someone who has never seen one.", "How do I boil an egg?",
-    "Why is the sky blue?", "Write a friendly email inviting a colleague to lunch.",
-    "What are the primary colors?", "Summarize the story of Little Red Riding Hood.",
-    "Name three benefits of regular exercise.", "What does a librarian do?",
-    "How many days are there in a leap year, and why?", "Suggest a name for a small bakery.",
-    "What is a prime number? Give an example.", "Translate 'good morning' into French and Spanish.",
-)
+# General prompts on which drift from the base model is measured (`kl_from_reference`), in two disjoint parts as
+# every evaluation here: "val" for searches (the 16 an earlier recipe search used), "eval" for reported numbers.
+GENERAL_PROMPTS: dict[str, tuple[str, ...]] = {
+    "val": (
+        "Write a short poem about the sea.", "Explain what photosynthesis is in two sentences.",
+        "Give me three tips for sleeping better.", "What is the difference between weather and climate?",
+        "Describe a cat to someone who has never seen one.", "How do I boil an egg?",
+        "Why is the sky blue?", "Write a friendly email inviting a colleague to lunch.",
+        "What are the primary colors?", "Summarize the story of Little Red Riding Hood.",
+        "Name three benefits of regular exercise.", "What does a librarian do?",
+        "How many days are there in a leap year, and why?", "Suggest a name for a small bakery.",
+        "What is a prime number? Give an example.", "Translate 'good morning' into French and Spanish.",
+    ),
+    "eval": (
+        "Write a haiku about autumn leaves.", "Explain how a rainbow forms.",
+        "Give me two ideas for a rainy afternoon.", "What is the difference between a frog and a toad?",
+        "Describe the taste of a lemon.", "How do I make a cup of tea?",
+        "Why do we have seasons?", "Write a short thank-you note to a neighbour who watered my plants.",
+        "What are the three states of matter?", "Summarize the story of Cinderella.",
+        "Name three ways to save water at home.", "What does a firefighter do?",
+        "Why do leaves change colour in the fall?", "Suggest a name for a pet goldfish.",
+        "What is an even number? Give an example.", "How do you say 'thank you' in German?",
+    ),
+}
 
 
 @torch.no_grad()
-def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[str, ...] = GENERAL_PROMPTS, *,
+def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[str, ...] | None = None, *,
                       max_new_tokens: int = 48, pad_token_id: int | None = None, system_prompt: str | None = None,
                       batch_size: int = 16) -> dict:
-    """How far `model` has drifted from `reference` (e.g. the base model) on general prompts: `model` writes
-    greedy completions of the chat-formatted `prompts`, and the per-token KL(model || reference) =
-    sum_v M(v) (log M(v) - log R(v)) is averaged over all completion tokens (mean) and per prompt.
+    """How far `model` has drifted from `reference` (e.g. the base model) on general prompts (default: the test
+    part, `GENERAL_PROMPTS["eval"]`): `model` writes greedy completions of the chat-formatted `prompts`, and the
+    per-token KL(model || reference) = sum_v M(v) (log M(v) - log R(v)) is averaged over all completion tokens
+    (mean) and per prompt.
 
     Returns `{"kl_mean": float, "kl_per_prompt": [float], "tokens": int}`; 0 when the two models are equal."""
     from lightning_sd.losses import per_token_divergence
 
+    prompts = GENERAL_PROMPTS["eval"] if prompts is None else prompts
     pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     device, ref_device = next(model.parameters()).device, next(reference.parameters()).device
     per_prompt, total, count = [], 0.0, 0

@@ -79,9 +79,17 @@ def log_config(logger, config: dict) -> None:
 
 def log_eval(logger, tag: str, result: dict, step: int | None = None) -> dict[str, float]:
     """Evaluation numbers as metrics `eval/<tag>/<name>` (e.g. `eval/after/student_accuracy`; a nested dict's as
-    `eval/<tag>/<name>/<key>`, e.g. `eval/after/sampled/student_accuracy`) and, with a W&B
-    logger, the evaluation samples as a table `eval/<tag>/samples`. Returns the metrics logged."""
-    flat = {**result, **{f"{k}/{kk}": vv for k, v in result.items() if isinstance(v, dict) for kk, vv in v.items()}}
+    `eval/<tag>/<name>/<key>`, at any depth, e.g. `eval/after/sampled/student_accuracy` or
+    `eval/after/probes/known_facts/student_accuracy`) and, with a W&B logger, the evaluation samples as a table
+    `eval/<tag>/samples`. Returns the metrics logged."""
+
+    def flatten(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    flat = flatten(result)
     metrics = {f"eval/{tag}/{k}": float(v) for k, v in flat.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     if not logger or not metrics:

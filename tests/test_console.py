@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_train_py_console_has_a_header_each_line_once_and_a_summary(tmp_path):
     for label in ("student accuracy", "teacher-with-context", "gap (teacher - student)", "steps", "tokens/s",
                   "peak memory", "run folder", "token views", "metrics"):
         assert any(line.startswith(label) for line in lines), label
-    assert f"metrics                  {run_dir / 'metrics.json'}" in text
+    assert re.search(rf"^metrics +{re.escape(str(run_dir / 'metrics.json'))}$", text, re.M)
+    assert re.search(r"^known_facts \(probe, never trained\) +\d\.\d{3} -> \d\.\d{3}$", text, re.M)
     assert (run_dir / ".hydra" / "config.yaml").read_text().count("entry_clip_mode") == 1  # the dump is kept there
 
 

@@ -72,7 +72,8 @@ def test_records_are_tagged_and_verified_by_their_own_task(tiny):
     assert dm.task.verify(a, f"It is {a['answer']}.").reward == 1.0
     assert dm.task.verify(a, f"It is {b['answer']}.").reward == 0.0
     assert {r["sequence_task"] for r in dm.eval_dataloader("capitals").dataset} == {"capitals"}
-    assert len(dm.val_dataloader().dataset) == 4 + 4 + 4
+    assert dm.probe_task("capitals") is dm.stages["capitals"].task
+    assert len(dm.val_dataloader().dataset) == 4 + 4  # the tasks; the probe is evaluated apart
 
 
 def test_sequence_options_are_checked(tiny):

@@ -53,7 +53,7 @@ def test_knowledge_injection_tiny(tmp_path):
         assert c["tasks"] == ["facts_a", "facts_b"] and len(c["matrix"]) == 2  # the accuracy matrix
         assert run["drift"]["tokens"] > 0 and run["drift"]["kl_mean"] >= 0
         by_task = run["before"]["by_task"]
-        assert set(by_task) == {"facts_a", "facts_b", "real_capitals"}
+        assert set(by_task) == {"facts_a", "facts_b", "known_facts"}
         # the teacher-with-context accuracy exists only where the loss shows a teacher a context (not SFT)
         assert all((v["teacher_accuracy"] is not None) == (run["arm"] == "continual") for v in by_task.values())
         # the pooled "before" numbers come from the per-task evaluations (weighted by n), not a second pass
@@ -62,7 +62,7 @@ def test_knowledge_injection_tiny(tmp_path):
         assert abs(run["before"]["student_accuracy"] - sum(v["student_accuracy"] * v["n"] for v in by_task.values()) / n) < 1e-12
     row = res["rows"][0]
     for key in ("facts_a_after_facts_a", "facts_a_after_facts_b", "facts_b_after_facts_b",
-                "real_capitals_after_facts_b", "forgetting", "bwt", "drift_kl"):
+                "known_facts_after_facts_b", "forgetting", "bwt", "drift_kl"):
         assert key in row
 
 

@@ -67,7 +67,7 @@ def test_continual_sequence_and_on_policy_kd_presets_with_a_sweep_over_lmbda(tmp
             assert kd["train_metrics"]["train/on_policy"] == 0.0
         assert job["config"]["teacher"] == {"kind": "ema", "rate": 0.01, "mix": None, "model": None}
         result = json.loads((Path(job["dir"]) / "continual.json").read_text())
-        assert result["tasks"] == ["facts_a", "facts_b"] and result["probes"] == ["real_capitals"]
+        assert result["tasks"] == ["facts_a", "facts_b"] and result["probes"] == ["known_facts"]
         assert len(result["matrix"]) == 2 and result["matrix"][0][1] is None and None not in result["matrix"][1]
         assert (Path(job["dir"]) / "continual.png").exists()
         assert "continual/bwt" in job["train_metrics"]

@@ -25,6 +25,7 @@ from lightning_sd.batch import StepBatch
 from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
 from lightning_sd.data.records import DataError, load_jsonl, validate_records
 from lightning_sd.data.sampler import ResumableSampler
+from lightning_sd.data.task_spec import parse_specs
 from lightning_sd.data.tasks import Task, get_task
 
 DEFAULT_N_TRAIN = 1024
@@ -64,6 +65,10 @@ class PromptDataModule(L.LightningDataModule):
     `n_train` / `n_eval`: how many records a task generates (default 1024 / up to 64), or the first so many
     of a file or list (default all). `max_prompt_length` counts formatted tokens; longer prompts lose their
     beginning (`truncation="left"`) or stop setup with an error (`truncation="error"`).
+
+    `probes`: task specs (`task_spec.TaskSpec` or dicts) only evaluated, never trained, e.g. facts the model
+    knew before training (retention): each on its own `eval_split`, with its own verifier (`probe_task`), its
+    records served by `eval_dataloader(label)`.
     """
 
     def __init__(self, tokenizer: Any, *, task: str | Task | None = None, task_kwargs: dict | None = None,
@@ -72,7 +77,7 @@ class PromptDataModule(L.LightningDataModule):
                  n_train: int | None = None, n_eval: int | None = None, batch_size: int = 8,
                  eval_batch_size: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
                  seed: int = 0, system_prompt: str | None = None, num_workers: int = 0,
-                 eval_split: str = "eval") -> None:
+                 eval_split: str = "eval", probes: list | None = None) -> None:
         super().__init__()
         sources = {"task": task, "train_file": train_file, "records": records, "hf_dataset": hf_dataset}
         given = [k for k, v in sources.items() if v is not None]
@@ -104,6 +109,9 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
         self.num_workers = num_workers
         self.eval_split = eval_split
+        self.probe_specs = parse_specs(probes, "probes")
+        self.probe_tasks: dict[str, Task] = {s.label: get_task(s.task, **s.task_kwargs) for s in self.probe_specs}
+        self.probe_records: dict[str, list[dict]] = {}
 
         self.train_records: list[dict] = []
         self.eval_records: list[dict] = []
@@ -159,11 +167,17 @@ class PromptDataModule(L.LightningDataModule):
             if overlap:
                 warnings.warn(f"{len(overlap)} eval prompts also appear in the train records ({train_src});"
                               f" eval accuracy will overstate generalization", stacklevel=2)
+        for spec in self.probe_specs:
+            task = self.probe_tasks[spec.label]
+            n = spec.n_eval if spec.n_eval is not None else task.n_distinct(self.eval_split) or DEFAULT_N_EVAL
+            source = f"probe {spec.label!r} ({self.eval_split})"
+            self.probe_records[spec.label] = _with_ids(task.records(self.eval_split, n, self.seed), source)
+            self._check_lengths(self.probe_records[spec.label], source)
         self.collate = PromptCollator(self.tokenizer, pad_token_id=pad_id, max_prompt_length=self.max_prompt_length,
                                       truncation=self.truncation, system_prompt=self.system_prompt)
 
     def _check_lengths(self, records: list[dict], source: str) -> None:
-        if self.max_prompt_length is None:
+        if self.max_prompt_length is None or not records:
             return
         texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -201,6 +215,24 @@ class PromptDataModule(L.LightningDataModule):
             return []
         return DataLoader(self.eval_records, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    @property
+    def probe_labels(self) -> list[str]:
+        return [s.label for s in self.probe_specs]
+
+    def eval_dataloader(self, label: str) -> DataLoader | list:
+        """The eval records of the probe `label`."""
+        if self.collate is None:
+            self.setup("validate")
+        if label not in self.probe_records:
+            raise DataError(f"no probe labelled {label!r}; probes: {self.probe_labels}")
+        records = self.probe_records[label]
+        return DataLoader(records, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate) \
+            if records else []
+
+    def probe_task(self, label: str) -> Task:
+        """The task that verifies the probe `label`'s completions."""
+        return self.probe_tasks[label]
 
     # ---------------------------------------------------------------------------------- resumable state
 

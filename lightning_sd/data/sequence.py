@@ -6,16 +6,15 @@ only evaluated (e.g. real capitals, to measure what the model knew before). Reco
 `sequence_task` (the task's label), and `TaskSequence` verifies each record with its own task's verifier,
 so rewards, evaluation and teacher contexts work unchanged.
 
-From Hydra: `data.task=sequence` with `data.task_kwargs = {tasks: [spec, ...], probes: [spec, ...],
-steps_per_task: N | null}`, a spec being `{task: <built-in task>, task_kwargs: {...}, n_train, n_eval,
-label}` (see `conf/data/continual_facts.yaml`). `steps_per_task: null` splits `trainer.max_steps` over the
+From Hydra: `data.task=sequence` with `data.task_kwargs = {tasks: [spec, ...], steps_per_task: N | null}` and
+`data.probes: [spec, ...]`, a spec being `{task: <built-in task>, task_kwargs: {...}, n_train, n_eval, label}`
+(`task_spec.py`; see `conf/data/continual_facts.yaml`). `steps_per_task: null` splits `trainer.max_steps` over the
 tasks (`max_steps // T` each, the remainder to the last task).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -24,63 +23,29 @@ from torch.utils.data import DataLoader
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.records import DataError
 from lightning_sd.data.sampler import ResumableSampler
+from lightning_sd.data.task_spec import TaskSpec, parse_specs
 from lightning_sd.data.tasks import Task, Verdict, get_task
 
 SEQUENCE_TASK = "sequence"  # the `data.task` value that selects this data module
-SPEC_KEYS = ("task", "task_kwargs", "n_train", "n_eval", "label")
-
-
-@dataclass
-class TaskSpec:
-    """One task of the sequence: a built-in task name and its options, how many records, a unique label."""
-
-    task: str
-    task_kwargs: dict = field(default_factory=dict)
-    n_train: int | None = None
-    n_eval: int | None = None
-    label: str | None = None
-
-
-def parse_specs(items: Any, where: str) -> list[TaskSpec]:
-    """Validate a list of task specs (dicts); labels default to the task name and must be unique."""
-    if items is None:
-        return []
-    if not isinstance(items, (list, tuple)):
-        raise DataError(f"{where} must be a list of task specs like {{task: fictional_facts, task_kwargs: {{}}, "
-                        f"n_train: 48, n_eval: 12, label: facts_a}}, got {type(items).__name__}")
-    specs = []
-    for k, item in enumerate(items):
-        if not isinstance(item, dict) or "task" not in item:
-            raise DataError(f"{where}[{k}] must be a dict with at least 'task' (keys {SPEC_KEYS}), got {item!r}")
-        unknown = sorted(set(item) - set(SPEC_KEYS))
-        if unknown:
-            raise DataError(f"{where}[{k}] has unknown key(s) {unknown}; valid keys: {SPEC_KEYS}")
-        spec = TaskSpec(task=item["task"], task_kwargs=dict(item.get("task_kwargs") or {}), n_train=item.get("n_train"),
-                        n_eval=item.get("n_eval"), label=item.get("label") or item["task"])
-        get_task(spec.task, **spec.task_kwargs)  # unknown task or option: a DataError naming it
-        specs.append(spec)
-    return specs
-
-
-def _as_dicts(items: Any) -> list:
-    return [dict(vars(s)) if isinstance(s, TaskSpec) else s for s in items or []]
-
-
-def check_sequence(task_kwargs: dict, max_steps: int) -> list[int]:
-    """Check `data.task_kwargs` of `data.task=sequence`; returns the optimizer steps of each task."""
-    unknown = sorted(set(task_kwargs) - {"tasks", "probes", "steps_per_task"})
+def check_sequence(task_kwargs: dict, max_steps: int, probes: list | None = None) -> list[int]:
+    """Check `data.task_kwargs` of `data.task=sequence` (and `data.probes`); returns the optimizer steps of each
+    task."""
+    if "probes" in task_kwargs:
+        raise DataError("data.task_kwargs.probes moved to data.probes (the same list of task specs), which every "
+                        "data option has")
+    unknown = sorted(set(task_kwargs) - {"tasks", "steps_per_task"})
     if unknown:
         raise DataError(f"data.task_kwargs has unknown key(s) {unknown} for data.task=sequence; valid keys: tasks, "
-                        "probes, steps_per_task")
+                        "steps_per_task")
     tasks = parse_specs(task_kwargs.get("tasks"), "data.task_kwargs.tasks")
-    probes = parse_specs(task_kwargs.get("probes"), "data.task_kwargs.probes")
+    probes = parse_specs(probes, "data.probes")
     if not tasks:
         raise DataError("data.task=sequence needs data.task_kwargs.tasks: a list of at least one task spec")
     labels = [s.label for s in tasks + probes]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
-        raise DataError(f"task labels must be unique across data.task_kwargs.tasks and probes; repeated: {dupes} "
-                        "(give each spec a label)")
+        raise DataError(f"task labels must be unique across data.task_kwargs.tasks and data.probes; repeated: "
+                        f"{dupes} (give each spec a label)")
     steps = task_kwargs.get("steps_per_task")
     if steps is None:
         if max_steps < len(tasks):
@@ -123,14 +88,15 @@ class SequentialTasksDataModule(L.LightningDataModule):
     `steps_per_task`: one number for every task, or a list with each task's steps.
     `tasks` / `probes`: lists of `TaskSpec` or dicts. `n_train` / `n_eval` are the defaults for specs that do
     not set their own. Records of a task repeat (reshuffled each pass) when its steps need more than it has.
+    Every task and probe is evaluated on its `eval_split` ("eval": the held-out test; "val": for tuning).
     """
 
     def __init__(self, tokenizer: Any, *, tasks: list, probes: list | None = None, steps_per_task: int | list[int],
                  batch_size: int = 8, eval_batch_size: int | None = None, n_train: int | None = None,
                  n_eval: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
-                 seed: int = 0, system_prompt: str | None = None) -> None:
+                 seed: int = 0, system_prompt: str | None = None, eval_split: str = "eval") -> None:
         super().__init__()
-        self.specs, self.probe_specs = parse_specs(_as_dicts(tasks), "tasks"), parse_specs(_as_dicts(probes), "probes")
+        self.specs, self.probe_specs = parse_specs(tasks, "tasks"), parse_specs(probes, "probes")
         labels = [s.label for s in self.specs + self.probe_specs]
         if len(set(labels)) != len(labels):
             raise DataError(f"task labels must be unique, got {labels}; give each spec a label")
@@ -148,11 +114,12 @@ class SequentialTasksDataModule(L.LightningDataModule):
         self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
         self.stages: dict[str, PromptDataModule] = {}
         for spec in self.specs + self.probe_specs:
+            n_default = None if spec in self.probe_specs else n_eval  # a probe: all of its part by default
             self.stages[spec.label] = PromptDataModule(
                 tokenizer, task=get_task(spec.task, **spec.task_kwargs), n_train=spec.n_train or n_train,
-                n_eval=spec.n_eval if spec.n_eval is not None else n_eval, batch_size=batch_size,
+                n_eval=spec.n_eval if spec.n_eval is not None else n_default, batch_size=batch_size,
                 eval_batch_size=self.eval_batch_size, max_prompt_length=max_prompt_length, truncation=truncation,
-                seed=seed, system_prompt=system_prompt)
+                seed=seed, system_prompt=system_prompt, eval_split=eval_split)
         self.task = TaskSequence({label: dm.task for label, dm in self.stages.items()})
         self.collate = None
         self._sampler: ResumableSampler | None = None
@@ -212,16 +179,22 @@ class SequentialTasksDataModule(L.LightningDataModule):
         return DataLoader(records, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader | list:
-        """All tasks' and probes' eval records (the mixed accuracy `train.py` reports before/after)."""
+        """Every task's eval records (the accuracy `train.py` reports before/after); the probes are reported
+        apart (`eval_dataloader(label)`)."""
         self.setup("validate")
-        records = [r for dm in self.stages.values() for r in dm.eval_records]
+        records = [r for label in self.task_labels for r in self.stages[label].eval_records]
         return self._loader(records) if records else []
 
     def eval_dataloader(self, label: str) -> DataLoader:
+        """The eval records of one task or probe."""
         self.setup("validate")
         if label not in self.stages:
             raise DataError(f"no task labelled {label!r}; labels: {list(self.stages)}")
         return self._loader(self.stages[label].eval_records)
+
+    def probe_task(self, label: str) -> Task:
+        """The task that verifies the probe `label`'s completions."""
+        return self.stages[label].task
 
     def state_dict(self) -> dict[str, Any]:
         if self._sampler is None:

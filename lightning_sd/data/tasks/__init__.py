@@ -8,13 +8,14 @@ from typing import Any
 from lightning_sd.data.records import DataError
 from lightning_sd.data.tasks.arithmetic import ArithmeticTask
 from lightning_sd.data.tasks.base import Task, Verdict, extract_answer, normalize_number, safe_verify
-from lightning_sd.data.tasks.facts import FictionalFactsTask, RealCapitalsTask
+from lightning_sd.data.tasks.facts import FictionalFactsTask, KnownFactsTask, RealCapitalsTask
 from lightning_sd.data.tasks.json_format import JsonFormatTask
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": ArithmeticTask,
     "fictional_facts": FictionalFactsTask,
     "real_capitals": RealCapitalsTask,
+    "known_facts": KnownFactsTask,
     "json_format": JsonFormatTask,
 }
 
@@ -31,5 +32,5 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return cls(**kwargs)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "FictionalFactsTask", "JsonFormatTask", "RealCapitalsTask", "Task", "Verdict",
+__all__ = ["TASKS", "ArithmeticTask", "FictionalFactsTask", "JsonFormatTask", "KnownFactsTask", "RealCapitalsTask", "Task", "Verdict",
            "extract_answer", "get_task", "normalize_number", "safe_verify"]
