@@ -66,6 +66,35 @@ def test_knowledge_injection_tiny(tmp_path):
         assert key in row
 
 
+def test_frontier_tiny_writes_the_plot_and_the_verdict(tmp_path):
+    _, out = _run("frontier", tmp_path, TINY + ["trainer.max_steps=2"],
+                  [f"~arms.{a}" for a in ("sft_lr1e-5_s30", "sft_lr2e-5_s20", "sft_lr2e-5_s30", "sft_lr5e-5_s20",
+                                          "sft_lr5e-5_s30", "sft_lr1e-4_s20", "sd0_lr5e-5_s30", "sd0_lr1e-4_s20",
+                                          "sd05_lr5e-5_s30")])
+    res = _check_outputs("frontier", out, ["sd05_lr1e-4_s20"])
+    for key in ("facts_b_after_facts_b", "facts_a_after_facts_b", "known_facts_after_facts_b", "drift_kl"):
+        assert key in res["rows"][0]
+    assert res["runs"][0]["drift"]["prompts"] == "eval"  # the test part of the general prompts
+    assert "Met in each seed: seed 0: no" in (out / "verdict.md").read_text()  # nothing learned in 2 steps
+
+
+def test_frontier_verdict_compares_each_point_with_every_sft_point_at_least_as_good():
+    from frontier import verdict
+
+    def r(arm, seed, new, known, drift, a):
+        return {"arm": arm, "seed": seed, "facts_b_after_facts_b": new, "known_facts_after_facts_b": known,
+                "drift_kl": drift, "facts_a_after_facts_b": a}
+
+    rows = [r("sft_a", 0, 0.9, 0.5, 0.2, 0.5), r("sft_b", 0, 0.7, 0.9, 0.05, 0.9),  # sft_b learns less: not a rival
+            r("sd05_x", 0, 0.85, 0.7, 0.1, 0.5), r("sd0_y", 0, 0.95, 0.9, 0.1, 0.9), r("sd1_z", 0, 0.6, 1.0, 0.0, 1.0),
+            r("sft_a", 1, 0.9, 0.5, 0.2, 0.5), r("sd05_x", 1, 0.85, 0.69, 0.1, 0.5)]
+    got = {(v["arm"], v["seed"]): v for v in verdict(rows)}
+    assert set(got) == {("sd05_x", 0), ("sd0_y", 0), ("sd05_x", 1)}  # sd1_z is under 80% new facts
+    assert got[("sd05_x", 0)]["met"] and [c["sft"] for c in got[("sd05_x", 0)]["rivals"]] == ["sft_a"]
+    assert not got[("sd0_y", 0)]["met"] and got[("sd0_y", 0)]["rivals"] == []  # no SFT point reaches 95%: no win
+    assert not got[("sd05_x", 1)]["met"]  # 19 points more known facts, not 20
+
+
 def test_self_critique_arithmetic_tiny_and_resume_skips_finished_runs(tmp_path):
     _, out = _run("self_critique_arithmetic", tmp_path, TINY)
     res = _check_outputs("self_critique_arithmetic", out, ["base", "sft", "self_critique"])
