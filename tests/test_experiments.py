@@ -78,6 +78,16 @@ def test_frontier_tiny_writes_the_plot_and_the_verdict(tmp_path):
     assert "Met in each seed: seed 0: no" in (out / "verdict.md").read_text()  # nothing learned in 2 steps
 
 
+def test_learning_curves_tiny_records_known_facts_and_training_seconds_at_each_point(tmp_path):
+    _, out = _run("learning_curves", tmp_path, TINY + ["trainer.max_steps=2", "trainer.checkpoint_every_n_steps=null"],
+                  ["~arms.sft", "~arms.sd0", "~arms.sd05", "measure.curve_every=1", "measure.drift=false"])
+    res = _check_outputs("learning_curves", out, ["sd1"])
+    curve = res["runs"][0]["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2] and all("known_facts" in p["probes"] for p in curve)
+    assert curve[0]["train_seconds"] == 0 < curve[1]["train_seconds"] <= curve[2]["train_seconds"]
+    assert {"test_at_2", "known_at_2", "seconds_at_2", "steps_to_80"} <= set(res["rows"][0])
+
+
 def test_frontier_verdict_compares_each_point_with_every_sft_point_at_least_as_good():
     from frontier import verdict
 
