@@ -67,10 +67,11 @@ def test_knowledge_injection_tiny(tmp_path):
 
 
 def test_frontier_tiny_writes_the_plot_and_the_verdict(tmp_path):
+    from omegaconf import OmegaConf
+
+    arms = OmegaConf.load(ROOT / "experiments" / "conf" / "frontier.yaml").arms
     _, out = _run("frontier", tmp_path, TINY + ["trainer.max_steps=2"],
-                  [f"~arms.{a}" for a in ("sft_lr1e-5_s30", "sft_lr2e-5_s20", "sft_lr2e-5_s30", "sft_lr5e-5_s20",
-                                          "sft_lr5e-5_s30", "sft_lr1e-4_s20", "sd0_lr5e-5_s30", "sd0_lr1e-4_s20",
-                                          "sd05_lr5e-5_s30")])
+                  [f"~arms.{a}" for a in arms if a != "sd05_lr1e-4_s20"])
     res = _check_outputs("frontier", out, ["sd05_lr1e-4_s20"])
     for key in ("facts_b_after_facts_b", "facts_a_after_facts_b", "known_facts_after_facts_b", "drift_kl"):
         assert key in res["rows"][0]
