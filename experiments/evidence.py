@@ -263,7 +263,7 @@ def run_one(spec: dict) -> dict:
         split = probes_split(run.typed["data"])  # the general prompts' validation part in a search, else the test's
         result["drift"] = kl_from_reference(module.student, base, module.tokenizer, GENERAL_PROMPTS[split],
                                             max_new_tokens=int(measure.get("drift_max_new_tokens") or 48),
-                                            system_prompt=module.system_prompt)
+                                            system_prompt=module.prompts.system_prompt)
         result["drift"]["prompts"] = split
         del base
     from lightning_sd.logging_utils import train_history

@@ -3,7 +3,7 @@
 Parts (one GPU; every strategy runs with devices=1, so collectives are trivial but every code path runs):
 - env:              torch / CUDA / GPU / package versions.
 - bf16_live_grad:   live teacher under bf16-mixed: the student gets finite, non-zero gradients, aligned with
-                    the 32-true gradients (cosine) -- the Lightning/autocast pitfall in docs/PITFALLS.
+                    the 32-true gradients (cosine).
 - uneven_<strategy>: 3 training steps, real on-policy generation, row 0 stops at EOS at once while the other
                     rows run to the limit; EMA teacher; bf16-mixed. Strategies: auto, ddp, fsdp,
                     deepspeed_zero2, deepspeed_zero3 (the last two only if deepspeed imports). Reports
@@ -47,12 +47,9 @@ def _records(n: int) -> list[dict]:
 
 
 def _batch(tok, records):
-    from lightning_sd.batch import StepBatch
-    from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+    from lightning_sd.data.datamodule import prompt_batch
 
-    texts = [format_prompt(tok, r["prompt"]) for r in records]
-    enc = encode_prompts(tok, texts, pad_token_id=ensure_pad_token(tok))
-    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
+    return prompt_batch(tok, records)
 
 
 def _loader(batches):

@@ -10,8 +10,9 @@ completion length (right-padded), k the teacher alternatives kept per token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -92,22 +93,28 @@ def as_step_batch(batch: StepBatch | Mapping[str, Any]) -> StepBatch:
     return StepBatch(**batch)
 
 
-class TeacherInputs(TypedDict, total=False):
-    """The teacher's prompts for each rollout row (`SelfDistillationModule.build_teacher_inputs`): `prompt_ids` /
-    `prompt_mask` `[R, P']` (left-padded), `row_mask` `[R]` bool (False: no privileged context, the row is left
-    out of the loss), `texts` (the R teacher messages). Without a teacher forward only `row_mask` (all True)."""
+@dataclass
+class TeacherInputs:
+    """The teacher's prompts for each rollout row (the method's `TeacherPrompts`): `prompt_ids` / `prompt_mask`
+    `[R, P']` (left-padded), `row_mask` `[R]` bool (False: no privileged context, the row is left out of the loss),
+    `texts` (the R teacher messages). Without a teacher forward (`without_teacher`) only `row_mask`, all True."""
 
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
     row_mask: torch.Tensor
-    texts: list[str]
+    prompt_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    texts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def without_teacher(cls, rollout: Rollout) -> TeacherInputs:
+        rows = rollout.completion_ids.size(0)
+        return cls(row_mask=torch.ones(rows, dtype=torch.bool, device=rollout.completion_ids.device))
 
 
-class LossOutput(TypedDict):
-    """A step's reduced loss (`SelfDistillationModule.compute_loss`): `loss` the scalar to backpropagate (the
-    *sum* of the terms; the gradients are normalized over the optimizer step), `value` the normalized loss for
-    logging, `per_token` / `mask` `[R, C]`, `count` the local normalizer, `signal` `[R, C]` bool (the tokens that
-    can carry a gradient)."""
+@dataclass
+class LossOutput:
+    """A step's reduced loss (`Scorer.reduce`): `loss` the scalar to backpropagate (the *sum* of the terms; the
+    gradients are normalized over the optimizer step), `value` the normalized loss for logging, `per_token` /
+    `mask` `[R, C]`, `count` the local normalizer, `signal` `[R, C]` bool (the tokens that can carry a gradient)."""
 
     loss: torch.Tensor
     value: torch.Tensor

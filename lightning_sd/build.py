@@ -168,6 +168,10 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     student, tokenizer = load_model(**model_kwargs)
     require_chat_template(tokenizer, m.chat_template)  # before anything is formatted with it
     tr = typed["trainer"]
+    if tr.accelerator == "cpu":  # bf16 on a CPU that emulates it: slower than fp32, said once
+        from lightning_sd.cpu_precision import bf16_settings, warn_if_bf16_is_emulated
+
+        warn_if_bf16_is_emulated(bf16_settings(tr.precision, typed["generation"].dtype, m.dtype))
     if m.gradient_checkpointing or tr.gradient_checkpointing:
         enable_activation_checkpointing(student)
     if m.lora:
@@ -179,7 +183,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
     e = typed["eval"]
     module = SelfDistillationModule(
         student, tokenizer, teacher=teacher, loss=typed["loss"], task=build_verifier_for(d, datamodule.task),
-        optimizer=asdict(typed["optimizer"]), scheduler=asdict(typed["scheduler"]),
+        optimizer=typed["optimizer"], scheduler=typed["scheduler"],
         max_prompt_length=d.max_prompt_length, truncation=d.truncation, system_prompt=d.system_prompt,
         eval_sampling=SamplingConfig(do_sample=False, max_new_tokens=e.max_new_tokens), run_dir=run_dir)
     backend = build_rollout_backend(typed["generation"], m, d, tokenizer)

@@ -7,18 +7,19 @@ impossible value stops the run at start-up with a message naming the key (`loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_sd.models import DTYPES
-from lightning_sd.module import OptimizerConfig, SchedulerConfig
 from lightning_sd.objectives import LossConfig, check_renamed_keys
+from lightning_sd.optim import OptimizerConfig, SchedulerConfig
 from lightning_sd.sampling import SamplingConfig
 from lightning_sd.step_in_backward import check_step_in_backward
-from lightning_sd.teachers import TEACHER_KINDS
+from lightning_sd.teachers import TEACHERS, teacher_class
 
 
 class ConfigError(ValueError):
@@ -28,46 +29,46 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "smollm2_135m"
-    name_or_path: Optional[str] = None
-    gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = None
     dtype: str = "float32"
-    cache_dir: Optional[str] = None
-    hidden_size: Optional[int] = None
-    num_layers: Optional[int] = None
-    num_heads: Optional[int] = None
-    intermediate_size: Optional[int] = None
+    cache_dir: str | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
     seed: int = 0
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    lora: Optional[dict] = None
-    chat_template: Optional[str] = None  # null: the tokenizer's; chatml; plain; a Jinja string or a file holding one
+    lora: dict | None = None
+    chat_template: str | None = None  # null: the tokenizer's; chatml; plain; a Jinja string or a file holding one
 
 
 @dataclass
 class DataConfig:
-    task: Optional[str] = "fictional_facts"
+    task: str | None = "fictional_facts"
     # empty: an option's dict is merged into this one key by key, so anything here would join every task's options
     task_kwargs: dict = field(default_factory=dict)
-    train_file: Optional[str] = None
-    eval_file: Optional[str] = None
-    n_train: Optional[int] = 96
-    n_eval: Optional[int] = 24
+    train_file: str | None = None
+    eval_file: str | None = None
+    n_train: int | None = 96
+    n_eval: int | None = 24
     batch_size: int = 8
-    eval_batch_size: Optional[int] = 32
-    max_prompt_length: Optional[int] = 512
+    eval_batch_size: int | None = 32
+    max_prompt_length: int | None = 512
     truncation: str = "left"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     seed: int = 0
-    eval_split: Optional[str] = "eval"  # tasks: "eval" (held-out test) or "val"; data=hf: a split name, or null
+    eval_split: str | None = "eval"  # tasks: "eval" (held-out test) or "val"; data=hf: a split name, or null
     verifier: Any = None  # null: the task's own (none for files); a name of data/verifiers.py; or {_target_: ...}
-    verifier_pattern: Optional[str] = None  # verifier=regex: the pattern
-    path: Optional[str] = None  # data=hf: a local folder or data file, or a Hub dataset id
-    name: Optional[str] = None  # data=hf: the dataset's configuration name
-    split: Optional[str] = None  # data=hf: the train split
-    num_proc: Optional[int] = None  # data=hf: processes for loading and mapping
-    fields: Optional[dict] = None  # data=hf: {prompt, solution, answer, system, id} -> column names
-    format: Optional[dict] = None  # data=hf: {_target_: a function row -> record}, for rows a mapping cannot express
+    verifier_pattern: str | None = None  # verifier=regex: the pattern
+    path: str | None = None  # data=hf: a local folder or data file, or a Hub dataset id
+    name: str | None = None  # data=hf: the dataset's configuration name
+    split: str | None = None  # data=hf: the train split
+    num_proc: int | None = None  # data=hf: processes for loading and mapping
+    fields: dict | None = None  # data=hf: {prompt, solution, answer, system, id} -> column names
+    format: dict | None = None  # data=hf: {_target_: a function row -> record}, for rows a mapping cannot express
     # task specs only evaluated, never trained (retention; task_spec.py): by default the known-facts probe
     probes: list = field(default_factory=lambda: [{"task": "known_facts", "task_kwargs": {}, "n_train": None,
                                                    "n_eval": None, "label": "known_facts"}])
@@ -76,9 +77,9 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     kind: str = "frozen"
-    rate: Optional[float] = None
-    mix: Optional[float] = None
-    model: Optional[dict] = None
+    rate: float | None = None
+    mix: float | None = None
+    model: dict | None = None
 
 
 @dataclass
@@ -98,17 +99,17 @@ class TrainerConfig:
     precision: str = "32-true"
     max_steps: int = 40
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 1
-    val_check_interval: Optional[int] = None
+    val_check_interval: int | None = None
     enable_checkpointing: bool = True
-    checkpoint_every_n_steps: Optional[int] = 10
+    checkpoint_every_n_steps: int | None = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
     gradient_checkpointing: bool = False
     gather_for_generation: bool = True
-    sharding_strategy: Optional[str] = None
-    fsdp_wrap: Optional[list] = None
+    sharding_strategy: str | None = None
+    fsdp_wrap: list | None = None
     offload: bool = False
     retain_heap: bool = True
 
@@ -118,7 +119,7 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "bias")
 
 
-def validate_trainer(tr: "TrainerConfig") -> None:
+def validate_trainer(tr: TrainerConfig) -> None:
     """Impossible trainer combinations (independent of the hardware at hand, so configs validate anywhere)."""
     if tr.precision not in PRECISIONS + ("32", "16-true", "64-true"):
         raise ConfigError(f"trainer.precision={tr.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -146,11 +147,11 @@ def validate_trainer(tr: "TrainerConfig") -> None:
 
 @dataclass
 class LoggerConfig:
-    name: Optional[str] = "csv"
-    project: Optional[str] = None
-    entity: Optional[str] = None
-    mode: Optional[str] = None
-    log_samples_every: Optional[int] = None
+    name: str | None = "csv"
+    project: str | None = None
+    entity: str | None = None
+    mode: str | None = None
+    log_samples_every: int | None = None
 
 
 @dataclass
@@ -178,8 +179,11 @@ class CallbacksConfig:
     """Reliability and inspection callbacks (`lightning_sd.callbacks`)."""
 
     atomic_checkpoints: bool = True
+    keep_previous_checkpoint: bool = True  # False: only last.ckpt (the fallback a damaged last.ckpt resumes from goes)
+    export_model: bool = True  # the student as a Hugging Face folder in <run folder>/model/ at the end of training
+    export_merged_lora: bool = False  # a LoRA run: also the adapter merged into the base weights (model/merged/)
     rng_state: bool = True
-    token_view_every: Optional[int] = 10
+    token_view_every: int | None = 10
     token_view_rows: int = 4
     token_view_topk: int = 3
     sample_rows: int = 8
@@ -290,9 +294,8 @@ def sampling_config(g: GenerationConfig) -> SamplingConfig:
     return SamplingConfig(**{f.name: getattr(g, f.name) for f in fields(SamplingConfig)})
 
 
-EMA_MAX_RATE = 0.5  # teacher.rate above this is almost surely a decay typed as a rate
-
-TEACHER_KEYS_READ = {"rate": ("ema",), "mix": ("trust_region",), "model": ("external",)}
+# teacher key -> the kinds that read it
+TEACHER_KEYS_READ = {key: tuple(k for k, cls in TEACHERS.items() if cls.option == key) for key in ("rate", "mix", "model")}
 
 
 def warn_ignored_teacher_keys(t) -> list[str]:
@@ -360,21 +363,15 @@ def validate_config(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     t: TeacherConfig = typed["teacher"]
-    if t.kind not in TEACHER_KINDS:
-        raise ConfigError(f"teacher.kind={t.kind!r} is not one of {TEACHER_KINDS}")
-    if t.kind == "ema" and not (t.rate and 0 < t.rate <= 1):
-        raise ConfigError(f"teacher=ema needs teacher.rate in (0, 1], got {t.rate}")
-    if t.kind == "ema" and t.rate > EMA_MAX_RATE:
-        raise ConfigError(f"teacher.rate={t.rate} is the weight of the student in each update (teacher = (1 - rate) "
-                          f"* teacher + rate * student), not the decay: {t.rate} makes the teacher almost the live "
-                          f"student. For an EMA with decay d set teacher.rate=1-d (decay 0.99: teacher.rate=0.01); "
-                          f"for the student itself use teacher=live. Rates above {EMA_MAX_RATE} are refused")
-    if t.kind == "trust_region" and (t.mix is None or not 0 <= t.mix <= 1):
-        raise ConfigError(f"teacher=trust_region needs teacher.mix in [0, 1], got {t.mix}")
-    if t.kind == "external":
+    try:
+        policy = teacher_class(t.kind)
+        policy.check_option(getattr(t, policy.option) if policy.option else None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if policy.option == "model":
         check_external_teacher(t.model)
-    if loss.chunk_size and t.kind == "trust_region":
-        raise ConfigError("loss.chunk_size is not supported with teacher=trust_region; set loss.chunk_size=null")
+    if loss.chunk_size and not policy.scores_hidden_states:
+        raise ConfigError(f"loss.chunk_size is not supported with teacher={t.kind}; set loss.chunk_size=null")
     warn_ignored_teacher_keys(t)
     g: GenerationConfig = typed["generation"]
     if g.backend not in ("hf", "vllm"):
@@ -403,7 +400,7 @@ def validate_config(cfg: DictConfig) -> dict:
     try:
         check_method(loss, t, g, d)
         if d.task == SEQUENCE_TASK:
-            check_sequence(dict(d.task_kwargs or {}), tr.max_steps)
+            check_sequence(dict(d.task_kwargs or {}), tr.max_steps, d.probes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     lora = typed["model"].lora
@@ -418,8 +415,11 @@ def validate_config(cfg: DictConfig) -> dict:
                           "token probabilities differ: set loss.is_clip (e.g. 2.0) to apply the importance-weight "
                           "correction")
     check_generation_dtype(g, typed["model"], tr, loss)
-    if typed["optimizer"].name not in ("adamw", "sgd"):
-        raise ConfigError(f"optimizer.name={typed['optimizer'].name!r} is not one of 'adamw', 'sgd'")
+    try:
+        typed["optimizer"].validate()
+        typed["scheduler"].validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if typed["optimizer"].in_backward:
         devices = tr.devices if isinstance(tr.devices, int) else 1
         try:
@@ -429,8 +429,6 @@ def validate_config(cfg: DictConfig) -> dict:
                                    strategy=tr.strategy if isinstance(tr.strategy, str) else None)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    if typed["scheduler"].name not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"scheduler.name={typed['scheduler'].name!r} is not one of 'constant', 'linear', 'cosine'")
     if typed["logger"].name not in (None, "csv", "wandb"):
         raise ConfigError(f"logger.name={typed['logger'].name!r} is not one of csv, wandb, null")
     if typed["logger"].log_samples_every is not None and typed["logger"].log_samples_every < 1:

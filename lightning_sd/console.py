@@ -46,9 +46,10 @@ def header_lines(cfg: Any, run_dir: str) -> list[str]:
     """A few lines that say what the run is: model, method, teacher, data, steps, output folder."""
     m, d, loss, t, tr = cfg.model, cfg.data, cfg.loss, cfg.teacher, cfg.trainer
     model = m.name if m.name != "hf" else f"hf {m.name_or_path}"
-    teacher = t.kind + (f" (rate {t.rate})" if t.kind == "ema" else f" (mix {t.mix})" if t.kind == "trust_region"
-                        else f" ({(t.model or {}).get('name_or_path') or (t.model or {}).get('name')})"
-                        if t.kind == "external" else "")
+    from lightning_sd.teachers import teacher_class
+
+    policy = teacher_class(t.kind)
+    teacher = policy.describe(t.get(policy.option) if policy.option else None)
     source = (d.get("path") or d.train_file or d.task or "?")
     verifier = d.get("verifier")
     data = f"{source}" + (f", verifier {verifier if isinstance(verifier, str) else 'custom'}" if verifier else "")
@@ -137,6 +138,8 @@ def summary_rows(metrics: dict, run_dir: str) -> list[tuple[str, str]]:
     views = os.path.join(run_dir, "token_views")
     if os.path.isdir(views):
         rows.append(("token views", views))
+    if metrics.get("model_folder"):
+        rows.append(("model", metrics["model_folder"]))
     rows.append(("metrics", os.path.join(run_dir, "metrics.json")))
     return rows
 

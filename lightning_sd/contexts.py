@@ -91,9 +91,17 @@ def template_context(template: str) -> ContextBuilder:
     return build
 
 
-# builders that are not a single format string (sections appear only when their content exists)
-BUILDER_TEMPLATES = ("sdpo",)
-TEMPLATE_NAMES = tuple(TEMPLATES) + BUILDER_TEMPLATES
+# builders that are not a single format string (sections appear only when their content exists), by the kind of
+# context they make: an "rl_feedback" context is built from the verifier's rewards and feedback of the row and of
+# its siblings (`lightning_sd.methods.sdpo`)
+BUILDER_TEMPLATES: dict[str, str] = {"sdpo": "rl_feedback"}
+TEMPLATE_NAMES = tuple(TEMPLATES) + tuple(BUILDER_TEMPLATES)
+
+
+def context_kind(template: str) -> str:
+    """What kind of teacher context `loss.template` makes: "format" (a format string over the record's fields,
+    whether a name of `TEMPLATES` or written out) or a builder's kind (`BUILDER_TEMPLATES`: "rl_feedback")."""
+    return BUILDER_TEMPLATES.get(template, "format")
 
 
 def check_template(template: str) -> None:
@@ -105,4 +113,5 @@ def check_template(template: str) -> None:
                          "string over the record's fields (e.g. '{prompt} Hint: {answer}')")
 
 
-__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "RowView", "ContextBuilder", "template_context", "check_template"]
+__all__ = ["TEMPLATES", "TEMPLATE_NAMES", "BUILDER_TEMPLATES", "RowView", "ContextBuilder", "template_context",
+           "check_template", "context_kind"]

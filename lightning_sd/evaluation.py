@@ -12,7 +12,7 @@ import torch
 
 from lightning_sd.batch import StepBatch, as_step_batch
 from lightning_sd.contexts import RowView
-from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
+from lightning_sd.data.prompts import PromptEncoder
 from lightning_sd.forward import completion_logits
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, score_rollouts, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
@@ -64,13 +64,13 @@ def generate_and_verify(module, batch: StepBatch, sampling: SamplingConfig, netw
 
 
 def teacher_prompts(module, records: list[dict]) -> tuple[list[str], list[bool]]:
-    """The teacher's privileged prompt for each record (no rollout known: an empty `RowView`)."""
+    """The teacher's privileged prompt for each record (no rollout known: an empty `RowView`), chat-formatted;
+    and whether each has one (else the student's prompt)."""
     texts, ok = [], []
     for rec in records:
-        text = module.context(rec, RowView())
+        text = module.teacher_prompts.context(rec, RowView())
         ok.append(text is not None)
-        texts.append(format_prompt(module.tokenizer, text if text is not None else rec["prompt"],
-                                   system=record_system(rec, module.system_prompt)))
+        texts.append(module.prompts.format(text if text is not None else rec["prompt"], rec))
     return texts, ok
 
 
@@ -93,8 +93,7 @@ def evaluate(module, batches, sampling: SamplingConfig | None = None, *, with_te
             progress(len(batch.records), int(sum(out["lengths"])))
         if with_teacher:
             texts, ok = teacher_prompts(module, batch.records)
-            enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length,
-                                 truncation=module.truncation, pad_token_id=module.pad_token_id)
+            enc = module.prompts.encode(texts, formatted=True)
             with module.teacher.sampling_network(module.student) as net:
                 teacher_batch = StepBatch(records=batch.records, prompt_ids=enc.ids, prompt_mask=enc.mask,
                                           prompt_text=texts)
@@ -171,13 +170,14 @@ def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[st
     from lightning_sd.losses import per_token_divergence
 
     prompts = GENERAL_PROMPTS["eval"] if prompts is None else prompts
-    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    encoder = PromptEncoder(tokenizer, system_prompt, pad_token_id=tokenizer.pad_token_id if pad_token_id is None
+                            else pad_token_id)
+    pad = encoder.pad_token_id
     device, ref_device = next(model.parameters()).device, next(reference.parameters()).device
     per_prompt, total, count = [], 0.0, 0
     with sampling_mode(model), sampling_mode(reference):
         for i in range(0, len(prompts), batch_size):
-            texts = [format_prompt(tokenizer, p, system=system_prompt) for p in prompts[i:i + batch_size]]
-            enc = encode_prompts(tokenizer, texts, max_length=None, truncation="left", pad_token_id=pad)
+            enc = encoder.encode(list(prompts[i:i + batch_size]))
             ids, mask = enc.ids.to(device), enc.mask.to(device)
             roll = sample(model, ids, mask, SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens),
                           pad_token_id=pad, stop_token_ids=stop_ids(tokenizer))

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from lightning_sd.contexts import check_template
+from lightning_sd.contexts import check_template, context_kind
 from lightning_sd.losses import (
     DivergenceOptions,
     apply_importance_weight,
@@ -103,8 +103,11 @@ class LossConfig:
         return super().__new__(cls)
 
     def method(self) -> Method:
-        """The method object these options select (`loss.name`, or `loss._target_`)."""
-        return method_class(self.name)(self)
+        """The method object these options select (`loss.name`, or `loss._target_`), made once per name."""
+        made = self.__dict__.get("_method")
+        if made is None or made[0] != self.name:
+            made = self.__dict__["_method"] = (self.name, method_class(self.name)(self))
+        return made[1]
 
     @property
     def needs_teacher(self) -> bool:
@@ -161,7 +164,7 @@ class LossConfig:
             if self.chunk_size is not None:
                 raise ValueError("loss.contrast combines the student's and both teachers' logits: it does not work "
                                  "with the memory-bounded loss; set loss.chunk_size=null")
-            if self.template in ("sdpo",):
+            if context_kind(self.template) != "format":
                 raise ValueError("loss.contrast needs a format-string teacher template (a placebo is the same "
                                  "template around another record's fields), not loss.template=sdpo")
 

@@ -1,8 +1,8 @@
 """What a training step computes from the student's and the teacher's scores of the completions, for any method:
-the student's log-probs, the importance weights against the sampler, the per-token divergence (full logits, or
-chunk by chunk from hidden states with `loss.chunk_size`), the reduction, and the token diagnostics. `Scorer`
-holds the loss options and the two output embeddings; the module builds one and hands its pieces to the method
-through `methods.Step`.
+the trainable tokens, the student's log-probs, the importance weights against the sampler, the per-token
+divergence (full logits, or chunk by chunk from hidden states with `loss.chunk_size`), the method's terms reduced to
+the loss (`method_loss`), and the step's diagnostics. `Scorer` holds the loss options and the two output embeddings, and
+hands its pieces to the method through `methods.Step`.
 
 Shapes: R rollout rows, C completion length, V vocabulary, H hidden size. `student_out` / `teacher_out` are
 logits `[R, C, V]`, or final hidden states `[R, C, H]` when `loss.chunk_size` is set.
@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from lightning_sd.batch import LossOutput
-from lightning_sd.losses import (apply_importance_weight, chunked_divergence, clipped_teacher_mass, importance_weight,
-                                 reduce_loss)
+from lightning_sd.losses import (apply_importance_weight, chunked_divergence, clipped_teacher_mass,
+                                 completion_mask_skip_first, importance_weight, reduce_loss)
 from lightning_sd.losses.diagnostics import gradient_clipped_mass
 from lightning_sd.losses.support import compute_dtype, prepare_logits
-from lightning_sd.methods import is_dataset_rollout
+from lightning_sd.methods import Method, Step, is_dataset_rollout
 from lightning_sd.objectives import LossConfig, distillation_terms, token_logprobs, token_logprobs_from_hidden
 from lightning_sd.sampling import Rollout, SamplingConfig, sampler_token_logprobs
 
@@ -33,6 +33,27 @@ class Scorer:
     loss: LossConfig
     student_weight: Callable[[], torch.Tensor]
     teacher_weight: Callable[[], torch.Tensor]
+
+    def trainable_mask(self, rollout: Rollout) -> torch.Tensor:
+        """`[R, C]` the completion tokens that may train: `completion_mask` without the first `loss.skip_first`
+        tokens of each row (the one place `skip_first` is applied)."""
+        mask, skip = rollout.completion_mask, self.loss.skip_first
+        return completion_mask_skip_first(mask, skip) if skip else mask
+
+    def step(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, rollout: Rollout, records: list[dict],
+             rewards: list[float | None] | None, row_mask: torch.Tensor) -> Step:
+        """The `Step` a method's `terms` reads: this scorer's pieces bound to the step's scores."""
+        step = Step(rollout=rollout, records=records, rewards=rewards, mask=self.trainable_mask(rollout),
+                    row_mask=row_mask, logprobs=lambda: self.student_logprobs(student_out, rollout),
+                    distillation=lambda mask: self.distillation(student_out, teacher_out, rollout, mask,
+                                                                step.importance_weights),
+                    _weights=lambda: self.importance_weights(student_out, rollout))
+        return step
+
+    def method_loss(self, method: Method, step: Step) -> LossOutput:
+        """The method's per-token terms of `step`, reduced (`reduce`)."""
+        terms = method.terms(step)
+        return self.reduce(terms.per_token, terms.mask, signal=terms.signal)
 
     def student_logprobs(self, student_out: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """`[R, C]` student log-probs of the completion tokens at `loss.temperature` (with grad), from logits
@@ -94,8 +115,8 @@ class Scorer:
         return per_token.masked_scatter(keep, values)
 
     def reduce(self, per_token: torch.Tensor, mask: torch.Tensor, signal: torch.Tensor | None = None) -> LossOutput:
-        """`{"loss": the sum of the terms on mask (per sequence with sequence_mean), "value": normalized for
-        logging, "per_token", "mask" (float), "count": the local normalizer, "signal": [R, C] bool}`."""
+        """`loss`: the sum of the terms on mask (per sequence with sequence_mean), `value`: normalized for logging,
+        `per_token`, `mask` (float), `count`: the local normalizer, `signal`: `[R, C]` bool."""
         reduction = self.loss.reduction
         mask_f = mask.to(per_token.dtype)
         if reduction == "sequence_mean":
@@ -108,8 +129,36 @@ class Scorer:
                                **({"num_sequences": 1} if reduction == "sequence_mean" else {}))
         value = loss_sum.detach() / max(count, 1.0)
         signal = mask.bool() if signal is None else signal.bool() & mask.bool()
-        return {"loss": loss_sum, "value": value, "per_token": per_token, "mask": mask_f, "count": count,
-                "signal": signal}
+        return LossOutput(loss=loss_sum, value=value, per_token=per_token, mask=mask_f, count=count, signal=signal)
+
+    @torch.no_grad()
+    def diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor | None, rollout: Rollout,
+                    out: LossOutput, row_mask: torch.Tensor) -> dict[str, float]:
+        """What this step teaches, as plain floats (logged as `train/<key>`, averaged into `metrics.json`):
+
+        - `no_signal_rows`: share of rollout rows with no loss-bearing token (masked: no context, no successful
+          sibling; GRPO: zero advantage; every token skipped).
+        - `teacher_advantage`, `teacher_advantage_std`: mean and spread over the trained positions of
+          `log T(y_t) - log S(y_t)` at `loss.temperature`, the teacher's per-token advantage of the sampled text
+          (> 0: the teacher likes the student's own tokens better than the student does).
+        - `clipped_teacher_mass` (with `loss.entry_clip`): the share of the teacher's probability mass on entries
+          the clip bounds, averaged over the trained positions of the step's first 4 rollout rows (a sample:
+          computing it for every row costs about as much as the loss itself).
+        Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
+        values = {"no_signal_rows": float((~out.signal.any(-1)).float().mean())}
+        if teacher_out is None:
+            return values
+        mask = self.trainable_mask(rollout)
+        keep = (mask * row_mask[:, None].to(mask.dtype)).bool()
+        if not keep.any():
+            return values
+        advantage, clipped = self.token_diagnostics(student_out, teacher_out, rollout.completion_ids)
+        advantage = advantage[keep]
+        values["teacher_advantage"] = float(advantage.mean())
+        values["teacher_advantage_std"] = float(advantage.std(unbiased=False))
+        if clipped is not None and keep[: clipped.size(0)].any():
+            values["clipped_teacher_mass"] = float(clipped[keep[: clipped.size(0)]].mean())
+        return values
 
     @torch.no_grad()
     def token_diagnostics(self, student_out: torch.Tensor, teacher_out: torch.Tensor, tokens: torch.Tensor,

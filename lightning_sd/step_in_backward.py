@@ -140,3 +140,13 @@ def check_step_in_backward(*, gradient_clip_val: float | None, accumulate_grad_b
     if problems:
         raise ValueError("optimizer.in_backward=true updates each parameter inside backward, which rules out: "
                          + "; ".join(problems))
+
+
+def check_trainer_for_step_in_backward(trainer) -> None:
+    """`check_step_in_backward` against the Trainer a module runs under (the rules train.py checks in the config at
+    start-up, for a module used in one's own Lightning code)."""
+    strategy = type(trainer.strategy).__name__
+    check_step_in_backward(
+        gradient_clip_val=trainer.gradient_clip_val, accumulate_grad_batches=trainer.accumulate_grad_batches,
+        processes=trainer.world_size, precision=str(trainer.precision),
+        strategy=None if strategy in ("SingleDeviceStrategy", "SingleDeviceXLAStrategy") else strategy)

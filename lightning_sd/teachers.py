@@ -16,13 +16,13 @@ module; its copies never require grad and are never in the optimizer. The teache
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-TEACHER_KINDS = ("live", "frozen", "ema", "trust_region", "external")
+EMA_MAX_RATE = 0.5  # teacher.rate above this is almost surely a decay typed as a rate
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -40,11 +40,29 @@ class TeacherPolicy(nn.Module):
     """Base class. `score(student, run)` returns `run(network)` computed with the teacher's weights, where
     `run(network) -> Tensor` computes completion logits `[R, C, V]` for the teacher's inputs.
 
-    `persistent` says whether the policy's weights are training state that checkpoints must keep.
+    `persistent` says whether the policy's weights are training state that checkpoints must keep; `option` the
+    `teacher` key this kind reads (`rate`, `mix`, `model`; None: none); `scores_hidden_states` whether its scores
+    can be final hidden states (the memory-bounded loss, `loss.chunk_size`), not only logits.
     """
 
     kind: str = "base"
     persistent: bool = False
+    option: str | None = None
+    scores_hidden_states: bool = True
+
+    @classmethod
+    def check_option(cls, value) -> None:
+        """Raise a ValueError naming the `teacher` key when `value` (of `option`) cannot work for this kind."""
+
+    @classmethod
+    def build(cls, student: nn.Module, value) -> TeacherPolicy:
+        """The policy for `student`, with `value` of its `option`."""
+        return cls(student)
+
+    @classmethod
+    def describe(cls, value) -> str:
+        """The kind in a word or two for the run's header, e.g. `ema (rate 0.01)`."""
+        return cls.kind if cls.option is None else f"{cls.kind} ({cls.option} {value})"
 
     def score(self, student: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -73,6 +91,10 @@ class LiveTeacher(TeacherPolicy):
     """The student's current weights, no grad."""
 
     kind = "live"
+
+    @classmethod
+    def build(cls, student: nn.Module, value) -> LiveTeacher:
+        return cls()
 
     def score(self, student, run):
         with torch.no_grad():
@@ -115,6 +137,23 @@ class EmaTeacher(FrozenTeacher):
 
     kind = "ema"
     persistent = True
+    option = "rate"
+
+    @classmethod
+    def check_option(cls, value) -> None:
+        if not (value and 0 < value <= 1):
+            raise ValueError(f"teacher=ema needs teacher.rate in (0, 1], got {value}")
+        if value > EMA_MAX_RATE:
+            raise ValueError(f"teacher.rate={value} is the weight of the student in each update (teacher = (1 - rate) "
+                             f"* teacher + rate * student), not the decay: {value} makes the teacher almost the live "
+                             f"student. For an EMA with decay d set teacher.rate=1-d (decay 0.99: teacher.rate=0.01); "
+                             f"for the student itself use teacher=live. Rates above {EMA_MAX_RATE} are refused")
+
+    @classmethod
+    def build(cls, student: nn.Module, value) -> EmaTeacher:
+        if value is None:
+            raise ValueError("teacher=ema needs teacher.rate (e.g. 0.01 for SDFT, 0.05 for SDPO)")
+        return cls(student, value)
 
     def __init__(self, student: nn.Module, rate: float):
         if not 0.0 < rate <= 1.0:
@@ -154,6 +193,19 @@ class TrustRegionTeacher(FrozenTeacher):
     """SDPO's trust-region teacher: logits `frozen + mix * (live - frozen)`."""
 
     kind = "trust_region"
+    option = "mix"
+    scores_hidden_states = False  # its logits are an interpolation
+
+    @classmethod
+    def check_option(cls, value) -> None:
+        if value is None or not 0 <= value <= 1:
+            raise ValueError(f"teacher=trust_region needs teacher.mix in [0, 1], got {value}")
+
+    @classmethod
+    def build(cls, student: nn.Module, value) -> TrustRegionTeacher:
+        if value is None:
+            raise ValueError("teacher=trust_region needs teacher.mix in [0, 1]")
+        return cls(student, value)
 
     def __init__(self, student: nn.Module, mix: float):
         if not 0.0 <= mix <= 1.0:
@@ -177,6 +229,24 @@ class ExternalTeacher(TeacherPolicy):
     """Another model (classic on-policy KD). Its tokenizer must match the student's exactly."""
 
     kind = "external"
+    option = "model"
+
+    @classmethod
+    def check_option(cls, value) -> None:
+        if not value:
+            raise ValueError("teacher=external needs teacher.model (e.g. teacher.model.name=smollm2_135m, or "
+                             "teacher.model.name=hf teacher.model.name_or_path=<folder>)")
+
+    @classmethod
+    def build(cls, student: nn.Module, value) -> ExternalTeacher:
+        if value is None:
+            raise ValueError("teacher=external needs teacher.model (a model config: name, name_or_path, ...)")
+        return cls(value)
+
+    @classmethod
+    def describe(cls, value) -> str:
+        value = value or {}
+        return f"{cls.kind} ({value.get('name_or_path') or value.get('name')})"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -218,27 +288,26 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_model, t
         )
 
 
+TEACHERS: dict[str, type[TeacherPolicy]] = {cls.kind: cls for cls in (LiveTeacher, FrozenTeacher, EmaTeacher,
+                                                                         TrustRegionTeacher, ExternalTeacher)}
+TEACHER_KINDS = tuple(TEACHERS)
+
+
+def teacher_class(kind: str) -> type[TeacherPolicy]:
+    """The policy class of `teacher.kind`."""
+    if kind not in TEACHERS:
+        raise ValueError(f"teacher.kind={kind!r} is not one of {TEACHER_KINDS}")
+    return TEACHERS[kind]
+
+
 def build_teacher(kind: str, student: nn.Module, *, rate: float | None = None, mix: float | None = None,
                   external_model: nn.Module | None = None) -> TeacherPolicy:
-    """Make a teacher policy of `kind` (one of `TEACHER_KINDS`) for `student`."""
-    if kind == "live":
-        return LiveTeacher()
-    if kind == "frozen":
-        return FrozenTeacher(student)
-    if kind == "ema":
-        if rate is None:
-            raise ValueError("teacher=ema needs teacher.rate (e.g. 0.01 for SDFT, 0.05 for SDPO)")
-        return EmaTeacher(student, rate)
-    if kind == "trust_region":
-        if mix is None:
-            raise ValueError("teacher=trust_region needs teacher.mix in [0, 1]")
-        return TrustRegionTeacher(student, mix)
-    if kind == "external":
-        if external_model is None:
-            raise ValueError("teacher=external needs teacher.model (a model config: name, name_or_path, ...)")
-        return ExternalTeacher(external_model)
-    raise ValueError(f"teacher.kind={kind!r} is not one of {TEACHER_KINDS}")
+    """Make a teacher policy of `kind` (one of `TEACHER_KINDS`) for `student`; `rate`, `mix`, `external_model`:
+    the option of the kinds that read one."""
+    cls = teacher_class(kind)
+    value = {"rate": rate, "mix": mix, "model": external_model}.get(cls.option)
+    return cls.build(student, value)
 
 
 __all__ = ["TeacherPolicy", "LiveTeacher", "FrozenTeacher", "EmaTeacher", "TrustRegionTeacher", "ExternalTeacher",
-           "build_teacher", "check_same_vocabulary", "TEACHER_KINDS"]
+           "build_teacher", "check_same_vocabulary", "teacher_class", "EMA_MAX_RATE", "TEACHERS", "TEACHER_KINDS"]

@@ -31,12 +31,9 @@ class StopAfter(Callback):
 
 def make_batch(tokenizer, records: list[dict]):
     """A `StepBatch` as `PromptDataModule` yields it: records + left-padded chat-formatted prompt ids."""
-    from lightning_sd.batch import StepBatch
-    from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+    from lightning_sd.data.datamodule import prompt_batch
 
-    texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
-    enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
-    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
+    return prompt_batch(tokenizer, records)
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_different_records_give_a_positive_loss_and_use_the_next_records_solutio
     assert loss > 0
     model, tok = tiny
     module = SelfDistillationModule(model, tok, teacher="frozen", loss={"name": "distill", "template": "answer_hint"})
-    placebo = module.build_teacher_inputs(batch, placebo=True)["texts"]
+    placebo = module.build_teacher_inputs(batch, placebo=True).texts
     assert placebo[0].startswith(records[0]["prompt"]) and records[1]["answer"] in placebo[0]
 
 

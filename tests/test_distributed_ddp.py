@@ -28,12 +28,9 @@ RECORDS = [{"id": str(i), "prompt": f"What is {i} + {i + 1}?", "answer": str(2 *
 
 
 def _batch(tokenizer, records):
-    from lightning_sd.batch import StepBatch
-    from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+    from lightning_sd.data.datamodule import prompt_batch
 
-    texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
-    enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
-    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
+    return prompt_batch(tokenizer, records)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -149,7 +146,7 @@ def _worker_uneven(out: Path) -> None:
 
     student.lm_head.register_forward_hook(bias_eos)
     module = _module(student, tok, teacher="ema", teacher_kwargs={"rate": 0.5})
-    module.optimizer_cfg.update(lr=1e-3)
+    module.optimizer_cfg.lr = 1e-3
     seen = []
 
     class Record(Callback):

@@ -12,6 +12,7 @@ import torch
 from conftest import make_batch
 
 from lightning_sd import SamplingConfig, SelfDistillationModule
+from lightning_sd.batch import TeacherInputs
 from lightning_sd.data.tasks.base import Verdict
 from lightning_sd.forward import completion_hidden, completion_logits
 from lightning_sd.rollout import decode_completions
@@ -47,7 +48,7 @@ def test_exact_sampler_gives_weight_one(tiny, records, temperature, top_k, top_p
     run = completion_hidden if chunked else completion_logits
     with torch.no_grad():
         out = run(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
-    w = module.importance_weights(out, ro)
+    w = module.scorer.importance_weights(out, ro)
     valid = ro.completion_mask.bool()
     assert valid.sum() > 10
     torch.testing.assert_close(w[valid], torch.ones_like(w[valid]), rtol=0, atol=1e-5)
@@ -74,7 +75,7 @@ def test_perturbed_sampler_gives_the_analytic_weight(tiny, records, temperature,
     module = module_for(model, tok)
     with torch.no_grad():
         logits = completion_logits(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
-    w = module.importance_weights(logits, ro)
+    w = module.scorer.importance_weights(logits, ro)
     expected = (_analytic_logprobs(model, ro, temperature, top_k, top_p)
                 - _analytic_logprobs(sampler, ro, temperature, top_k, top_p)).clamp(-20, 20).exp()
     valid = ro.completion_mask.bool()
@@ -110,12 +111,11 @@ def test_every_loss_path_is_unchanged_by_weights_of_an_exact_sampler(tiny, recor
         cfg = {"name": "distill", "template": "answer_hint", **loss, "is_clip": is_clip}
         module = SelfDistillationModule(model, tok, teacher="frozen", loss=cfg, task=_Alternating())
         module.teacher.model.load_state_dict(model.state_dict())
-        teacher_inputs = module.build_teacher_inputs(batch) if module.needs_teacher else {
-            "row_mask": torch.ones(ro.completion_ids.size(0), dtype=torch.bool)}
+        teacher_inputs = module.build_teacher_inputs(batch) if module.needs_teacher else TeacherInputs.without_teacher(ro)
         with torch.no_grad():
             teacher_out = module.teacher_forward(batch, teacher_inputs) if module.needs_teacher else None
             student_out = module.student_forward(batch)
-            values.append(module.compute_loss(student_out, teacher_out, batch, teacher_inputs)["per_token"])
+            values.append(module.compute_loss(student_out, teacher_out, batch, teacher_inputs).per_token)
     valid = ro.completion_mask.bool()
     assert values[0][valid].abs().max() > 0
     torch.testing.assert_close(values[1][valid], values[0][valid], rtol=1e-4, atol=1e-6)

@@ -18,7 +18,7 @@ from lightning_sd.rollout import decode_completions, rollout_on
 from lightning_sd.methods import (group_advantages, on_policy_batch, policy_gradient_terms, reference_rollout,
                                   sdpo_context, strip_reasoning)
 from lightning_sd.methods.sdpo import SDPO_FEEDBACK, SDPO_INSTRUCTION, SDPO_SOLUTION
-from lightning_sd.batch import StepBatch
+from lightning_sd.batch import StepBatch, TeacherInputs
 from lightning_sd.contexts import RowView
 from lightning_sd.forward import completion_logits
 from lightning_sd.objectives import LossConfig
@@ -64,14 +64,14 @@ def test_self_critique_teacher_ids_hold_the_reference_and_student_ids_do_not(tin
     module = SelfDistillationModule(model, tok, teacher="frozen", loss=loss_option("self_critique", template=template))
     batch = sampled_batch(module, tok, records)
     inputs = module.build_teacher_inputs(batch)
-    teacher_rows = prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"])
+    teacher_rows = prompt_rows(inputs.prompt_ids, inputs.prompt_mask)
     student_rows = prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)
     for r, (t_row, s_row) in enumerate(zip(teacher_rows, student_rows)):
         rec = records[r // 2]
         assert contains(t_row, ids(tok, rec["solution"])) and not contains(s_row, ids(tok, rec["solution"]))
         assert contains(t_row, ids(tok, wording)) and not contains(s_row, ids(tok, wording))
         assert contains(t_row, ids(tok, rec["prompt"])) and contains(s_row, ids(tok, rec["prompt"]))
-    assert inputs["row_mask"].all()
+    assert inputs.row_mask.all()
 
 
 def test_self_critique_defaults_match_the_paper():
@@ -99,7 +99,7 @@ def test_reason_first_puts_the_teachers_own_greedy_analysis_into_its_context(tin
     expected = tok.batch_decode([r[m.bool()].tolist() for r, m in zip(out.completion_ids, out.completion_mask)],
                                 skip_special_tokens=True)
     assert batch.analyses == expected
-    for r, text in enumerate(inputs["texts"]):
+    for r, text in enumerate(inputs.texts):
         assert "Your own analysis of the reference solution" in text
         assert expected[r // 2].strip() in text and records[r // 2]["solution"] in text
     student = [tok.decode(row) for row in prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)]
@@ -115,7 +115,7 @@ def test_continual_teacher_sees_the_demonstration_as_an_example_response_and_fir
     module = SelfDistillationModule(model, tok, teacher="ema", teacher_kwargs={"rate": 0.01}, loss=cfg)
     batch = sampled_batch(module, tok, records, n=1)
     inputs = module.build_teacher_inputs(batch)
-    for r, (t_row, s_row) in enumerate(zip(prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"]),
+    for r, (t_row, s_row) in enumerate(zip(prompt_rows(inputs.prompt_ids, inputs.prompt_mask),
                                            prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask))):
         demo = ids(tok, "Example response:\n" + records[r]["solution"])
         assert contains(t_row, demo) and not contains(s_row, ids(tok, records[r]["solution"]))
@@ -128,12 +128,12 @@ def test_continual_teacher_sees_the_demonstration_as_an_example_response_and_fir
                       prompt_index=torch.arange(4))
     logits = torch.randn(4, 6, len(tok))
     batch.rollout = rollout
-    out = module.compute_loss(logits, torch.randn(4, 6, len(tok)), batch, {"row_mask": torch.ones(4, dtype=torch.bool)})
-    assert out["mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0] * 6, [0] * 6, [0, 0, 0, 1, 1, 1]]
+    out = module.compute_loss(logits, torch.randn(4, 6, len(tok)), batch, TeacherInputs(row_mask=torch.ones(4, dtype=torch.bool)))
+    assert out.mask.tolist() == [[0, 0, 0, 1, 1, 0], [0] * 6, [0] * 6, [0, 0, 0, 1, 1, 1]]
     # sequence mean: the two rows with trained tokens count, each as the mean over its own tokens
-    assert out["count"] == 2.0
-    per_row = (out["per_token"] * out["mask"]).sum(-1) / out["mask"].sum(-1).clamp(min=1)
-    assert torch.allclose(out["value"], per_row.sum() / 2)
+    assert out.count == 2.0
+    per_row = (out.per_token * out.mask).sum(-1) / out.mask.sum(-1).clamp(min=1)
+    assert torch.allclose(out.value, per_row.sum() / 2)
 
 
 # ------------------------------------------------------------------------------------------------------ SDPO
@@ -197,8 +197,8 @@ def test_sdpo_teacher_ids_hold_a_sibling_and_feedback_and_rows_without_signal_ar
     batch.rewards = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     batch.feedback = [None, None, "bad format", None, "off by one", None]
     inputs = module.build_teacher_inputs(batch)
-    assert inputs["row_mask"].tolist() == [False, True, True, False, True, False]
-    t_rows = prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"])
+    assert inputs.row_mask.tolist() == [False, True, True, False, True, False]
+    t_rows = prompt_rows(inputs.prompt_ids, inputs.prompt_mask)
     s_rows = prompt_rows(batch.rollout.prompt_ids, batch.rollout.prompt_mask)
     for r in (1, 2):
         assert contains(t_rows[r], ids(tok, "Correct solution:\n\nalpha right"))
@@ -208,8 +208,8 @@ def test_sdpo_teacher_ids_hold_a_sibling_and_feedback_and_rows_without_signal_ar
     rollout = batch.rollout
     c = rollout.completion_ids.size(1)
     out = module.compute_loss(torch.randn(6, c, len(tok)), torch.randn(6, c, len(tok)), batch, inputs)
-    assert (out["mask"].sum(-1) > 0).tolist() == [False, True, True, False, True, False]
-    assert out["mask"].sum() == rollout.completion_mask[[1, 2, 4]].sum()
+    assert (out.mask.sum(-1) > 0).tolist() == [False, True, True, False, True, False]
+    assert out.mask.sum() == rollout.completion_mask[[1, 2, 4]].sum()
 
 
 # ------------------------------------------------------------------------------------------------------ GRPO
@@ -251,7 +251,7 @@ def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
         logp_now = logits.log_softmax(-1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
     rollout.logprobs = logp_now.clone()
     rollout.logprobs[0] -= math.log(3.0)
-    out = module.compute_loss(logits, None, batch, {"row_mask": torch.ones(4, dtype=torch.bool)})
+    out = module.compute_loss(logits, None, batch, TeacherInputs(row_mask=torch.ones(4, dtype=torch.bool)))
     # by hand: group 0 rewards {1, 0}: mean 0.5, sample std sqrt(0.5); group 1 all 0
     a = 0.5 / (math.sqrt(0.5) + 1e-4)
     advantages, weights = [a, -a, 0.0, 0.0], [2.0, 1.0, 1.0, 1.0]
@@ -263,9 +263,9 @@ def test_lam_1_equals_a_hand_computed_grpo_loss(tiny, records, name):
                 total = total - advantages[r] * weights[r] * lp
                 count += 1
     hand = total / count
-    assert out["count"] == count
-    assert torch.allclose(out["value"], hand.detach(), atol=1e-6)
-    g_module, = torch.autograd.grad(out["loss"] / out["count"], logits, retain_graph=True)
+    assert out.count == count
+    assert torch.allclose(out.value, hand.detach(), atol=1e-6)
+    g_module, = torch.autograd.grad(out.loss / out.count, logits, retain_graph=True)
     g_hand, = torch.autograd.grad(hand, logits)
     assert torch.allclose(g_module, g_hand, atol=1e-6)
 
@@ -279,19 +279,19 @@ def test_grpo_mix_mixes_grpo_and_sdpo_terms_on_their_own_masks(tiny, records):
     batch.rewards = [1.0, 0.0, None, 0.0]
     s, t = torch.randn(4, 4, len(tok)), torch.randn(4, 4, len(tok))
     row_mask = torch.tensor([False, True, True, False])  # SDPO signal on rows 1, 2 only
-    out = module.compute_loss(s, t, batch, {"row_mask": row_mask})
+    out = module.compute_loss(s, t, batch, TeacherInputs(row_mask=row_mask))
     pure_pg = SelfDistillationModule(model, tok, teacher="live",
                                     loss=loss_option("rl_feedback", grpo_mix=1.0, is_clip=None))
     pure_sd = SelfDistillationModule(model, tok, teacher="live",
                                     loss=loss_option("rl_feedback", grpo_mix=0.0, is_clip=None))
-    pg = pure_pg.compute_loss(s, t, batch, {"row_mask": row_mask})
-    sd = pure_sd.compute_loss(s, t, batch, {"row_mask": row_mask})
-    assert pg["mask"][2].sum() == 0  # the failed verifier's row has no GRPO term
-    union = ((pg["mask"] + sd["mask"]) > 0).float()
-    assert torch.equal(out["mask"], union)
-    expected = 0.25 * (pg["per_token"] * pg["mask"]).sum() + 0.75 * (sd["per_token"] * sd["mask"]).sum()
-    assert torch.allclose(out["loss"], expected, atol=1e-5)
-    assert out["count"] == float(union.sum())
+    pg = pure_pg.compute_loss(s, t, batch, TeacherInputs(row_mask=row_mask))
+    sd = pure_sd.compute_loss(s, t, batch, TeacherInputs(row_mask=row_mask))
+    assert pg.mask[2].sum() == 0  # the failed verifier's row has no GRPO term
+    union = ((pg.mask + sd.mask) > 0).float()
+    assert torch.equal(out.mask, union)
+    expected = 0.25 * (pg.per_token * pg.mask).sum() + 0.75 * (sd.per_token * sd.mask).sum()
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert out.count == float(union.sum())
 
 
 def test_policy_gradient_term_has_the_reinforce_gradient():
@@ -403,7 +403,7 @@ def test_on_policy_kd_trains_on_samples_and_on_dataset_completions_with_an_exter
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sources.append(batch.rollout.extras.get("source", "sampled"))
             inputs = pl_module.build_teacher_inputs(batch)  # KD: the teacher sees exactly the student's prompt
-            assert prompt_rows(inputs["prompt_ids"], inputs["prompt_mask"]) == prompt_rows(
+            assert prompt_rows(inputs.prompt_ids, inputs.prompt_mask) == prompt_rows(
                 batch.rollout.prompt_ids, batch.rollout.prompt_mask)
 
     Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -455,8 +455,8 @@ def test_memory_bounded_path_gives_the_same_loss_and_gradient(tiny, records, nam
         fn = completion_hidden if chunk else completion_logits
         student_out = fn(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                          rollout.completion_mask)
-        out = module.compute_loss(student_out, None, batch, {"row_mask": torch.ones(4, dtype=torch.bool)})
-        grad = torch.autograd.grad(out["loss"], model.model.layers[0].mlp.up_proj.weight)[0]
-        outs.append((out["loss"].detach(), grad))
+        out = module.compute_loss(student_out, None, batch, TeacherInputs(row_mask=torch.ones(4, dtype=torch.bool)))
+        grad = torch.autograd.grad(out.loss, model.model.layers[0].mlp.up_proj.weight)[0]
+        outs.append((out.loss.detach(), grad))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)

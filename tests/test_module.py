@@ -192,8 +192,8 @@ def test_teacher_inputs_hold_context_and_student_inputs_do_not(tiny, records):
     batch.rollout = rollout_on(None, module, model, batch.prompt_ids, batch.prompt_mask,
                                   SamplingConfig(n=2, max_new_tokens=4), seed=0)
     inputs = module.build_teacher_inputs(batch)
-    for r in range(inputs["prompt_ids"].size(0)):
-        teacher_text = tok.decode(inputs["prompt_ids"][r][inputs["prompt_mask"][r].bool()])
+    for r in range(inputs.prompt_ids.size(0)):
+        teacher_text = tok.decode(inputs.prompt_ids[r][inputs.prompt_mask[r].bool()])
         student_text = tok.decode(batch.rollout.prompt_ids[r][batch.rollout.prompt_mask[r].bool()])
         solution = records[r // 2]["solution"]
         assert solution in teacher_text and solution not in student_text

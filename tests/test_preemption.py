@@ -200,7 +200,7 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkp
     def nan_from_step_2(self, *args, **kwargs):
         out = compute_loss(self, *args, **kwargs)
         if self.global_step >= 2:
-            out["loss"] = out["loss"] * float("nan")
+            out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(SelfDistillationModule, "compute_loss", nan_from_step_2)

@@ -86,7 +86,7 @@ def test_importance_weights_cover_every_row_when_dtypes_differ(tiny, records):
                                     loss={"name": "distill", "template": "answer_hint", "is_clip": 2.0})
     with torch.no_grad():
         logits = completion_logits(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
-    w = module.importance_weights(logits, ro)
+    w = module.scorer.importance_weights(logits, ro)
     valid = ro.completion_mask.bool()
     assert w is not None and w.shape == ro.completion_ids.shape
     assert torch.isfinite(w).all() and (w[valid] > 0).all() and (w[~valid] == 1).all()

@@ -1,5 +1,5 @@
 """What the step diagnostics cost next to the loss they describe: the per-token teacher advantage and the
-clipped teacher mass (`SelfDistillationModule._token_diagnostics`) against the loss's forward and backward
+clipped teacher mass (`Scorer.token_diagnostics`) against the loss's forward and backward
 (`per_token_divergence`, forward KL, loss temperature 1.1, direction-preserving clip at 0.05), on random
 logits of the default run's shape (8 rollouts x 48 tokens x SmolLM2's 49152 entries), in one process, best of
 `--repeats`, one thread by default.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         module = SelfDistillationModule(model, tok, loss={"name": "distill", "template": "answer_hint",
                                                           "temperature": 1.1, "entry_clip": clip})
         key = "diagnostics_s" if clip is None else "diagnostics_with_clip_s"
-        out[key] = best_of(lambda: module._token_diagnostics(s, t, tokens), args.repeats)
+        out[key] = best_of(lambda: module.scorer.token_diagnostics(s, t, tokens), args.repeats)
     for k, v in out.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     return out

@@ -144,12 +144,9 @@ def benchmark_records(tokenizer, batch: int, prompt_len: int | None, seed: int) 
 
 
 def make_batch(tokenizer, records: list[dict]):
-    from lightning_sd.batch import StepBatch
-    from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt
+    from lightning_sd.data.datamodule import prompt_batch
 
-    texts = [format_prompt(tokenizer, r["prompt"]) for r in records]
-    enc = encode_prompts(tokenizer, texts, pad_token_id=ensure_pad_token(tokenizer))
-    return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
+    return prompt_batch(tokenizer, records)
 
 
 class _SameBatch(torch.utils.data.Dataset):
@@ -212,7 +209,7 @@ def timed_module_class():
 
         def build_teacher_inputs(self, batch):
             out = self._span("teacher_prompts", super().build_teacher_inputs, batch)
-            self._cur["teacher_prompt_width"] = int(out["prompt_ids"].size(1))
+            self._cur["teacher_prompt_width"] = int(out.prompt_ids.size(1))
             return out
 
         def teacher_forward(self, batch, teacher_inputs):
@@ -228,7 +225,7 @@ def timed_module_class():
         def compute_loss(self, *a):
             out = super().compute_loss(*a)
             self._cur["student_forward"] = self._now() - self._marks["student"]
-            self._cur["loss"] = float(out["value"])
+            self._cur["loss"] = float(out.value)
             self._memory("student_forward")
             return out
 

@@ -37,7 +37,7 @@ def build_callbacks(c, log_samples_every: int | None = None,
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         last.append(TQDMProgressBar())
-    plugins = [AtomicCheckpointIO()] if c.atomic_checkpoints else []
+    plugins = [AtomicCheckpointIO(keep_previous=c.keep_previous_checkpoint)] if c.atomic_checkpoints else []
     return first, last, plugins
 
 

@@ -243,14 +243,19 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning `CheckpointIO` plugin: `Trainer(plugins=[AtomicCheckpointIO()])`. Remote URLs (`s3://...`)
-    fall back to Lightning's writer (object stores replace whole objects anyway)."""
+    fall back to Lightning's writer (object stores replace whole objects anyway). `keep_previous=False`: the
+    replaced `last.ckpt` is not kept as `previous.ckpt` (half the disk, no fallback for a damaged `last.ckpt`)."""
+
+    def __init__(self, keep_previous: bool = True) -> None:
+        super().__init__()
+        self.keep_previous = keep_previous
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         checkpoint = seal(checkpoint, path)
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         local = str(path)[len("file://"):] if str(path).startswith("file://") else path
-        atomic_torch_save(checkpoint, local, keep_previous=PREVIOUS if Path(local).name == LAST else None)
+        atomic_torch_save(checkpoint, local, keep_previous=PREVIOUS if self.keep_previous and Path(local).name == LAST else None)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not _is_local(path):

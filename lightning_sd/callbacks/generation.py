@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from lightning.pytorch import Callback
 
 from lightning_sd.batch import StepBatch

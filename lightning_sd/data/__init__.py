@@ -7,19 +7,20 @@ without importing Lightning.
 
 from typing import Any
 
-from lightning_sd.data.prompts import EncodedPrompts, encode_prompts, ensure_pad_token, format_prompt, has_chat_template
+from lightning_sd.data.prompts import (EncodedPrompts, PromptEncoder, encode_prompts, ensure_pad_token, format_prompt,
+                                       has_chat_template)
 from lightning_sd.data.records import DataError, load_jsonl, save_jsonl, validate_records
-from lightning_sd.data.tasks import (TASKS, ArithmeticTask, FictionalFactsTask, JsonFormatTask, RealCapitalsTask, Task,
-                                     Verdict, extract_answer, get_task, safe_verify)
+from lightning_sd.data.tasks import (TASKS, ArithmeticTask, FictionalFactsTask, JsonFormatTask, KnownFactsTask,
+                                     RealCapitalsTask, Task, Verdict, extract_answer, get_task, safe_verify)
 
 __all__ = ["TASKS", "ArithmeticTask", "DataError", "EncodedPrompts", "FictionalFactsTask", "JsonFormatTask",
-           "PromptCollator", "PromptDataModule", "RealCapitalsTask", "ResumableSampler", "Task", "Verdict",
+           "KnownFactsTask", "PromptCollator", "PromptDataModule", "PromptEncoder", "RealCapitalsTask", "ResumableSampler", "Task", "Verdict",
            "encode_prompts", "ensure_pad_token", "extract_answer", "format_prompt", "get_task", "has_chat_template",
-           "load_jsonl", "safe_verify", "save_jsonl", "validate_records"]
+           "load_jsonl", "prompt_batch", "safe_verify", "save_jsonl", "validate_records"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("PromptDataModule", "PromptCollator"):
+    if name in ("PromptDataModule", "PromptCollator", "prompt_batch"):
         from lightning_sd.data import datamodule
         return getattr(datamodule, name)
     if name == "ResumableSampler":

@@ -22,7 +22,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_sd.batch import StepBatch
-from lightning_sd.data.prompts import encode_prompts, ensure_pad_token, format_prompt, record_system
+from lightning_sd.data.prompts import PromptEncoder
 from lightning_sd.data.records import DataError, load_jsonl, validate_records
 from lightning_sd.data.sampler import ResumableSampler
 from lightning_sd.data.task_spec import parse_specs
@@ -41,18 +41,20 @@ def _with_ids(records: list[dict], source: str) -> list[dict]:
 
 
 class PromptCollator:
-    """Turns a list of records into a batch (picklable, for worker processes)."""
+    """Turns a list of records into a batch with a `PromptEncoder` (picklable, for worker processes)."""
 
-    def __init__(self, tokenizer: Any, *, pad_token_id: int, max_prompt_length: int | None = None,
-                 truncation: str = "left", system_prompt: str | None = None) -> None:
-        self.tokenizer, self.pad_token_id = tokenizer, pad_token_id
-        self.max_prompt_length, self.truncation, self.system_prompt = max_prompt_length, truncation, system_prompt
+    def __init__(self, prompts: PromptEncoder) -> None:
+        self.prompts = prompts
 
     def __call__(self, records: list[dict]) -> StepBatch:
-        texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
-        enc = encode_prompts(self.tokenizer, texts, max_length=self.max_prompt_length, truncation=self.truncation,
-                             pad_token_id=self.pad_token_id, warn=False)  # setup() warned once for all records
-        return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=texts)
+        enc = self.prompts.records(records, warn=False)  # setup() warned once for all records
+        return StepBatch(records=records, prompt_ids=enc.ids, prompt_mask=enc.mask, prompt_text=enc.texts)
+
+
+def prompt_batch(tokenizer: Any, records: list[dict], **options: Any) -> StepBatch:
+    """The `StepBatch` a `PromptDataModule` makes of `records` (`options`: the `PromptEncoder`'s, e.g.
+    `system_prompt`, `max_length`)."""
+    return PromptCollator(PromptEncoder(tokenizer, **options))(records)
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -156,7 +158,7 @@ class PromptDataModule(L.LightningDataModule):
         """Load or generate the records, check them and their prompt lengths (once)."""
         if self.collate is not None:
             return
-        pad_id = ensure_pad_token(self.tokenizer)
+        self.prompts = PromptEncoder(self.tokenizer, self.system_prompt, self.max_prompt_length, self.truncation)
         train, train_src = self._train_source()
         evals, eval_src = self._eval_source()
         self.train_records, self.eval_records = _with_ids(train, train_src), _with_ids(evals, eval_src)
@@ -173,13 +175,12 @@ class PromptDataModule(L.LightningDataModule):
             source = f"probe {spec.label!r} ({self.eval_split})"
             self.probe_records[spec.label] = _with_ids(task.records(self.eval_split, n, self.seed), source)
             self._check_lengths(self.probe_records[spec.label], source)
-        self.collate = PromptCollator(self.tokenizer, pad_token_id=pad_id, max_prompt_length=self.max_prompt_length,
-                                      truncation=self.truncation, system_prompt=self.system_prompt)
+        self.collate = PromptCollator(self.prompts)
 
     def _check_lengths(self, records: list[dict], source: str) -> None:
         if self.max_prompt_length is None or not records:
             return
-        texts = [format_prompt(self.tokenizer, r["prompt"], record_system(r, self.system_prompt)) for r in records]
+        texts = [self.prompts.format(r["prompt"], r) for r in records]
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         long = [i for i, n in enumerate(lengths) if n > self.max_prompt_length]
         if not long:

@@ -1,7 +1,8 @@
 """Prompt text and prompt tokens: chat template, left padding, truncation, pad token.
 
 Student and teacher prompts must be built the same way (the chat template applied to both sides, or to
-neither), so everything goes through `format_prompt` then `encode_prompts`:
+neither), so everything goes through `format_prompt` then `encode_prompts`, which `PromptEncoder` holds together
+with a run's prompt settings (system prompt, length limit, truncation, pad token):
 
 - `format_prompt` applies the tokenizer's chat template with `add_generation_prompt=True`. A tokenizer
   without a chat template gets plain text: `"{system}\\n\\n{text}\\n"` (or `"{text}\\n"`), preceded by the
@@ -14,7 +15,7 @@ neither), so everything goes through `format_prompt` then `encode_prompts`:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class EncodedPrompts:
     ids: torch.Tensor  # LongTensor[B, P], left-padded
     mask: torch.Tensor  # LongTensor[B, P], 0 on padding
     n_truncated: int  # rows cut from the left to fit max_length
+    texts: list[str] = field(default_factory=list)  # the formatted prompts (`PromptEncoder.encode`)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -113,3 +115,41 @@ def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int | None =
         ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row):] = 1
     return EncodedPrompts(ids=ids, mask=mask, n_truncated=n_truncated)
+
+
+@dataclass
+class PromptEncoder:
+    """A run's prompt settings and the one way prompts become tokens: each text chat-formatted (`format_prompt`,
+    with its record's system prompt, else `system_prompt`), tokenized and left-padded (`encode_prompts`; longer
+    than `max_length`: cut from the left, or an error with `truncation="error"`). `pad_token_id` defaults to
+    `ensure_pad_token(tokenizer)`. Student prompts, teacher prompts and evaluation prompts all go through one."""
+
+    tokenizer: Any
+    system_prompt: str | None = None
+    max_length: int | None = None
+    truncation: str = "left"
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_token_id is None:
+            self.pad_token_id = ensure_pad_token(self.tokenizer)
+
+    def format(self, text: str, record: dict | None = None) -> str:
+        """`text` as the model sees it, with `record`'s own system prompt when it has one."""
+        return format_prompt(self.tokenizer, text, record_system(record or {}, self.system_prompt))
+
+    def encode(self, texts: list[str], records: list[dict | None] | None = None, *, warn: bool = True,
+               formatted: bool = False) -> EncodedPrompts:
+        """`[B, P]` left-padded ids and mask of `texts` (each formatted with the record at the same index, unless
+        `formatted`), with the formatted texts."""
+        if not formatted:
+            texts = [self.format(t, r) for t, r in zip(texts, records or [None] * len(texts))]
+        enc = encode_prompts(self.tokenizer, texts, max_length=self.max_length, truncation=self.truncation,
+                             pad_token_id=self.pad_token_id, warn=warn)
+        enc.texts = list(texts)
+        return enc
+
+    def records(self, records: list[dict], *, warn: bool = True) -> EncodedPrompts:
+        """The student prompts of `records` (their `prompt` field)."""
+        return self.encode([r["prompt"] for r in records], records, warn=warn)
+

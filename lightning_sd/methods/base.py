@@ -17,8 +17,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from lightning_sd.contexts import ContextBuilder
-from lightning_sd.methods.teacher_context import build_context
+from lightning_sd.contexts import ContextBuilder, context_kind
+from lightning_sd.data.prompts import PromptEncoder
+from lightning_sd.methods.teacher_context import TeacherPrompts, build_context
 from lightning_sd.sampling import Rollout
 
 
@@ -100,7 +101,16 @@ class Method:
     @property
     def uses_rewards(self) -> bool:
         """Rewards are needed for the loss itself or for the RL-feedback teacher context (`loss.template=sdpo`)."""
-        return self.rewards or self.loss.template == "sdpo"
+        return self.rewards or context_kind(self.loss.template) == "rl_feedback"
+
+    def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
+        """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration` through the module):
+        `samples` by default; the distillation methods mix in dataset batches with `loss.lmbda < 1`."""
+        return self.samples
+
+    def teacher_prompts(self, prompts: PromptEncoder) -> TeacherPrompts:
+        """The builder of the teacher's prompt tensors: this method's `context()` encoded by `prompts`."""
+        return TeacherPrompts(self.context(), prompts)
 
     def context(self) -> ContextBuilder:
         """The teacher-context builder `(record, RowView) -> str | None` (None: the row has no privileged
@@ -134,7 +144,7 @@ class Method:
             raise ValueError(f"loss={cfg.name} (template {cfg.template!r}, grpo_mix={cfg.grpo_mix}) learns from "
                              "verifier rewards: pick a task with a verifier (data=arithmetic|facts|json_format, or "
                              "data.task=...) or set data.verifier (math, normalized, ...; docs/configuration.md)")
-        if cfg.template == "sdpo" and generation.n < 2 and not cfg.feedback:
+        if context_kind(cfg.template) == "rl_feedback" and generation.n < 2 and not cfg.feedback:
             raise ValueError("the sdpo teacher context needs a successful sibling rollout (generation.n >= 2) or "
                              f"verifier feedback (loss.feedback=true); got generation.n={generation.n}, "
                              "loss.feedback=false")

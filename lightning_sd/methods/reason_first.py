@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from lightning_sd.contexts import ContextBuilder, RowView
-from lightning_sd.data.prompts import encode_prompts, format_prompt, record_system
 from lightning_sd.rollout import decode_completions, rollout_on, sampling_mode, stop_ids
 from lightning_sd.sampling import SamplingConfig, sample
 
@@ -42,16 +41,12 @@ def with_analysis(builder: ContextBuilder) -> ContextBuilder:
 def generate_analyses(module: Any, records: list[dict], max_new_tokens: int) -> list[str]:
     """One greedy analysis per record, sampled from the teacher's weights under the trainer's precision
     (and in lock-step across ranks when a trainer is attached)."""
-    texts = []
     for i, rec in enumerate(records):
         if rec.get("solution") is None:
             raise ValueError(f"loss.reason_first needs a reference 'solution' in every record; record "
                              f"{rec.get('id', i)!r} has none")
-        texts.append(format_prompt(module.tokenizer, ANALYSIS_PROMPT.format(prompt=rec["prompt"],
-                                                                            solution=rec["solution"]),
-                                   system=record_system(rec, module.system_prompt)))
-    enc = encode_prompts(module.tokenizer, texts, max_length=module.max_prompt_length, truncation=module.truncation,
-                         pad_token_id=module.pad_token_id, warn=False)
+    enc = module.prompts.encode([ANALYSIS_PROMPT.format(prompt=r["prompt"], solution=r["solution"]) for r in records],
+                                records, warn=False)
     ids, mask = enc.ids.to(module.device), enc.mask.to(module.device)
     config = SamplingConfig(n=1, max_new_tokens=max_new_tokens, do_sample=False)
     trainer = getattr(module, "_trainer", None)

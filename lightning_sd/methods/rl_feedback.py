@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_sd.contexts import context_kind
 from lightning_sd.methods.base import Step, Terms, register
 from lightning_sd.methods.distill import distillation
 from lightning_sd.methods.grpo import Grpo, policy_gradient
@@ -27,7 +28,7 @@ class RlFeedback(Grpo):
 
     @property
     def uses_rewards(self) -> bool:
-        return self.policy_gradient or self.loss.template == "sdpo"
+        return self.policy_gradient or context_kind(self.loss.template) == "rl_feedback"
 
     def validate(self) -> None:
         super(Grpo, self).validate()
