@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 
 import hydra
@@ -156,6 +157,8 @@ def interrupted_message(stop, run_dir: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
+    """One run. From the command line a known user error ends it with its message alone and status 1; called in
+    a process of one's own (`main.__wrapped__(cfg)`), it raises."""
     from lightning_sd.console import header_lines, quiet_framework_warnings, tidy_framework_logging
 
     tidy_framework_logging()
@@ -171,10 +174,27 @@ def main(cfg: DictConfig) -> dict:
         metrics = train_and_evaluate(cfg, run_dir)
         return metrics["objective"]["value"] if cfg.get("optimized_metric") else metrics
     except BaseException as err:
-        if not cfg.get("verbose") and not isinstance(err, (KeyboardInterrupt, SystemExit)) and \
-                type(err).__name__ != "Interrupted":
+        if isinstance(err, (KeyboardInterrupt, SystemExit)) or type(err).__name__ == "Interrupted":
+            raise
+        full = bool(cfg.get("verbose")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if AS_COMMAND and is_user_error(err) and not full:  # the message alone: it names what to change
+            print(f"{type(err).__name__}: {err}\n(the run's config: {os.path.join(run_dir, '.hydra', 'config.yaml')}; "
+                  "verbose=true or HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        if not cfg.get("verbose"):
             print("The run stopped with an error; its config was:\n" + OmegaConf.to_yaml(cfg, resolve=True), flush=True)
         raise
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A known user error (a bad key, bad data, a model or checkpoint that cannot be loaded): its message says
+    what to change, so the run prints it alone."""
+    from lightning_sd.callbacks.checkpoint_io import CheckpointError
+    from lightning_sd.config import ConfigError
+    from lightning_sd.data.records import DataError
+    from lightning_sd.models import ModelLoadError
+
+    return isinstance(err, (ConfigError, DataError, ModelLoadError, CheckpointError))
 
 
 def sampled_eval(module, datamodule, e, seed: int) -> dict:
@@ -270,6 +290,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics["train_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["train_diagnostics"] = module.diagnostics_summary()  # run means of the step diagnostics, skip counts
+    if run.typed["callbacks"].export_model:
+        metrics["model_folder"] = export_trained(trainer, module, run_dir, run.typed["callbacks"].export_merged_lora)
     if e.after:
         run_eval("after")
     metrics["total_seconds"] = time.perf_counter() - t_start
@@ -287,6 +309,25 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     print(summary_table(metrics, run_dir), flush=True)
     finish_logger(logger)
     return metrics
+
+
+def export_trained(trainer, module, run_dir: str, merge_lora: bool) -> str | None:
+    """Rank 0 writes the student to `<run folder>/model/` (`lightning_sd.export`); returns the folder. Under FSDP
+    or DeepSpeed no rank holds the whole student: the last checkpoint is exported instead, by command."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_sd.export import export_model
+
+    folder = os.path.join(run_dir, "model")
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if trainer.global_rank == 0:
+            print(f"[export] the student is sharded: export it with python -m lightning_sd.export "
+                  f"{os.path.join(run_dir, 'checkpoints', 'last.ckpt')} {folder}", flush=True)
+        return None
+    if trainer.global_rank != 0:
+        return None
+    export_model(module.student, module.tokenizer, folder, merge_lora=merge_lora)
+    return folder
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
@@ -353,9 +394,10 @@ def check_before_printing(argv: list[str]) -> None:
     hydra.core.global_hydra.GlobalHydra.instance().clear()  # Hydra's own run initializes it again
 
 
-if __name__ == "__main__":
-    import sys
+AS_COMMAND = False  # set when run as `python train.py`
 
+if __name__ == "__main__":
+    AS_COMMAND = True
     check_renamed(sys.argv[1:])
     check_before_printing(sys.argv[1:])
     main()

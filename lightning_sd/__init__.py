@@ -33,6 +33,7 @@ from lightning_sd.losses import (
     per_token_divergence,
     reduce_loss,
 )
+from lightning_sd.export import export_checkpoint, export_model
 from lightning_sd.heap import retain_freed_memory
 from lightning_sd.lora import apply_lora
 from lightning_sd.models import load_model
@@ -63,5 +64,5 @@ __all__ = [
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
     "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference", "retain_freed_memory",
-    "OptimizerInBackward",
+    "OptimizerInBackward", "export_model", "export_checkpoint",
 ]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import RECORDS, make_batch
 
 from lightning_sd.console import summary_rows, summary_table
@@ -21,10 +22,10 @@ FAST = ["model=tiny", "trainer.max_steps=2", "data.n_train=8", "data.n_eval=4", 
 PROGRESS_MARKS = ("━", "step ·", "it/s")  # rich progress-bar frames and their wrapped metric lines
 
 
-def train_py(*args: str, run_dir: Path) -> subprocess.CompletedProcess:
+def train_py(*args: str, run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def console_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -61,11 +62,34 @@ def test_train_py_console_has_a_header_each_line_once_and_a_summary(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").read_text().count("entry_clip_mode") == 1  # the dump is kept there
 
 
-def test_train_py_prints_the_config_when_it_stops_with_an_error(tmp_path):
-    proc = train_py("model=tiny", "data=jsonl", "data.train_file=missing.jsonl", run_dir=tmp_path / "run")
-    assert proc.returncode != 0
-    assert "data.train_file='missing.jsonl': no such file" in proc.stderr
-    assert "its config was:" in proc.stdout and "entry_clip_mode" in proc.stdout
+def test_a_user_error_prints_its_message_alone_and_the_config_stays_in_the_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train_py("model=tiny", "data=jsonl", "data.train_file=missing.jsonl", run_dir=run_dir)
+    assert proc.returncode == 1
+    assert "DataError: data.train_file='missing.jsonl': no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "entry_clip_mode" not in proc.stdout  # no dump
+    assert str(run_dir / ".hydra" / "config.yaml") in proc.stderr
+    assert "entry_clip_mode" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("how", ["verbose=true", "HYDRA_FULL_ERROR=1"])
+def test_a_user_error_shows_the_traceback_when_asked(tmp_path, how):
+    args, env = (["verbose=true"], {}) if how == "verbose=true" else ([], {"HYDRA_FULL_ERROR": "1"})
+    proc = train_py("model=tiny", "data=jsonl", "data.train_file=missing.jsonl", *args, run_dir=tmp_path / "run",
+                    env=env)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "no such file" in proc.stderr
+
+
+def test_only_the_known_user_errors_print_their_message_alone():
+    from train import is_user_error
+
+    from lightning_sd.callbacks.checkpoint_io import CheckpointError
+    from lightning_sd.config import ConfigError
+    from lightning_sd.data.records import DataError
+    from lightning_sd.models import ModelLoadError
+
+    assert all(is_user_error(cls("x")) for cls in (ConfigError, DataError, ModelLoadError, CheckpointError))
+    assert not any(is_user_error(err) for err in (RuntimeError("x"), ValueError("x"), KeyError("x")))
 
 
 def test_evaluate_reports_progress_per_generation_and_counts_verifier_failures(tiny):
