@@ -170,10 +170,10 @@ def test_step_worker_floor_precision_follows_its_configuration():
 
     vs = _load("vs_trl")
     assert prec(*vs._ours_argv(vs.parse_args(["--fp32"]))) == P(rollout="fp32", compute="fp32")
-    # default: bf16-mixed, rollouts from a bf16 copy; --autocast-rollouts: autocast's cached bf16 weights
-    assert prec(*vs._ours_argv(vs.parse_args([]))) == P(rollout="bf16", rollout_cast=True, compute="bf16")
-    assert prec(*vs._ours_argv(vs.parse_args(["--autocast-rollouts"]))) == P(rollout="bf16", rollout_cast=True,
-                                                                           compute="bf16")
+    # --bf16: bf16-mixed, rollouts from a bf16 copy; --autocast-rollouts: autocast's cached bf16 weights
+    assert prec(*vs._ours_argv(vs.parse_args(["--bf16"]))) == P(rollout="bf16", rollout_cast=True, compute="bf16")
+    assert prec(*vs._ours_argv(vs.parse_args(["--bf16", "--autocast-rollouts"]))) == P(
+        rollout="bf16", rollout_cast=True, compute="bf16")
     assert prec("--precision", "32-true", "--generation-dtype", "bf16") == P(rollout="bf16", rollout_cast=True)
     assert prec("--generation-dtype", "fp32") == P(rollout="fp32")
     assert step.floor_precision(step.parse_args(["--precision", "bf16-true"]), model.to(torch.bfloat16)) == \
@@ -332,3 +332,20 @@ def test_scaling_table_and_plot_from_grid_rows(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 10_000
     point = scaling.point_args(scaling.parse_args([]), 8, 64, "fp32")
     assert (point.batch, point.completion_len, point.fp32, point.steps) == (8, 64, True, 1)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_vs_trl_chooses_its_precision_by_the_cpu_and_says_why(monkeypatch, native):
+    from lightning_sd import cpu_precision
+
+    vs = _load("vs_trl")
+    monkeypatch.setattr(cpu_precision, "native_bf16", lambda: native)
+    monkeypatch.setattr(cpu_precision, "bf16_slowdown", lambda: 9.0)
+    args = vs.parse_args([])
+    assert args.fp32 == (not native)
+    assert ("--precision", "32-true" if not native else "bf16-mixed") == tuple(
+        vs._ours_argv(args)[vs._ours_argv(args).index("--precision"):][:2])
+    note = vs.precision_note(args)
+    assert note.startswith("precision: fp32, because this CPU has no native bf16 matmul (a bf16 matmul ran 9.0x") \
+        if not native else note.startswith("precision: bf16 mixed, because this CPU multiplies bf16 natively")
+    assert vs.precision_note(vs.parse_args(["--fp32"])).endswith("(asked for, or the default off the CPU)")

@@ -9,8 +9,10 @@ decoded to exactly `--completion-len` tokens (ours: `SamplingConfig(fixed_length
 `min_new_tokens`, since TRL trims completions at the first EOS and would otherwise train on fewer tokens).
 Neither side clips gradients; both use torch's fused AdamW at the same learning rate (TRL's default
 `adamw_torch_fused`; ours `optimizer.fused=null`, which fuses on one device). Precision and gradient checkpointing
-are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf16=True`) unless `--fp32`, and
-checkpointing on (TRL's default) unless `--no-gradient-checkpointing`. In bf16 our side runs its fast path: it
+are the same on both sides: bf16 mixed precision (what users train in; TRL's `bf16=True`) on a CPU that multiplies
+bf16 natively (the check of `lightning_sd.cpu_precision`), fp32 on one that emulates it; `--fp32` / `--bf16` choose,
+and the first line printed says which precision ran and why. Gradient checkpointing is on on both sides (TRL's
+default) unless `--no-gradient-checkpointing`. In bf16 our side runs its fast path: it
 samples from a bf16 copy of the student made once per rollout (`generation.dtype=bf16`) with the decode step
 compiled (`generation.compile_decode=true`), and therefore corrects the sampler/trainer mismatch with truncated
 importance weights (`loss.is_clip=2`); TRL samples under autocast and needs none. Each of our bf16 runs compiles
@@ -77,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="both sides keep activations (default: both recompute them, TRL's default)")
-    p.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16 mixed precision)")
+    p.add_argument("--fp32", action="store_true", help="both sides in fp32")
+    p.add_argument("--bf16", action="store_true", help="both sides in bf16 mixed precision (the default where the CPU "
+                   "multiplies bf16 natively; elsewhere fp32 is the default: emulated bf16 is several times slower)")
     p.add_argument("--autocast-rollouts", action="store_true",
                    help="bf16: ours samples under autocast like TRL (default: from a bf16 copy, with IS weights)")
     p.add_argument("--no-compile-decode", action="store_true",
@@ -91,7 +95,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fp32 and args.bf16:
+        p.error("--fp32 and --bf16 exclude each other")
+    args.auto_precision = not args.bf16 and not args.fp32 and args.device == "cpu"
+    if args.auto_precision:  # the acceptance precision this CPU runs well
+        from lightning_sd.cpu_precision import native_bf16
+
+        args.fp32 = not native_bf16()
+    return args
+
+
+def precision_note(args: argparse.Namespace) -> str:
+    """Which precision this invocation compares in, and why."""
+    if not args.auto_precision:
+        return f"precision: {'fp32' if args.fp32 else 'bf16 mixed'} (asked for, or the default off the CPU)"
+    from lightning_sd.cpu_precision import bf16_slowdown
+
+    if args.fp32:
+        return (f"precision: fp32, because this CPU has no native bf16 matmul (a bf16 matmul ran {bf16_slowdown():.1f}x "
+                "slower than fp32 here); --bf16 compares in bf16 anyway")
+    return "precision: bf16 mixed, because this CPU multiplies bf16 natively; --fp32 compares in fp32"
 
 
 def _ours_argv(args: argparse.Namespace) -> list[str]:
@@ -232,7 +256,7 @@ def _run_trl_subprocess(args: argparse.Namespace) -> dict:
         out = os.path.join(tmp, "result.json")
         argv = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", out]
         for k, v in vars(args).items():
-            if k in ("trl_worker", "out", "json", "rounds") or v is None or v is False:
+            if k in ("trl_worker", "out", "json", "rounds", "auto_precision") or v is None or v is False:
                 continue
             argv += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
         proc = subprocess.run(argv, capture_output=True, text=True)
@@ -309,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out, "w") as f:
             json.dump(result, f)
         return
+    print(precision_note(args), flush=True)
     ours_runs, trl_runs = [], []
     for r in range(args.rounds):
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
