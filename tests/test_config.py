@@ -245,7 +245,8 @@ def test_sweep_style_override_of_a_loss_key_on_every_variant():
 def test_train_py_runs_as_a_subprocess(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", "model=tiny", "trainer.max_steps=2", "data.n_train=8", "data.n_eval=4",
-           "data.batch_size=2", "generation.max_new_tokens=6", "eval.max_new_tokens=6", f"hydra.run.dir={run_dir}"]
+           "data.batch_size=2", "generation.max_new_tokens=6", "eval.max_new_tokens=6", f"hydra.run.dir={run_dir}",
+           "loss.lmbda=1"]  # every step samples (the share of rollouts cut counts sampled steps only)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -63,6 +63,7 @@ def test_continual_sequence_and_on_policy_kd_presets_with_a_sweep_over_lmbda(tmp
         kd, job = by[("on_policy_kd", lmbda)], by[("continual", lmbda)]
         assert kd["config"]["teacher"]["kind"] == "external"
         assert ("train/gen_tokens_per_s" in kd["train_metrics"]) == (lmbda == 1)  # sampled only when lmbda=1
+        assert ("train/truncated" in kd["train_metrics"]) == (lmbda == 1)  # a demonstration is never counted as cut
         if lmbda == 0:
             assert kd["train_metrics"]["train/on_policy"] == 0.0
         assert job["config"]["teacher"] == {"kind": "ema", "rate": 0.01, "mix": None, "model": None}
