@@ -54,6 +54,17 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+COLUMNS["frontier"] = [
+    ("new facts (B after B)", "facts_b_after_facts_b"), ("A after A", "facts_a_after_facts_a"),
+    ("A kept after B", "facts_a_after_facts_b"), ("known facts before", "before_known_facts"),
+    ("known facts after B", "known_facts_after_facts_b"), ("KL(trained \\|\\| base), nats/token", "drift_kl"),
+    ("train s", "train_seconds")]
+COLUMNS["recipes_on_policy"] = [
+    ("val before", "val_before"), ("teacher with context", "teacher_with_context"),
+    ("val at step 20 / 40 / 60 / 80", "curve_step20|curve_step40|curve_step60|curve_step80"),
+    ("known facts (validation part) at step 0 / 20 / 40 / 60 / 80",
+     "known_facts_step0|known_facts_step20|known_facts_step40|known_facts_step60|known_facts_step80"),
+    ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"), ("train s", "train_seconds")]
 COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
 COLUMNS["recipes_continual"] = COLUMNS["knowledge_injection"]  # its search, on the validation split
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
@@ -107,13 +118,21 @@ def table(name: str, res: dict) -> str:
     m = runs[0]["machine"]
     exp = res["experiment"]
     seeds = sorted({r["seed"] for r in runs})
-    lines += ["", f"Mean ± sample std (min-max) over seeds {seeds}; {len(runs)} runs. Machine: {m['processor']}, "
+    lines += ["", f"Mean ± sample std (min-max) over seeds {seeds}; {len(runs)} runs. Machine: {processor(m)}, "
                   f"{m['cpu_count']} cores, torch {m['torch']}, {exp['parallel']} runs at once x {exp['threads']} "
                   f"thread(s). Wall time {started:%Y-%m-%d %H:%M}-{finished:%H:%M} UTC "
                   f"({(finished - started).total_seconds() / 60:.0f} min; {res['run_seconds_total'] / 60:.0f} "
                   f"run-minutes). Code: {', '.join(commits)}. Per-run numbers: "
                   f"[results.csv](../experiments/results/{name}/results.csv)."]
     return "\n".join(lines)
+
+
+def processor(m: dict) -> str:
+    """The CPU a result names: its model and vector features where recorded, else the architecture."""
+    if not m.get("cpu_model"):
+        return m.get("processor", "unknown CPU")
+    features = ", ".join(m.get("cpu_features") or [])
+    return f"{m['cpu_model']} ({features})" if features else m["cpu_model"]
 
 
 def probe_table(res: dict) -> str:

@@ -18,16 +18,32 @@ from lightning_sd.files import atomic_write_text
 
 
 def machine() -> dict:
-    """Where a run ran, for its record: platform, processor, CPU count, torch version and threads, GPU name, and
-    the load average (1, 5, 15 min) at the time of the call."""
+    """Where a run ran, for its record: platform, processor (and, on Linux, the CPU's model name and its vector
+    features that change kernels: `cpu_model`, `cpu_features`), CPU count, torch version and threads, GPU name,
+    and the load average (1, 5, 15 min) at the time of the call."""
     import platform
 
     import torch
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **cpu_model(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg": os.getloadavg()}
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> dict:
+    """`{"cpu_model": "AMD EPYC ...", "cpu_features": ["avx2", ...]}` from /proc/cpuinfo; {} where it is absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": name, "cpu_features": [f for f in CPU_FEATURES if f in flags]}
 
 
 def run_folder(trainer, pl_module=None) -> str:
