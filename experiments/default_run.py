@@ -34,7 +34,12 @@ def row(result: dict) -> dict:
     metrics = result["metrics"]
     before, after = metrics["eval_before"], metrics["eval_after"]
     diagnostics = metrics.get("train_diagnostics") or {}
+    known_before = ((before.get("probes") or {}).get("known_facts") or {}).get("student_accuracy")
+    known_after = ((after.get("probes") or {}).get("known_facts") or {}).get("student_accuracy")
+    own = [h["on_policy"] for h in metrics.get("history") or [] if "on_policy" in h]  # 1: a step on own samples
     return {"test_before": before["student_accuracy"], "teacher_with_context": before["teacher_accuracy"],
+            "known_before": known_before, "known_after": known_after,
+            "steps_on_own_samples": sum(own) / len(own) if own else None,
             "test_after": after["student_accuracy"], "gain": after["student_accuracy"] - before["student_accuracy"],
             "answer_tokens_after": after["mean_completion_tokens"], "mean_truncated": diagnostics.get("truncated"),
             "mean_teacher_advantage": diagnostics.get("teacher_advantage"), "run_seconds": result["wall_seconds"]}

@@ -49,8 +49,9 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "recipes_replicate": [],  # the same columns as recipes (set below)
     "default_run": [
         ("test before", "test_before"), ("teacher with context", "teacher_with_context"), ("test after", "test_after"),
-        ("gain", "gain"), ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"),
-        ("whole run s", "run_seconds")],
+        ("known facts before", "known_before"), ("known facts after", "known_after"),
+        ("share of steps on own samples", "steps_on_own_samples"), ("answer tokens after", "answer_tokens_after"),
+        ("rollouts cut (sampled steps)", "mean_truncated"), ("whole run s", "run_seconds")],
 }
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
-import torch
-from lightning.pytorch import Callback
+# torch.compile's on-disk cache is not keyed by the CPU kernel choice: code compiled under one ATEN_CPU_CAPABILITY
+# (or oneDNN/MKL instruction limit) and loaded under another computes NaN or crashes. One cache per choice (the
+# suite runs under several), set before Lightning is imported: importing it sets its own cache folder.
+KERNEL_CHOICE = "_".join(os.environ.get(k, "native") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                                  "MKL_ENABLE_INSTRUCTIONS"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(),
+                                                               f"torchinductor_lightning_sd_{KERNEL_CHOICE}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# torch.compile's on-disk cache is not keyed by the CPU kernel choice: code compiled under one ATEN_CPU_CAPABILITY
-# and loaded under another computes NaN or crashes. One cache per choice (the suite runs under several).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"torchinductor_lightning_sd_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 torch.set_num_threads(1)  # tiny models: one thread is faster than two (no OpenMP spin)
 
 

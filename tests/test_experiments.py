@@ -260,6 +260,8 @@ def test_default_run_script_records_each_seed_and_renders_its_table(tmp_path):
     assert run["wall_seconds"] > 0 and run["git_commit"] and len(run["machine"]["load_avg"]) == 3
     assert run["metrics"]["eval_before"]["n"] == 4 and "train_diagnostics" in run["metrics"]
     assert res["summary"]["default"]["test_after"]["n"] == 1
+    for key in ("known_before", "known_after", "steps_on_own_samples"):  # the probe and the lmbda coin's share
+        assert res["summary"]["default"][key]["n"] == 1, key
     text = report.table("default_run", json.loads((out / "results.json").read_text()))
     assert "| default |" in text and "seeds [0]" in text
     stamp = (out / "runs" / "default" / "seed0" / "result.json").stat().st_mtime_ns

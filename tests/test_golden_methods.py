@@ -210,7 +210,8 @@ def test_the_tolerance_catches_a_small_change(golden_env, tmp_path, monkeypatch)
 
 
 def _run_cases_in_subprocess(env_extra: dict[str, str], tmp_path: Path) -> dict:
-    env = {**os.environ, **env_extra}
+    env = {**os.environ, **env_extra}  # its own torch.compile cache: code compiled under other kernels crashes
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"] + "_" + "_".join(env_extra.values())
     out = tmp_path / "measured.json"
     subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, check=True, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
