@@ -244,14 +244,9 @@ class SelfDistillationModule(LightningModule):
         if not all_ranks(self._trainer, bool(torch.isfinite(out.loss))):  # skip on every rank or none (no hang)
             return self.step_metrics.nonfinite(self, batch, out, mode=self.loss_cfg.nonfinite,
                                                limit=self.loss_cfg.nonfinite_limit, run_dir=self.run_dir)
-        self.normalizer.add(out)
         self.step_metrics.log_step(self, batch, out, teacher_inputs.row_mask,
                                    dataset=is_dataset_rollout(batch.rollout), mixes_dataset=self.loss_cfg.lmbda < 1.0)
-        if self._trainer is not None and engine_owns_gradients(self._trainer.strategy):
-            return self.normalizer.engine_loss(out, self._trainer)
-        if self.optimizer_cfg.in_backward:
-            return StepNormalizer.in_backward_loss(out, self.loss_cfg.reduction)
-        return out.loss
+        return self.normalizer.backward_loss(out, self._trainer, in_backward=self.optimizer_cfg.in_backward)
 
     def teacher_topk_requested(self) -> int:
         """How many of the teacher's top alternatives per token this step keeps in `batch.loss_terms`: the

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_sd.batch import LossOutput
-from lightning_sd.distributed import global_sum
+from lightning_sd.distributed import engine_owns_gradients, global_sum
 
 
 class StepNormalizer:
@@ -34,6 +34,17 @@ class StepNormalizer:
             self.count += float(out.count)
         self.signal += float(out.signal.sum())
         self.batches += 1
+
+    def backward_loss(self, out: LossOutput, trainer, *, in_backward: bool) -> torch.Tensor | None:
+        """Count a finite micro-batch and return the loss its backward runs on: the loss itself (gradients are
+        normalized by `finish` before the optimizer step), or the engine's or the in-backward optimizer's
+        normalized loss (`engine_loss`, `in_backward_loss`)."""
+        self.add(out)
+        if trainer is not None and engine_owns_gradients(trainer.strategy):
+            return self.engine_loss(out, trainer)
+        if in_backward:
+            return self.in_backward_loss(out, self.reduction)
+        return out.loss
 
     def engine_loss(self, out: LossOutput, trainer) -> torch.Tensor:
         """DeepSpeed keeps the gradients inside its engine: the loss normalized by this micro-batch's global count
