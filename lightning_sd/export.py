@@ -18,6 +18,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -83,9 +84,10 @@ def checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except ImportError as err:
             raise CheckpointError(f"{path}: a DeepSpeed checkpoint; exporting it needs deepspeed installed "
                                   f"({err})") from None
-        out = path.with_name(path.name + ".consolidated.ckpt")
-        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-        return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+        with tempfile.TemporaryDirectory() as tmp:  # the consolidated copy is read once, not left next to the run
+            out = os.path.join(tmp, "consolidated.ckpt")
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), out)
+            return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint, as Lightning's FSDP writes it sharded
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 

@@ -255,7 +255,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         local = str(path)[len("file://"):] if str(path).startswith("file://") else path
-        atomic_torch_save(checkpoint, local, keep_previous=PREVIOUS if self.keep_previous and Path(local).name == LAST else None)
+        keep = PREVIOUS if self.keep_previous and Path(local).name == LAST else None
+        atomic_torch_save(checkpoint, local, keep_previous=keep)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not _is_local(path):
