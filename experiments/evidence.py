@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -155,10 +153,9 @@ def before_cache_path(run_dir: str, cfg, with_teacher: bool) -> str:
 def run_one(spec: dict) -> dict:
     """Train and measure one (arm, seed); write `<result_dir>/result.json` and return it."""
     import torch
-    from lightning.pytorch import Trainer, seed_everything
     from omegaconf import OmegaConf
 
-    from lightning_sd.build import build_logger, build_run, check_data, probes_split
+    from lightning_sd.build import build_logger, prepare_run, probes_split
     from lightning_sd.callbacks import PeriodicEvaluation
     from lightning_sd.evaluation import GENERAL_PROMPTS, evaluate, evaluate_probes, evaluate_sampled, kl_from_reference
     from lightning_sd.models import load_model
@@ -170,11 +167,8 @@ def run_one(spec: dict) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     os.makedirs(result_dir, exist_ok=True)
     cfg = compose_train(spec["overrides"])
-    seed_everything(int(cfg.seed), workers=True, verbose=False)
-    run = build_run(cfg, run_dir=run_dir)
+    run = prepare_run(cfg, run_dir, verbose_seed=False)
     module, dm = run.module, run.datamodule
-    dm.setup("fit")
-    check_data(run)
     result: dict[str, Any] = {
         "experiment": spec["experiment"], "arm": spec["arm"], "seed": spec["seed"], "train": spec["train"],
         "overrides": spec["overrides"], "config": OmegaConf.to_container(cfg, resolve=True),
@@ -227,8 +221,7 @@ def run_one(spec: dict) -> dict:
             if curve.probes is not None:
                 curve.points[0]["probes"] = {k: v["student_accuracy"] for k, v in (before.get("probes") or {}).items()}
         logger = build_logger(run.typed["logger"], run_dir, resume=ckpt is not None)
-        trainer = Trainer(**run.trainer_kwargs, callbacks=[*run.callbacks, curve], logger=logger,
-                          default_root_dir=run_dir)
+        trainer = run.trainer(logger=logger, callbacks=[curve])
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         result["train_seconds"] = time.perf_counter() - t0

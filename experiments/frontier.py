@@ -11,13 +11,11 @@ equal or higher new-fact accuracy, drift less, and keep block A at least as well
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-import knowledge_injection  # noqa: E402
+import evidence
+import knowledge_injection
 
 NEW = "facts_b_after_facts_b"  # new facts: block B, right after training on it
 KEPT_A = "facts_a_after_facts_b"  # block A, after training on B

@@ -10,12 +10,10 @@ each point, training seconds to each point, drift), summary.md, learning_curves.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
+import evidence
 
 PROBE = "known_facts"
 

@@ -10,12 +10,10 @@ trial under runs/<arm>/seed<k>/ (config, seed, commit, machine, load, per-step d
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
+import evidence
 
 DIAGNOSTICS = ("truncated", "teacher_advantage", "clipped_teacher_mass", "no_signal_rows", "completion_len")
 

@@ -8,13 +8,10 @@ Writes experiments/results/recipes_continual/ with the columns of experiments/kn
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-from knowledge_injection import plot, row  # noqa: E402
+import evidence
+from knowledge_injection import plot, row
 
 if __name__ == "__main__":
     evidence.main("recipes_continual", row, plot)

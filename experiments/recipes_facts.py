@@ -8,13 +8,10 @@ Writes experiments/results/recipes_facts/ the way experiments/recipes.py writes 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-from recipes import plot, row  # noqa: E402
+import evidence
+from recipes import plot, row
 
 if __name__ == "__main__":
     evidence.main("recipes_facts", row, plot)

@@ -9,14 +9,11 @@ validation accuracy and the known-facts probe every 20 steps (`curve_*` columns)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-from recipes import plot  # noqa: E402
-from recipes import row as trial_row  # noqa: E402
+import evidence
+from recipes import plot
+from recipes import row as trial_row
 
 
 def row(r: dict) -> dict:

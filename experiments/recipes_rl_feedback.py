@@ -9,13 +9,10 @@ accuracy against generated rollouts, greedy accuracy before and after, the train
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-from rl_feedback_vs_grpo import plot, row  # noqa: E402
+import evidence
+from rl_feedback_vs_grpo import plot, row
 
 if __name__ == "__main__":
     evidence.main("recipes_rl_feedback", row, plot)

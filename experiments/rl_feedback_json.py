@@ -9,13 +9,10 @@ Writes results.json, results.csv, summary.md and a plot of sampled accuracy agai
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
-from rl_feedback_vs_grpo import plot, row  # noqa: E402
+import evidence
+from rl_feedback_vs_grpo import plot, row
 
 if __name__ == "__main__":
     evidence.main("rl_feedback_json", row, plot)

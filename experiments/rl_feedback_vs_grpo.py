@@ -9,12 +9,10 @@ Writes experiments/results/rl_feedback_vs_grpo/: results.json, results.csv, summ
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
+import evidence
 
 
 def row(r: dict) -> dict:

@@ -10,12 +10,10 @@ self_critique_arithmetic.png.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
+import evidence
 
 
 def row(r: dict) -> dict:

@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import evidence  # noqa: E402
+import evidence
 
-from lightning_sd.contexts import TEMPLATES  # noqa: E402
-from lightning_sd.data.prompts import format_prompt  # noqa: E402
-from lightning_sd.data.tasks.arithmetic import ArithmeticTask  # noqa: E402
-from lightning_sd.models import load_model  # noqa: E402
+from lightning_sd.contexts import TEMPLATES
+from lightning_sd.data.prompts import format_prompt
+from lightning_sd.data.tasks.arithmetic import ArithmeticTask
+from lightning_sd.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CALC = "Write the calculation on one line, then finish with 'The answer is' followed by the number."

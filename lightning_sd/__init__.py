@@ -15,6 +15,7 @@ from lightning_sd.callbacks import (
     continual_metrics,
 )
 from lightning_sd.batch import StepBatch
+from lightning_sd.config import ConfigError, validate_config
 from lightning_sd.contexts import TEMPLATES, RowView, template_context
 from lightning_sd.data.datamodule import PromptDataModule
 from lightning_sd.data.sequence import SequentialTasksDataModule
@@ -60,7 +61,7 @@ __all__ = [
     "build_teacher", "per_token_divergence", "DivergenceOptions", "chunked_divergence", "fused_full_kl", "reduce_loss",
     "completion_mask_skip_first", "importance_weight", "clipped_teacher_mass", "contrastive_target_logits",
     "completion_logits", "completion_hidden", "load_model",
-    "evaluate", "EvalResult",
+    "evaluate", "EvalResult", "ConfigError", "validate_config",
     "TEMPLATES", "RowView", "template_context", "PromptDataModule", "SequentialTasksDataModule", "get_task",
     "ContinualEvaluation", "continual_metrics", "AtomicCheckpointIO", "RngState", "SampleTable", "TokenView",
     "TrainingProgressBar", "apply_lora", "PeriodicEvaluation", "kl_from_reference", "retain_freed_memory",

@@ -1,5 +1,6 @@
-"""Objects from a validated config: model, data module, module, callbacks, trainer. `train.py` calls
-`build_run(cfg)`; tests call it for every option of every group."""
+"""Objects from a validated config: model, data module, module, callbacks, trainer. Every driver (`train.py`,
+the experiments' runner) starts a run with `prepare_run(cfg, run_dir)` and trains it with the Trainer of
+`run.trainer(...)`; tests call `build_run` for every option of every group."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ class Run:
     trainer_kwargs: dict
     callbacks: list
     typed: dict
+    run_dir: str | None = None
+
+    def trainer(self, *, logger: Any = None, callbacks: list | tuple = (), **overrides: Any):
+        """The run's Lightning `Trainer`: its settings (`trainer_kwargs`, `overrides` win), its callbacks then
+        `callbacks`, `logger`, and the run folder as its root."""
+        from lightning.pytorch import Trainer
+
+        return Trainer(**{**self.trainer_kwargs, **overrides}, callbacks=[*self.callbacks, *callbacks], logger=logger,
+                       default_root_dir=self.run_dir)
 
 
 def build_sampling(g) -> SamplingConfig:
@@ -149,7 +159,8 @@ def build_rollout_backend(g, m, d, tokenizer):
         from lightning_sd.models import smollm2_folder
 
         path = str(smollm2_folder(m.cache_dir))
-    return VllmBackend(path, tokenizer, dtype=m.dtype, max_prompt_length=d.max_prompt_length)
+    # the engine samples in generation.dtype when set, else in the student's dtype
+    return VllmBackend(path, tokenizer, dtype=g.dtype or m.dtype, max_prompt_length=d.max_prompt_length)
 
 
 def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
@@ -217,7 +228,21 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
         limit_val_batches=0 if tr.val_check_interval is None else None,
         val_check_interval=tr.val_check_interval, plugins=plugins,
     )
-    return Run(module=module, datamodule=datamodule, trainer_kwargs=trainer_kwargs, callbacks=callbacks, typed=typed)
+    return Run(module=module, datamodule=datamodule, trainer_kwargs=trainer_kwargs, callbacks=callbacks, typed=typed,
+               run_dir=run_dir)
+
+
+def prepare_run(cfg: DictConfig, run_dir: str, *, verbose_seed: bool = True) -> Run:
+    """The start every driver shares: seed everything (`cfg.seed`, data-loader workers included), validate and
+    build (`build_run`), set the data up and check it (`check_data`). Raises `ConfigError` / `DataError` /
+    `ModelLoadError` before anything trains."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(int(cfg.seed), workers=True, verbose=verbose_seed)
+    run = build_run(cfg, run_dir=run_dir)
+    run.datamodule.setup("fit")
+    check_data(run)
+    return run
 
 
 def build_logger(cfg_logger, run_dir: str, resume: bool = False):

@@ -1,7 +1,8 @@
 """Config schemas, one dataclass per Hydra group, and start-up validation.
 
-Every option of a group carries the same keys (null where unused), so any key can be overridden or swept
-on any option. `validate_config(cfg)` merges each group into its schema: an unknown key, a wrong type or an
+Each dataclass holds its group's defaults, the only place they are written: they are registered with Hydra as
+`<group>/_base`, which every option of `conf/<group>/` starts from, so every option carries every key (null
+where unused) and any key can be overridden or swept on any option. `validate_config(cfg)` merges each group into its schema: an unknown key, a wrong type or an
 impossible value stops the run at start-up with a message naming the key (`loss.bta: unknown key ...`).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -103,15 +104,15 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     val_check_interval: int | None = None
     enable_checkpointing: bool = True
-    checkpoint_every_n_steps: int | None = 10
+    checkpoint_every_n_steps: int | None = 10  # last.ckpt rewritten (atomically) every N steps; null: at the end only
     enable_progress_bar: bool = True
     deterministic: bool = False
-    gradient_checkpointing: bool = False
-    gather_for_generation: bool = True
-    sharding_strategy: str | None = None
-    fsdp_wrap: list | None = None
-    offload: bool = False
-    retain_heap: bool = True
+    gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant; every strategy)
+    gather_for_generation: bool = True  # FSDP / ZeRO-3: gather the weights once per rollout (false: per layer per step)
+    sharding_strategy: str | None = None  # fsdp only: FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    fsdp_wrap: list | None = None  # fsdp only: extra module class names to wrap (decoder layers + the LM always are)
+    offload: bool = False  # fsdp / deepspeed: optimizer state (ZeRO-3 and FSDP: weights too) kept on CPU
+    retain_heap: bool = True  # glibc: freed CPU memory stays in the heap for the next step (RSS does not drop)
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -178,16 +179,16 @@ class EvalConfig:
 class CallbacksConfig:
     """Reliability and inspection callbacks (`lightning_sd.callbacks`)."""
 
-    atomic_checkpoints: bool = True
+    atomic_checkpoints: bool = True  # checkpoints written to a temp file in the same folder, fsynced, renamed
     keep_previous_checkpoint: bool = True  # False: only last.ckpt (the fallback a damaged last.ckpt resumes from goes)
     export_model: bool = True  # the student as a Hugging Face folder in <run folder>/model/ at the end of training
     export_merged_lora: bool = False  # a LoRA run: also the adapter merged into the base weights (model/merged/)
-    rng_state: bool = True
-    token_view_every: int | None = 10
-    token_view_rows: int = 4
-    token_view_topk: int = 3
-    sample_rows: int = 8
-    progress_bar: str = "rich"
+    rng_state: bool = True  # Python, NumPy, torch and CUDA random states saved and restored with checkpoints
+    token_view_every: int | None = 10  # optimizer steps between per-token HTML views (<run folder>/token_views); null: off
+    token_view_rows: int = 4  # completions per view
+    token_view_topk: int = 3  # the teacher's top alternatives shown on hover (0: none)
+    sample_rows: int = 8  # completions per sample table (every logger.log_samples_every steps)
+    progress_bar: str = "rich"  # rich (steps, loss, divergence, reward, tokens/s) | tqdm
 
 
 MODEL_NAMES = ("smollm2_135m", "tiny", "hf")
@@ -252,6 +253,19 @@ GROUP_SCHEMAS = {
 }
 
 
+def register_group_defaults() -> None:
+    """Register each group's defaults, read from its schema dataclass, with Hydra's ConfigStore as `<group>/_base`.
+
+    Every option file of `conf/<group>/` lists `_base` first in its defaults and then only the keys it changes,
+    so each default is written once, in its dataclass. Runs when `lightning_sd` is imported; a program that
+    composes `conf/` with Hydra's compose API imports `lightning_sd` first."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="_base", node=OmegaConf.to_container(OmegaConf.structured(schema)))
+
+
 def _typed(group: str, node: Any, schema: type) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
@@ -272,14 +286,12 @@ TRUE_PRECISIONS = {"bf16-true": "bf16", "16-true": "fp16", "64-true": "float64"}
 
 
 def check_generation_dtype(g: GenerationConfig, m: ModelConfig, tr: TrainerConfig, loss: LossConfig) -> None:
-    """`generation.dtype` (already a known name): the built-in sampler only, whole weights on each rank, and
-    `loss.is_clip` set when the rollout runs on a copy in another dtype than the student trains in."""
+    """`generation.dtype` (already a known name; with `generation.backend=vllm`, the engine's dtype): the built-in
+    sampler needs whole weights on each rank, and `loss.is_clip` must be set when the rollout runs on a copy in
+    another dtype than the student trains in."""
     if g.dtype is None:
         return
-    if g.backend != "hf":
-        raise ConfigError(f"generation.dtype={g.dtype} applies to generation.backend=hf only (vLLM has its own dtype); "
-                          "set generation.dtype=null")
-    if tr.strategy in ("fsdp", "deepspeed_zero3"):
+    if g.backend == "hf" and tr.strategy in ("fsdp", "deepspeed_zero3"):
         raise ConfigError(f"generation.dtype={g.dtype} is not supported with trainer.strategy={tr.strategy} (the "
                           "rollout's copy of the weights needs them whole on each rank); set generation.dtype=null")
     student = TRUE_PRECISIONS.get(tr.precision, m.dtype)
@@ -383,8 +395,10 @@ def validate_config(cfg: DictConfig) -> dict:
     d: DataConfig = typed["data"]
     sources = [k for k in ("task", "train_file", "path") if getattr(d, k)]
     if len(sources) != 1:
+        hint = ("" if sources else "; data=jsonl needs data.train_file=<file.jsonl>, data=hf needs "
+                "data.path=<folder | data file | Hub dataset id>")
         raise ConfigError(f"data needs exactly one of data.task, data.train_file or data.path (data=hf) "
-                          f"(got {sources or 'none'})")
+                          f"(got {sources or 'none'}){hint}")
     validate_data_sources(d)
     if d.truncation not in ("left", "error"):
         raise ConfigError(f"data.truncation={d.truncation!r} must be 'left' or 'error'")
@@ -403,7 +417,10 @@ def validate_config(cfg: DictConfig) -> dict:
             check_sequence(dict(d.task_kwargs or {}), tr.max_steps, d.probes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    lora = typed["model"].lora
+    m: ModelConfig = typed["model"]
+    if m.name == "hf" and not m.name_or_path and not m.gguf_file:
+        raise ConfigError("model=hf needs model.name_or_path=<local folder or Hub id> (or model.gguf_file)")
+    lora = m.lora
     if lora:
         unknown = sorted(set(lora) - set(LORA_KEYS))
         if unknown:
@@ -438,3 +455,6 @@ def validate_config(cfg: DictConfig) -> dict:
     typed["eval"].validate()
     check_objective(cfg.get("optimized_metric"), d, typed["eval"])
     return typed
+
+
+register_group_defaults()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ class OptimizerConfig:
     """The `optimizer` group (conf/optimizer/adamw.yaml holds these defaults)."""
 
     name: str = "adamw"
-    lr: float = 1e-4
+    lr: float = 1e-4  # the default run's (docs/recipes.md); self-distillation losses are small, so above SFT's
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

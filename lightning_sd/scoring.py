@@ -90,6 +90,8 @@ class Scorer:
         else:
             logp = sampler_token_logprobs(student_out, rollout.completion_ids, config)
         w = importance_weight(logp, rollout.logprobs, cfg.is_clip)
+        if keep.any():  # logged as train/importance_weight (its mean over the sampled tokens; about 1 in sync)
+            rollout.extras["importance_weight"] = float(w[keep].mean())
         return torch.where(keep, w, torch.ones_like(w))
 
     def distillation(self, student_out, teacher_out, rollout: Rollout, mask: torch.Tensor,
@@ -144,8 +146,12 @@ class Scorer:
         - `clipped_teacher_mass` (with `loss.entry_clip`): the share of the teacher's probability mass on entries
           the clip bounds, averaged over the trained positions of the step's first 4 rollout rows (a sample:
           computing it for every row costs about as much as the loss itself).
+        - `importance_weight` (with `loss.is_clip`, on sampled steps): the mean importance weight of the sampled
+          tokens; about 1 while the sampler runs the trainer's weights in the trainer's dtype.
         Teacher-free methods (SFT, GRPO) report `no_signal_rows` only."""
         values = {"no_signal_rows": float((~out.signal.any(-1)).float().mean())}
+        if "importance_weight" in rollout.extras:
+            values["importance_weight"] = rollout.extras["importance_weight"]
         if teacher_out is None:
             return values
         mask = self.trainable_mask(rollout)

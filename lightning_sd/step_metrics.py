@@ -20,7 +20,8 @@ from torch import nn
 from lightning_sd.batch import LossOutput, StepBatch
 
 # step diagnostics (`Scorer.diagnostics`), logged as train/<key>
-DIAGNOSTICS = ("no_signal_rows", "teacher_advantage", "teacher_advantage_std", "clipped_teacher_mass")
+DIAGNOSTICS = ("no_signal_rows", "teacher_advantage", "teacher_advantage_std", "clipped_teacher_mass",
+               "importance_weight")
 # averaged over the run into metrics.json (`StepMetrics.summary`)
 SUMMARIZED = ("truncated", "masked_rows", "reward", "completion_len", "gen_tokens_per_s",
               "train_tokens_per_s") + DIAGNOSTICS

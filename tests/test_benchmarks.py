@@ -16,8 +16,6 @@ BENCH = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 
 def _load(name: str):
     """Import a benchmark script as a module (the scripts import each other by file name)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
     if name in sys.modules and Path(getattr(sys.modules[name], "__file__", "")).parent == BENCH:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")

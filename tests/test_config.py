@@ -92,27 +92,15 @@ def test_every_option_composes_and_instantiates(group, option, tiny_folder, json
     Trainer(**kwargs, callbacks=run.callbacks, logger=build_logger(run.typed["logger"], str(tmp_path)))
 
 
-def option_keys(group: str, option: str) -> set[str]:
-    """The keys an option sets: its own, plus those of the options of the same group it starts from (a
-    `defaults` entry naming a sibling, as `trainer/gpu.yaml` starts from `trainer/cpu.yaml`)."""
-    import yaml
-
-    data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
-    keys = {k for k in data if k != "defaults"}
-    for entry in data.get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_" and (CONF / group / f"{entry}.yaml").is_file():
-            keys |= option_keys(group, entry)
-    return keys
-
-
 def test_every_option_of_a_group_has_the_same_keys():
-    # experiment and hparams_search options are global presets: each sets the keys it needs
-    for group in [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hparams_search")]:
-        key_sets = {}
+    """Every option composes to its schema's keys (from `<group>/_base`), so any key can be overridden or swept
+    on any option; experiment and hparams_search options are global presets that set the keys they need."""
+    from dataclasses import fields
+
+    for group, schema in GROUP_SCHEMAS.items():
         for option in options(group):
-            key_sets[option] = sorted(option_keys(group, option))
-        first = next(iter(key_sets.values()))
-        assert all(keys == first for keys in key_sets.values()), (group, key_sets)
+            composed = compose_cfg([f"{group}={option}"])[group]
+            assert set(composed) == {f.name for f in fields(schema)}, (group, option)
 
 
 def test_every_group_key_is_in_its_schema():
@@ -157,23 +145,50 @@ def test_the_schema_defaults_are_the_default_options_values():
         assert not differ, f"{group}: schema default != conf/{group}/{chosen[group]}.yaml: {differ}"
 
 
-def test_loss_options_start_from_the_schema_defaults_and_list_only_what_they_change():
-    """conf/loss/_base.yaml holds `LossConfig`'s defaults; each method's option lists `_base` first in its
-    defaults and sets only keys whose value differs from it (and its `name`)."""
-    from dataclasses import asdict
-
+@pytest.mark.parametrize("group", sorted(GROUP_SCHEMAS))
+def test_options_start_from_the_schema_defaults_and_list_only_what_they_change(group):
+    """Each group's defaults are written once, in its schema dataclass, registered as `<group>/_base`: every
+    option lists `_base` first (or another option that does) and `_self_` last, repeats no default, and
+    composes to every key of the schema."""
     import yaml
+    from omegaconf import OmegaConf
 
-    from lightning_sd.objectives import LossConfig
+    base = OmegaConf.to_container(OmegaConf.structured(GROUP_SCHEMAS[group]))
+    assert not (CONF / group / "_base.yaml").exists(), "the defaults live in the dataclass, not in a file"
+    for option in options(group):
+        data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+        first, last = data["defaults"][0], data["defaults"][-1]
+        assert last == "_self_", option
+        assert first == "_base" or first in options(group), option
+        if first == "_base":
+            same = {k for k, v in data.items() if k != "defaults" and base[k] == v}
+            assert not same, f"conf/{group}/{option}.yaml repeats the default value of {sorted(same)}"
+    composed = compose_cfg(["model=tiny"] if group == "model" else [])[group]
+    assert list(composed) == list(base)
 
-    base = yaml.safe_load((CONF / "loss" / "_base.yaml").read_text())
-    assert base == asdict(LossConfig())
-    for option in options("loss"):
-        data = yaml.safe_load((CONF / "loss" / f"{option}.yaml").read_text())
-        assert data["defaults"][0] == "_base" and data["defaults"][-1] == "_self_", option
-        same = {k for k, v in data.items() if k not in ("defaults", "name") and base[k] == v}
-        assert not same, f"conf/loss/{option}.yaml repeats the base value of {sorted(same)}"
-        assert compose_cfg([f"loss={option}"]).loss.name == data["name"]
+
+def test_a_changed_schema_default_reaches_every_option_that_does_not_set_it(monkeypatch):
+    """The registered `_base` is read from the dataclass: change a default there and every composed option
+    that leaves the key alone follows."""
+    from dataclasses import dataclass
+
+    from hydra.core.config_store import ConfigStore
+
+    from lightning_sd.config import GenerationConfig, register_group_defaults
+
+    @dataclass
+    class Shorter(GenerationConfig):
+        max_new_tokens: int = 11
+
+    store = ConfigStore.instance()
+    saved = store.repo["generation"]["_base.yaml"]
+    try:
+        monkeypatch.setitem(GROUP_SCHEMAS, "generation", Shorter)
+        register_group_defaults()
+        assert compose_cfg([]).generation.max_new_tokens == 11
+    finally:
+        store.repo["generation"]["_base.yaml"] = saved
+    assert compose_cfg([]).generation.max_new_tokens == GenerationConfig().max_new_tokens
 
 
 @pytest.mark.parametrize("override,message", [

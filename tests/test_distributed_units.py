@@ -85,6 +85,21 @@ def test_vllm_backend_needs_importance_correction():
         validate_config(_compose("generation.backend=vllm"))
 
 
+@pytest.mark.parametrize("overrides,engine_dtype", [([], "float32"), (["generation.dtype=bf16"], "bfloat16")])
+def test_the_vllm_engine_samples_in_generation_dtype_else_the_students(overrides, engine_dtype, tmp_path):
+    from lightning_sd.build import build_run
+    from lightning_sd.models import load_model
+
+    folder = tmp_path / "tiny"
+    model, tok = load_model("tiny", seed=1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = build_run(_compose("model=hf", f"model.name_or_path={folder}", "generation.backend=vllm",
+                             "loss.is_clip=2.0", *overrides))
+    backend = next(c for c in run.callbacks if type(c).__name__ == "OnPolicyGeneration").backend
+    assert backend.dtype == engine_dtype and backend.model_path == str(folder)
+
+
 def test_strategy_kind_and_deepspeed_by_name():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
@@ -233,9 +248,9 @@ def test_sampling_params_are_explicit():
 
 
 def test_vllm_backend_missing_vllm_is_a_clear_error():
-    from lightning_sd.rollout_backends import VllmBackend
+    from lightning_sd.rollout_backends import VllmBackend, VllmError
 
-    with pytest.raises(ValueError, match="model.name_or_path"):
+    with pytest.raises(VllmError, match="model.name_or_path"):
         VllmBackend(None, tokenizer=None)
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")

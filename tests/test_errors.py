@@ -315,6 +315,7 @@ def test_cfg_job_validates_before_printing_and_help_says_what_train_py_does():
     assert shown.returncode == 0 and shown.stdout.startswith("python train.py [group=option ...]")
     assert "docs/configuration.md" in shown.stdout and "teacher: ema" in shown.stdout
     assert "\nsweep:" not in shown.stdout and "is powered by Hydra" not in shown.stdout
+    assert "_base" not in shown.stdout  # the defaults every option starts from are not an option
 
 
 @pytest.mark.parametrize("bad", ["missing", "field"])

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 TINY = ["model=tiny", "data.n_train=8", "data.n_eval=4", "data.batch_size=4", "trainer.max_steps=2",
         "generation.max_new_tokens=8", "eval.max_new_tokens=8"]

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from test_wandb import TINY, run_train
+from train import resolve_ckpt_path
 
 from lightning_sd.callbacks.checkpoint_io import CheckpointError, payload_digest, seal, verify_checkpoint
 from lightning_sd.callbacks.run_checkpoint import Interrupted, RunCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from train import resolve_ckpt_path  # noqa: E402
 
 BASE = TINY + ["eval.before=false", "eval.after=false", "callbacks.token_view_every=null", "optimizer.lr=1e-3",
                "trainer.checkpoint_every_n_steps=1"]

@@ -142,8 +142,6 @@ def test_lora_student_rolls_out_with_its_adapter(tiny, records):
 @pytest.mark.parametrize("overrides,message", [
     ("generation.dtype=bf17", r"generation\.dtype='bf17' is not one of null, bf16, fp16, fp32"),
     ("generation.dtype=bf16", r"generation\.dtype=bf16 samples from a bf16 copy.*set loss\.is_clip"),
-    ("generation.dtype=bf16 loss.is_clip=2.0 generation.backend=vllm", r"generation\.dtype=bf16 applies to "
-                                                                      r"generation\.backend=hf only"),
     ("generation.dtype=bf16 loss.is_clip=2.0 trainer.accelerator=gpu trainer.strategy=fsdp",
      r"generation\.dtype=bf16 is not supported with trainer\.strategy=fsdp"),
 ])

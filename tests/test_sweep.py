@@ -59,7 +59,6 @@ def test_a_two_trial_optuna_search_records_every_trial_and_the_best_params(tmp_p
     assert results["name"] == "optuna" and set(results["best_params"]) == searched
     assert 0.0 <= results["best_value"] <= 1.0
     # docs' table of the search (experiments/report.py): one row per trial, the best objective in bold
-    sys.path.insert(0, str(ROOT / "experiments"))
     import report
 
     text = report.sweep_table("search", sweep_dir)

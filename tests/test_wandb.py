@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,8 +38,6 @@ def run_train(overrides: list[str], run_dir: Path) -> dict:
     with open_dict(cfg):
         del cfg["hydra"]
     os.makedirs(run_dir, exist_ok=True)
-    if str(ROOT) not in sys.path:  # train.py lives in the repository root, not in the package
-        sys.path.insert(0, str(ROOT))
     import train
 
     return train.main.__wrapped__(cfg)

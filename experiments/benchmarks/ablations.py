@@ -26,15 +26,12 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 ALL = ("head", "decode", "logits", "teacher", "loss", "bf16", "prefill", "rollout_dtype", "lean_decode")
 

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from lightning_sd.losses import chunked_divergence, per_token_divergence  # noqa: E402
+from lightning_sd.losses import chunked_divergence, per_token_divergence
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PATHS = ("naive", "chunked")
 

@@ -40,11 +40,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-from floor import MachineRates, ModelShape, Precision, StepWork, measure_rates, step_floor  # noqa: E402
+from floor import MachineRates, ModelShape, Precision, StepWork, measure_rates, step_floor
+
+HERE = Path(__file__).resolve().parent
 
 PHASES = ("generation", "teacher_prompts", "teacher_forward", "student_forward", "backward", "optimizer", "other")
 # the teacher sees the prompt, a blank line and the reference solution: the same text as TRL's SDFT default

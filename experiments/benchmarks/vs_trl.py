@@ -52,11 +52,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-import step as ours  # noqa: E402
+import step as ours
+
+HERE = Path(__file__).resolve().parent
 
 PHASES = ours.PHASES
 

@@ -1,15 +1,18 @@
 """`generation.backend=vllm`: rollouts from a colocated vLLM engine (one engine per rank, tensor parallel 1).
 
 Per optimizer step: the student's weights (LoRA merged, wrapper prefixes stripped, gathered under FSDP /
-ZeRO-3) are loaded into the engine, the prompts are sampled with explicit `SamplingParams`, and the sampled
-token ids and their log-probs under the sampler's processed distribution are returned as a `Rollout`.
-The trainer recomputes log-probs; `loss.is_clip` weights each token by `min(exp(log S - log S_vllm), is_clip)`.
+ZeRO-3), cast to the engine's dtype, are reloaded into the engine in place, the prompts are sampled with
+explicit `SamplingParams`, and the sampled token ids and their log-probs under the sampler's processed
+distribution (temperature, top-k, top-p: `sampling.sampler_token_logprobs`) are returned as a `Rollout`. The
+trainer recomputes log-probs; `loss.is_clip` weights each token by `min(exp(log S - log S_vllm), is_clip)`.
 
-Unverified: vLLM cannot be installed on this project's machines; everything but `VllmBackend` is tested on CPU.
+The engine runs in the training process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), on the GPU, or on the CPU with
+vLLM's CPU build (`make vllm`; docs/vllm.md).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -130,54 +133,118 @@ def sampling_params_kwargs(config: SamplingConfig, seed: int, stop_token_ids: Se
                 ignore_eos=bool(config.fixed_length), skip_special_tokens=False, detokenize=False)
 
 
+ENGINE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16"}
+
+
+class VllmError(RuntimeError):
+    """The vLLM engine cannot serve this run (it did not start, or a prompt does not fit); the message says what
+    to change. Raised before any training state changes."""
+
+
+def repack_tied_head(model: nn.Module) -> None:
+    """vLLM's CPU build packs each linear layer's weights for its GEMM kernels once they are loaded. An in-place
+    reload repacks every layer it loads, but an output head tied to the input embedding is never loaded itself,
+    so it would keep sampling from the old embedding: pack it again from the (reloaded) shared weight."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for module in model.modules():
+        if type(module).__name__.endswith("LMHead") and getattr(module, "cpu_linear", None) is not None:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
 class VllmBackend:
     """A colocated vLLM engine per rank. `rollout(...)` has the signature `rollout.rollout_on` calls.
 
     Args: `model_path` (a local Hugging Face folder with the student's architecture and tokenizer), `tokenizer`,
-    `dtype`, `gpu_memory_utilization` (the engine shares the GPU with training), `max_model_len`.
+    `dtype` (the engine's: float32, bf16 or fp16), `gpu_memory_utilization` (on a GPU, the engine shares it
+    with training), `max_prompt_length` (with the completion length it sets the engine's `max_model_len`),
+    `cpu_kv_cache_gib` (on a CPU, the KV cache vLLM reserves).
     """
 
     def __init__(self, model_path: str | None, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, max_prompt_length: int | None = None) -> None:
+                 max_prompt_length: int | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
         if not model_path:
-            raise ValueError("generation.backend=vllm needs a model folder vLLM can load: set model.name=hf "
-                             "model.name_or_path=<folder>")
-        self.model_path, self.tokenizer, self.dtype = model_path, tokenizer, dtype
-        self.gpu_memory_utilization, self.max_model_len = gpu_memory_utilization, max_model_len
-        self.max_prompt_length = max_prompt_length
+            raise VllmError("generation.backend=vllm needs a model folder vLLM can load: set model.name=hf "
+                            "model.name_or_path=<folder>")
+        if dtype not in ENGINE_DTYPES:
+            raise VllmError(f"generation.backend=vllm: dtype {dtype!r} is not one of {sorted(ENGINE_DTYPES)}")
+        self.model_path, self.tokenizer, self.dtype = model_path, tokenizer, ENGINE_DTYPES[dtype]
+        self.gpu_memory_utilization, self.max_prompt_length = gpu_memory_utilization, max_prompt_length
+        self.cpu_kv_cache_gib = cpu_kv_cache_gib
         self._llm = None
         self._synced_step: int | None = None
+        self.engine_start_seconds: float | None = None
 
-    def engine(self):
+    @property
+    def on_cpu(self) -> bool:
+        return not torch.cuda.is_available()
+
+    def engine(self, max_new_tokens: int | None = None):
+        """The engine, started on first use (in this process; on a CPU, eager mode: no graph compilation)."""
         if self._llm is None:
+            import time
+
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in this process
+            if self.on_cpu:
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_gib))
             try:
                 import vllm
             except ImportError as err:
-                raise ImportError("generation.backend=vllm needs vLLM on a CUDA machine: pip install "
-                                  "'lightning_sd[vllm]' (or use generation.backend=hf, the default)") from err
-            dtype = {"float32": "float32", "fp32": "float32"}.get(self.dtype, "bfloat16")
-            kwargs = dict(model=self.model_path, dtype=dtype, gpu_memory_utilization=self.gpu_memory_utilization,
-                          enable_prefix_caching=False, max_model_len=self.max_model_len)
-            try:  # log-probs of the processed (temperature/top-k/top-p) distribution, like sampling.sample returns
-                self._llm = vllm.LLM(**kwargs, logprobs_mode="processed_logprobs")
-            except TypeError:
+                raise ImportError("generation.backend=vllm needs vLLM: on a GPU `pip install vllm`, on a CPU `make "
+                                  "vllm` (vLLM's CPU build in its own environment, docs/vllm.md); or use "
+                                  "generation.backend=hf, the built-in sampler") from err
+            max_model_len = (self.max_prompt_length + max_new_tokens
+                             if self.max_prompt_length and max_new_tokens else None)
+            kwargs = dict(model=self.model_path, dtype=self.dtype, enable_prefix_caching=False, seed=0,
+                          max_model_len=max_model_len, logprobs_mode="processed_logprobs")
+            if self.on_cpu:
+                kwargs["enforce_eager"] = True
+            else:
+                kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            threads = torch.get_num_threads()
+            t0 = time.perf_counter()
+            try:
                 self._llm = vllm.LLM(**kwargs)
+            except Exception as err:  # noqa: BLE001  (vLLM raises many kinds; each is reported with its message)
+                raise VllmError(f"the vLLM engine did not start for {self.model_path} ({type(err).__name__}: "
+                                f"{str(err).strip()[:800]}). If vLLM does not support this architecture or "
+                                f"machine, use generation.backend=hf (the built-in sampler)") from err
+            finally:
+                torch.set_num_threads(threads)  # vLLM lowers the process's torch threads for serving
+            self.engine_start_seconds = time.perf_counter() - t0
         return self._llm
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine().llm_engine.model_config.max_model_len)
+
     def sync_weights(self, student: nn.Module) -> None:
-        """Load the student's current weights into the engine (call with full weights: see `rollout`)."""
-        weights = list(student_weights(student))
+        """Reload the student's current weights into the engine in place, cast to the engine's dtype (call with
+        full weights: see `rollout`)."""
+        dtype = getattr(torch, self.dtype)
+        weights = [(name, value.to(dtype)) for name, value in student_weights(student)]
         llm = self.engine()
-        if hasattr(llm, "apply_model"):
-            llm.apply_model(lambda model: model.load_weights(weights))
-        else:  # older vLLM: the in-process model runner
-            llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.on_cpu:
+            llm.apply_model(repack_tied_head)
+
+    def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.max_model_len
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > limit:
+            raise VllmError(f"a prompt of {longest} tokens plus generation.max_new_tokens={max_new_tokens} exceeds "
+                            f"the vLLM engine's max_model_len={limit}: lower data.max_prompt_length (prompts are "
+                            f"truncated to it) or generation.max_new_tokens")
 
     def rollout(self, trainer, pl_module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: SamplingConfig,
                 seed: int) -> Rollout:
         from lightning_sd.distributed import gathered_for_generation
         from lightning_sd.rollout import stop_ids
 
+        self.engine(config.max_new_tokens)
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        self.check_prompts(prompts, config.max_new_tokens)
         step = int(getattr(trainer, "global_step", 0)) if trainer is not None else 0
         if self._synced_step != step:  # once per optimizer step, on every rank (a collective under FSDP / ZeRO-3)
             with gathered_for_generation(trainer, pl_module.student) as student:
@@ -186,9 +253,8 @@ class VllmBackend:
         from vllm import SamplingParams
 
         stops = stop_ids(pl_module.tokenizer, list(config.stop_token_ids or []))
-        prompts = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        outputs = self.engine().generate(prompts, SamplingParams(**sampling_params_kwargs(config, seed, stops)),
-                                         use_tqdm=False)
+        outputs = self.engine().generate([{"prompt_token_ids": p} for p in prompts],
+                                         SamplingParams(**sampling_params_kwargs(config, seed, stops)), use_tqdm=False)
         rollout = rollout_from_outputs(outputs, prompt_ids, prompt_mask, config.n, pad_token_id=pl_module.pad_token_id,
                                        stop_token_ids=stops)
         rollout.sampling = config  # processed log-probs: the tempered, filtered distribution, as the built-in sampler
