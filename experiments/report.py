@@ -66,6 +66,11 @@ COLUMNS["recipes_on_policy"] = [
     ("known facts (validation part) at step 0 / 20 / 40 / 60 / 80",
      "known_facts_step0|known_facts_step20|known_facts_step40|known_facts_step60|known_facts_step80"),
     ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"), ("train s", "train_seconds")]
+COLUMNS["learning_curves"] = [
+    ("new facts (test) at step 0 / 10 / 20 / 40 / 80", "test_at_0|test_at_10|test_at_20|test_at_40|test_at_80"),
+    ("known facts (test probe) at step 0 / 20 / 40 / 80", "known_at_0|known_at_20|known_at_40|known_at_80"),
+    ("steps to 80% new facts", "steps_to_80"), ("train s to 80%", "seconds_to_80"),
+    ("KL(trained \\|\\| base), nats/token", "drift_kl"), ("train s (80 steps)", "train_seconds")]
 COLUMNS["knowledge_injection_paper_recipe"] = COLUMNS["knowledge_injection"]  # the experiment's first run
 COLUMNS["recipes_continual"] = COLUMNS["knowledge_injection"]  # its search, on the validation split
 COLUMNS["recipes_replicate"] = COLUMNS["recipes"]  # a trial of the search, over more seeds
