@@ -93,6 +93,7 @@ def test_importance_weights_cover_every_row_when_dtypes_differ(tiny, records):
     for r in range(w.size(0)):
         assert (w[r][valid[r]] != 1).any(), f"row {r}: no mismatch seen"
     torch.testing.assert_close(w[valid], torch.ones_like(w[valid]), rtol=0, atol=4 * BF16_ATOL)
+    assert ro.extras["importance_weight"] == pytest.approx(float(w[valid].mean()))  # train/importance_weight
 
 
 def test_no_autocast_inside_the_rollout(tiny, records):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -183,8 +184,6 @@ class VllmBackend:
     def engine(self, max_new_tokens: int | None = None):
         """The engine, started on first use (in this process; on a CPU, eager mode: no graph compilation)."""
         if self._llm is None:
-            import time
-
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in this process
             if self.on_cpu:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_gib))
