@@ -69,7 +69,7 @@ def has_teacher(result: dict) -> bool:
     """Whether the run's loss shows a teacher a privileged context (`LossConfig.needs_teacher`)."""
     from lightning_sd.objectives import LossConfig, with_current_names
 
-    return LossConfig(**with_current_names(result["config"]["loss"])).needs_teacher
+    return LossConfig.from_dict(with_current_names(result["config"]["loss"])).needs_teacher
 
 
 def run_overrides(exp, arm: str, seed: int) -> list[str]:

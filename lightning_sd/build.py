@@ -289,7 +289,7 @@ def check_data_files(typed: dict) -> None:
                             f"runs in: {os.getcwd()}); give the path of a JSONL file")
         records = load_jsonl(path)
         if shown and loss.needs_teacher:
-            check_context_fields(records[:n] if n is not None else records, loss.template, path)
+            check_context_fields(records[:n] if n is not None else records, loss.options.template, path)
 
 
 def check_data(run: Run, source: str | None = None) -> None:
@@ -304,10 +304,10 @@ def check_data(run: Run, source: str | None = None) -> None:
         check_answers(dm.eval_records, run.module.task, d.eval_file or f"{d.path or 'eval'} (eval)")
     if not getattr(run.module, "needs_teacher", True):  # sft, grpo: no teacher context is built
         return
-    check_context_fields(getattr(dm, "train_records", []), loss.template,
+    check_context_fields(getattr(dm, "train_records", []), loss.options.template,
                          source or d.train_file or d.path or d.task or "train")
     if e.teacher and getattr(dm, "eval_records", None):
-        check_context_fields(dm.eval_records, loss.template, d.eval_file or f"{d.task or 'eval'} (eval)")
+        check_context_fields(dm.eval_records, loss.options.template, d.eval_file or f"{d.task or 'eval'} (eval)")
 
 
 def warn_if_no_chat_template(tokenizer) -> bool:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_sd.models import DTYPES
+from lightning_sd.methods.base import option_defaults
 from lightning_sd.objectives import LossConfig, check_renamed_keys
 from lightning_sd.optim import OptimizerConfig, SchedulerConfig
 from lightning_sd.sampling import SamplingConfig
@@ -262,8 +263,17 @@ def register_group_defaults() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name="_base", node=OmegaConf.to_container(OmegaConf.structured(schema)))
+    for group in GROUP_SCHEMAS:
+        store.store(group=group, name="_base", node=group_defaults(group))
+
+
+def group_defaults(group: str) -> dict:
+    """A group's keys and their defaults, read from its schema dataclass; for `loss`, `LossConfig`'s own keys and
+    then every registered method's options (`Method.Options`), which a loss config lists as flat keys."""
+    if group == "loss":
+        shared = {f.name: f.default for f in fields(LossConfig) if f.name in LossConfig.keys()}
+        return {**shared, **option_defaults()}
+    return OmegaConf.to_container(OmegaConf.structured(GROUP_SCHEMAS[group]))
 
 
 def _typed(group: str, node: Any, schema: type) -> Any:
@@ -363,17 +373,14 @@ def validate_config(cfg: DictConfig) -> dict:
     typed = {}
     for group, schema in GROUP_SCHEMAS.items():
         node = cfg.get(group)
-        if group == "loss" and node is not None:  # a config file that still sets a renamed key
-            check_renamed_keys(node.keys(), ConfigError)
-        if group == "loss" and node is not None and "_target_" in node:  # a user's own method class
-            node = OmegaConf.to_container(node, resolve=True)
-            node["name"] = node.pop("_target_")
-        typed[group] = _typed(group, node, schema)
+        if group != "loss":
+            typed[group] = _typed(group, node, schema)
+            continue
+        try:  # the shared keys and the method's options, each checked against its type, validated once
+            typed[group] = LossConfig.from_dict(OmegaConf.to_container(node, resolve=True) if node else None)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     loss: LossConfig = typed["loss"]
-    try:
-        loss.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     t: TeacherConfig = typed["teacher"]
     try:
         policy = teacher_class(t.kind)

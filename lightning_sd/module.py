@@ -25,7 +25,7 @@ from lightning_sd.data.prompts import PromptEncoder
 from lightning_sd.distributed import all_ranks, ends_optimizer_step, engine_owns_gradients
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
-from lightning_sd.methods import (ContrastiveTeacher, Method, TeacherPrompts, generate_analyses, is_dataset_rollout,
+from lightning_sd.methods import (Method, TeacherPrompts, generate_analyses, is_dataset_rollout,
                                   reference_rollout)
 from lightning_sd.objectives import LossConfig
 from lightning_sd.optim import OptimizerConfig, SchedulerConfig, build_optimizer, clip_without_scaler, fused_choice
@@ -96,9 +96,7 @@ class SelfDistillationModule(LightningModule):
         self.student = student
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, system_prompt, max_prompt_length, truncation)
-        if isinstance(loss, LossConfig):
-            loss.validate()
-        self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_dict(loss)  # validated
+        self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_dict(loss)  # validated when made
         self.teacher = teacher if isinstance(teacher, TeacherPolicy) else build_teacher(
             teacher, student, **(teacher_kwargs or {}))
         if self.loss_cfg.chunk_size and not self.teacher.scores_hidden_states:
@@ -107,7 +105,7 @@ class SelfDistillationModule(LightningModule):
         self.method = method if method is not None else self.loss_cfg.method()
         self.teacher_prompts = (TeacherPrompts(context, self.prompts) if context is not None
                                 else self.method.teacher_prompts(self.prompts))
-        self.contrast = None if self.loss_cfg.contrast is None else ContrastiveTeacher(self.loss_cfg.contrast)
+        self.contrast = self.method.contrastive_teacher()
         self.scorer = Scorer(self.loss_cfg, student_weight=lambda: self._output_weight(self.student),
                              teacher_weight=self.teacher_output_weight)
         self.task = task
@@ -170,10 +168,10 @@ class SelfDistillationModule(LightningModule):
         """The teacher's prompt for each rollout row (`TeacherInputs`, `[R, P']`), by the method's
         `TeacherPrompts`; with `loss.reason_first` the teacher first writes its analysis of each reference solution.
         `placebo=True`: the contrastive teacher's placebo (another record's context)."""
-        analyses = None
-        if self.loss_cfg.reason_first:
+        analyses, tokens = None, self.method.analysis_tokens
+        if tokens is not None:
             analyses = generate_analyses(self, self.teacher_prompts.placebo_records(batch.records) if placebo
-                                         else batch.records, self.loss_cfg.reason_max_new_tokens)
+                                         else batch.records, tokens)
             if not placebo:
                 batch.analyses = analyses
         return self.teacher_prompts(batch, placebo=placebo, analyses=analyses)
@@ -245,7 +243,7 @@ class SelfDistillationModule(LightningModule):
             return self.step_metrics.nonfinite(self, batch, out, mode=self.loss_cfg.nonfinite,
                                                limit=self.loss_cfg.nonfinite_limit, run_dir=self.run_dir)
         self.step_metrics.log_step(self, batch, out, teacher_inputs.row_mask,
-                                   dataset=is_dataset_rollout(batch.rollout), mixes_dataset=self.loss_cfg.lmbda < 1.0)
+                                   dataset=is_dataset_rollout(batch.rollout), mixes_dataset=self.method.mixes_dataset)
         return self.normalizer.backward_loss(out, self._trainer, in_backward=self.optimizer_cfg.in_backward)
 
     def teacher_topk_requested(self) -> int:

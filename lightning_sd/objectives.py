@@ -1,28 +1,38 @@
-"""The objective: which divergence, on which tokens, reduced how. `LossConfig` carries every key of the
-Hydra `loss` group (each option sets them all, null where unused); `distillation_terms` turns student and
-teacher completion logits into per-token losses and the mask they count on.
+"""The objective: which divergence, on which tokens, reduced how. `LossConfig` holds what every method shares and
+the method's own options (`Method.Options`); the Hydra `loss` group lists both as flat keys, and
+`LossConfig.from_dict` sorts them out. `distillation_terms` turns student and teacher completion logits into
+per-token losses and the mask they count on.
 
 Sign convention (see docs/concepts.md): `beta=0` is the forward KL(T||S), `beta=1` the reverse KL(S||T).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lightning_sd.contexts import check_template, context_kind
 from lightning_sd.losses import (
     DivergenceOptions,
     apply_importance_weight,
     per_token_divergence,
 )
 from lightning_sd.losses.support import compute_dtype
-from lightning_sd.methods.base import METHODS, Method, distillation_names, method_class
+from lightning_sd.methods.base import (
+    METHODS,
+    Method,
+    MethodOptions,
+    distillation_names,
+    method_class,
+    method_options,
+    option_defaults,
+)
 
 LOSS_NAMES = tuple(METHODS)  # the built-in methods (`lightning_sd.methods`)
-# losses whose whole signal is a teacher's divergence on the completion (they accept `lmbda`, `reason_first`)
+# losses whose whole signal is a teacher's divergence on the completion (their options: `DistillOptions`)
 DISTILLATION_NAMES = distillation_names()
 SUPPORTS = ("full", "topk", "sampled")
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
@@ -46,10 +56,23 @@ def with_current_names(values: Mapping[str, Any]) -> dict:
     return {RENAMED_KEYS.get(key, key): value for key, value in values.items()}
 
 
+def _typed(schema: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` checked against the types of `schema`'s fields (an int for a float is converted): a ValueError
+    naming the key `loss.<key>` when one does not fit."""
+    try:
+        checked = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        raise ValueError(f"loss.{key}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    return {k: checked[k] for k in values}
+
+
 @dataclass
 class LossConfig:
-    """All knobs of the objective.
+    """The objective every method shares: which divergence, on which tokens, reduced how; and the method.
 
+    - `name`: the method, a name in `lightning_sd.methods.METHODS` or the dotted path of a user's own `Method`
+      subclass (`package.module.Class`; a config may write it as `_target_`).
     - divergence: `beta` (0 forward KL(T||S), 1 reverse KL(S||T), else generalized JSD), `support`,
       `top_k`, `topk_from`, `tail`, `temperature` (divides both logits), `entry_clip` (per-entry clip `c`,
       null = off) and `entry_clip_mode`: `gradient` (default) keeps the unclipped divergence as the loss and
@@ -60,18 +83,14 @@ class LossConfig:
       importance weight between the trainer and the sampler (SDPO: 2; null = off).
     - `reduction`: `token_mean` / `sequence_mean` / `sum`, normalized by the *global* count of the optimizer
       step (all micro-batches, all ranks).
-    - teacher context: `template` (a name in `lightning_sd.contexts.TEMPLATES` or a format string).
     - `chunk_size`: when set, the memory-bounded path computes the loss from hidden states chunk by chunk.
-    - `name`: the method, a name in `lightning_sd.methods.METHODS` or the dotted path of a user's own `Method`
-      subclass (`package.module.Class`; a config may write it as `_target_`).
-    - method-specific keys (null/default where unused): `grpo_mix` (GRPO share of the loss: `rl_feedback` mixes
-      `grpo_mix * GRPO + (1 - grpo_mix) * SDPO`, `grpo` is `grpo_mix=1`), `reason_first` /
-      `reason_max_new_tokens` (the teacher first generates an analysis of the reference solution), `lmbda`
-      (fraction of batches on student samples; the rest use dataset completions), `feedback` /
-      `strip_reasoning` (the `sdpo` context), `contrast` (alpha of the contrastive teacher: the target is the
-      student moved by alpha times the difference between the teacher with the real context and with a placebo
-      context, another record's, in the same template; null = the plain teacher; see `losses.contrastive`).
-      `lam` was renamed `grpo_mix` (`RENAMED_KEYS`): passing it is an error naming the new key.
+    - `nonfinite` / `nonfinite_limit`: what a step with a non-finite loss does (`skip` it, or `stop`), and after
+      how many skipped steps the run stops.
+    - `options`: the method's own keys (`Method.Options`: the teacher context `template`, `lmbda`, `grpo_mix`,
+      ...); None: the method's defaults. In a config they are flat keys of `loss` (`loss.lmbda=0.5`), and
+      `from_dict` sorts them out.
+
+    `lam` was renamed `grpo_mix` (`RENAMED_KEYS`): passing it is an error naming the new key.
     """
 
     name: str = "distill"
@@ -86,27 +105,29 @@ class LossConfig:
     skip_first: int = 0
     reduction: str = "token_mean"
     is_clip: float | None = None
-    template: str = "self_critique_v3"
     chunk_size: int | None = None
-    grpo_mix: float = 0.0
-    reason_first: bool = False
-    reason_max_new_tokens: int = 128
-    lmbda: float = 1.0
-    contrast: float | None = None
-    feedback: bool = True
-    strip_reasoning: bool = True
     nonfinite: str = "skip"
     nonfinite_limit: int | None = 10
+    options: MethodOptions | None = None
 
     def __new__(cls, *args, **kwargs):  # before the dataclass's __init__ rejects the key as unexpected
         check_renamed_keys(kwargs, TypeError)
+        flat = sorted(set(kwargs) & set(option_defaults()))
+        if flat:
+            raise TypeError(f"{flat} are the method's own options: LossConfig.from_dict({{'name': ..., "
+                            f"'{flat[0]}': ...}}), or LossConfig(name=..., options=<the method's Options>(...))")
         return super().__new__(cls)
+
+    def __post_init__(self) -> None:  # validated once, when made (`dataclasses.replace` makes a new one)
+        if self.options is None:
+            self.options = method_class(self.name).Options()
+        self.validate()
 
     def method(self) -> Method:
         """The method object these options select (`loss.name`, or `loss._target_`), made once per name."""
         made = self.__dict__.get("_method")
-        if made is None or made[0] != self.name:
-            made = self.__dict__["_method"] = (self.name, method_class(self.name)(self))
+        if made is None or made[0] != self.name or made[1].options is not self.options:
+            made = self.__dict__["_method"] = (self.name, method_class(self.name)(self, self.options))
         return made[1]
 
     @property
@@ -115,8 +136,7 @@ class LossConfig:
         return self.method().needs_teacher
 
     def validate(self) -> None:
-        """Reject impossible combinations with a message naming the option."""
-        method = self.method()
+        """Reject impossible values and combinations with a message naming the option."""
         if self.support not in SUPPORTS:
             raise ValueError(f"loss.support={self.support!r} is not one of {SUPPORTS}")
         if not 0.0 <= self.beta <= 1.0:
@@ -143,44 +163,41 @@ class LossConfig:
                              "(gradient: clamp each entry's gradient; value: clamp each entry's term, as OPSD)")
         if self.is_clip is not None and not self.is_clip > 0:
             raise ValueError(f"loss.is_clip must be > 0 or null, got {self.is_clip}")
-        if not 0.0 <= self.grpo_mix <= 1.0:
-            raise ValueError(f"loss.grpo_mix must be in [0, 1], got {self.grpo_mix}")
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"loss.lmbda must be in [0, 1], got {self.lmbda}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"loss.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"loss.nonfinite={self.nonfinite!r} must be 'skip' or 'stop'")
         if self.nonfinite_limit is not None and self.nonfinite_limit < 1:
             raise ValueError(f"loss.nonfinite_limit must be >= 1 or null (never stop), got {self.nonfinite_limit}")
-        check_template(self.template)
-        if self.reason_max_new_tokens < 1:
-            raise ValueError(f"loss.reason_max_new_tokens must be >= 1, got {self.reason_max_new_tokens}")
-        method.validate()
-        if self.contrast is not None:
-            if not self.contrast > 0:
-                raise ValueError(f"loss.contrast must be > 0 (the step toward the teacher's context) or null, got "
-                                 f"{self.contrast}")
-            if self.chunk_size is not None:
-                raise ValueError("loss.contrast combines the student's and both teachers' logits: it does not work "
-                                 "with the memory-bounded loss; set loss.chunk_size=null")
-            if context_kind(self.template) != "format":
-                raise ValueError("loss.contrast needs a format-string teacher template (a placebo is the same "
-                                 "template around another record's fields), not loss.template=sdpo")
+        cls = method_class(self.name)
+        if not isinstance(self.options, cls.Options):
+            raise ValueError(f"loss={self.name} takes {cls.Options.__name__}, got {type(self.options).__name__}")
+        self.method().validate()
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "LossConfig":
+    def keys(cls) -> list[str]:
+        """The config keys of this dataclass (`options` is not one: its keys are flat keys of `loss`)."""
+        return [f.name for f in fields(cls) if f.name != "options"]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "LossConfig":
+        """The validated objective of a flat `loss` config (every key of the loss group: its own and each method's
+        options; a key of another method than `name`'s must keep its default). Each value is checked against its
+        field's type; a ValueError names the key."""
         values = dict(values or {})
         if "_target_" in values:  # a user's own method class (Hydra's spelling)
             values["name"] = values.pop("_target_")
         check_renamed_keys(values)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        own = cls.keys()
+        method = method_class(values.get("name", cls.name))
+        valid = set(own) | {f.name for f in fields(method.Options)} | set(option_defaults())
+        unknown = sorted(set(values) - valid)
         if unknown:
-            raise ValueError(f"unknown loss option(s) {unknown}; valid keys: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+            raise ValueError(f"{', '.join('loss.' + k for k in unknown)}: unknown key. Valid keys of `loss`: "
+                             f"{', '.join(sorted(valid))}")
+        options = method_options(method, {k: v for k, v in values.items() if k not in own})
+        common = {k: v for k, v in values.items() if k in own}
+        return cls(**_typed(cls, common), options=type(options)(**_typed(type(options), asdict(options))))
 
     def divergence_options(self) -> DivergenceOptions:
         """The divergence options of this config (its keys named like `DivergenceOptions`' fields)."""

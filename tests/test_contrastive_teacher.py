@@ -74,7 +74,7 @@ def test_different_records_give_a_positive_loss_and_use_the_next_records_solutio
 @pytest.mark.parametrize("bad,match", [
     ({"contrast": 0.0}, "loss.contrast must be > 0"),
     ({"contrast": 1.0, "chunk_size": 64}, "memory-bounded"),
-    ({"contrast": 1.0, "name": "grpo", "grpo_mix": 1.0}, "applies to"),
+    ({"contrast": 1.0, "name": "grpo", "grpo_mix": 1.0}, "loss.contrast=1.0 is an option of loss=distill"),
 ])
 def test_bad_contrast_options_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -76,7 +76,7 @@ def test_self_critique_teacher_ids_hold_the_reference_and_student_ids_do_not(tin
 
 def test_self_critique_defaults_match_the_paper():
     cfg = loss_option("self_critique")
-    assert (cfg.beta, cfg.support, cfg.entry_clip, cfg.temperature, cfg.reduction, cfg.template) == (
+    assert (cfg.beta, cfg.support, cfg.entry_clip, cfg.temperature, cfg.reduction, cfg.options.template) == (
         0.0, "full", 0.05, 1.1, "token_mean", "self_critique_v3")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lightning_sd.config import ConfigError, validate_config
+from lightning_sd.config import ConfigError, group_defaults, validate_config
+from lightning_sd.methods import method_class
 from lightning_sd.objectives import DISTILLATION_NAMES, LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,15 +78,17 @@ def test_continual_sequence_and_on_policy_kd_presets_with_a_sweep_over_lmbda(tmp
 # ------------------------------------------------------------------------------------- overrides and presets
 
 def override_values(name: str) -> dict:
-    """A valid non-default value for every loss key (method-specific keys where the method allows them)."""
-    return {"beta": 0.5, "support": "topk", "top_k": 7, "topk_from": "teacher", "tail": False, "temperature": 0.9,
-            "entry_clip": 0.2, "entry_clip_mode": "value", "skip_first": 1, "reduction": "sum", "is_clip": 3.0,
-            "template": "answer_hint",
-            "chunk_size": 16, "grpo_mix": 1.0 if name == "grpo" else 0.5,
-            "reason_first": name in DISTILLATION_NAMES, "reason_max_new_tokens": 9,
-            "lmbda": 0.5 if name in DISTILLATION_NAMES else 1.0, "feedback": False, "strip_reasoning": False,
-            "nonfinite": "stop", "nonfinite_limit": 3,
-            "contrast": None}  # it does not combine with chunk_size: overridden on its own below
+    """A valid non-default value for every loss key the method reads: `LossConfig`'s own and its `Options`."""
+    own = {f.name for f in fields(method_class(name).Options)}
+    values = {"beta": 0.5, "support": "topk", "top_k": 7, "topk_from": "teacher", "tail": False, "temperature": 0.9,
+              "entry_clip": 0.2, "entry_clip_mode": "value", "skip_first": 1, "reduction": "sum", "is_clip": 3.0,
+              "chunk_size": 16, "nonfinite": "stop", "nonfinite_limit": 3,
+              "template": "answer_hint", "feedback": False, "strip_reasoning": False}
+    if "grpo_mix" in own:
+        values["grpo_mix"] = 1.0 if name == "grpo" else 0.5
+    if "lmbda" in own:  # contrast does not combine with chunk_size: overridden on its own below
+        values.update(lmbda=0.5, reason_first=True, reason_max_new_tokens=9)
+    return values
 
 
 @pytest.mark.parametrize("name", DISTILLATION_NAMES)
@@ -93,20 +96,28 @@ def test_contrast_can_be_overridden_on_every_distillation_variant(name):
     teacher = ["teacher.model.name_or_path=/some/folder"] if name == "on_policy_kd" else []
     typed = validate_config(composed(f"loss={name}", "data=arithmetic", *teacher, "loss.contrast=1.5",
                                      "loss.template=answer_hint"))
-    assert typed["loss"].contrast == 1.5
+    assert typed["loss"].options.contrast == 1.5
 
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_key_can_be_overridden_on_every_variant(name):
+    """Each of the method's keys (shared or its own) takes a new value; every other key of the loss group
+    belongs to another method, and setting it is refused with a message naming the methods that read it."""
     values = override_values(name)
-    assert set(values) | {"name"} == {f.name for f in fields(LossConfig)}  # a new key must be added here too
-    overrides = [f"loss.{k}={v}" for k, v in values.items() if k != "contrast"]
+    own = {f.name for f in fields(method_class(name).Options)} | set(LossConfig.keys())
+    assert set(values) | {"name"} == own - ({"contrast"} if "contrast" in own else set())  # a new key: add it here
+    overrides = [f"loss.{k}={v}" for k, v in values.items()]
     teacher = ["teacher.model.name_or_path=/some/folder"] if name == "on_policy_kd" else []
     typed = validate_config(composed(f"loss={name}", "data=arithmetic", "generation.n=2", *teacher, *overrides))
     loss = typed["loss"]
     assert loss.name == name
     for key, value in values.items():
-        assert getattr(loss, key) == value, key
+        assert getattr(loss.options if key not in LossConfig.keys() else loss, key) == value, key
+    for key in sorted(set(group_defaults("loss")) - own):
+        other = {"lmbda": 0.5, "contrast": 1.0, "reason_first": True, "reason_max_new_tokens": 9, "grpo_mix": 0.5}[key]
+        with pytest.raises(ConfigError, match=rf"loss.{key}=.* is an option of loss=.*not of loss={name}"):
+            validate_config(composed(f"loss={name}", "data=arithmetic", "generation.n=2", *teacher,
+                                     f"loss.{key}={other}"))
 
 
 def test_a_bad_loss_override_names_the_key():

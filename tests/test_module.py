@@ -212,11 +212,13 @@ def test_drop_in_with_users_own_trainer_and_loop(tiny, records, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_sd import LossConfig
+    from lightning_sd.methods import DistillOptions
 
     model, tok = tiny
     module = SelfDistillationModule(
         model, tok, teacher="ema", teacher_kwargs={"rate": 0.05},
-        loss=LossConfig(beta=0.0, template="demonstration", skip_first=1, reduction="sequence_mean"),
+        loss=LossConfig(beta=0.0, skip_first=1, reduction="sequence_mean",
+                        options=DistillOptions(template="demonstration")),
         optimizer={"lr": 1e-3}, scheduler={"name": "cosine", "warmup_steps": 1})
     t = Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
                 callbacks=[OnPolicyGeneration(SamplingConfig(n=2, max_new_tokens=8, top_p=0.95))],

@@ -56,7 +56,8 @@ class Losses(Callback):
 
 
 def test_a_method_in_one_file_and_one_yaml_trains(own_method, tmp_path):
-    overrides = ["model=tiny", "data=arithmetic", "loss=late_tokens", f"hydra.searchpath=[file://{own_method / 'conf'}]",
+    overrides = ["model=tiny", "data=arithmetic", "loss=late_tokens", "loss.power=3",
+                 f"hydra.searchpath=[file://{own_method / 'conf'}]",
                  "data.n_train=8", "data.n_eval=4", "data.batch_size=4", "generation.n=1",
                  "generation.max_new_tokens=8", "trainer.max_steps=2", "logger=none",
                  "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
@@ -67,6 +68,7 @@ def test_a_method_in_one_file_and_one_yaml_trains(own_method, tmp_path):
     run = build_run(cfg, run_dir=str(tmp_path / "run"))
     assert type(run.module.method).__name__ == "LateTokens" and run.module.needs_teacher
     assert run.module.loss_cfg.temperature == 1.1
+    assert run.module.method.options.power == 3.0 and run.module.method.options.template == "self_critique_v3"
     losses = Losses()
     trainer = Trainer(**run.trainer_kwargs, callbacks=run.callbacks + [losses], logger=False,
                       enable_model_summary=False)
@@ -89,6 +91,15 @@ def test_the_weight_changes_the_terms_and_nothing_else(own_method):
     assert torch.equal(terms.mask, mask)
     assert torch.allclose(terms.per_token[0], torch.tensor([0.25, 0.5, 0.75, 1.0]))
     assert torch.allclose(terms.per_token[1, :2], torch.tensor([0.5, 1.0]))
+    squared = method_for(LossConfig.from_dict({"name": "my_methods.LateTokens", "power": 2})).terms(step)
+    assert torch.allclose(squared.per_token[0], torch.tensor([0.25, 0.5, 0.75, 1.0]) ** 2)
+
+
+def test_its_own_option_is_checked_and_belongs_to_it_alone(own_method):
+    with pytest.raises(ValueError, match="loss.power must be > 0"):
+        LossConfig.from_dict({"name": "my_methods.LateTokens", "power": 0})
+    with pytest.raises(ValueError, match="loss.power: unknown key"):  # not an option of a built-in method
+        LossConfig.from_dict({"name": "self_critique", "power": 2.0})
 
 
 def test_a_name_that_is_no_method_is_refused_with_the_choices():

@@ -12,16 +12,18 @@
 - `contrast`: `ContrastiveTeacher`, the teacher's scores against a placebo context (`loss.contrast`).
 - `requirements`: what a method needs from the other config groups.
 
-The loss options themselves (defaults, templates) are `conf/loss/*.yaml`; `docs/methods.md` explains them.
+Each method's own options (`Method.Options`: `MethodOptions`, `DistillOptions`, `PolicyGradientOptions`) hold their
+defaults; `conf/loss/*.yaml` lists only what each recipe changes; `docs/methods.md` explains them.
 """
 
-from lightning_sd.methods.base import METHODS, Method, Step, Terms, method_class, method_for, register
-from lightning_sd.methods.distill import Distill, distillation, on_policy_batch
+from lightning_sd.methods.base import (METHODS, Method, MethodOptions, Step, Terms, method_class, method_for,
+                                      option_defaults, register)
+from lightning_sd.methods.distill import Distill, DistillOptions, distillation, on_policy_batch
 from lightning_sd.methods.self_critique import SelfCritique
 from lightning_sd.methods.continual import Continual
 from lightning_sd.methods.rl_feedback import RlFeedback
 from lightning_sd.methods.on_policy_kd import OnPolicyKD
-from lightning_sd.methods.grpo import Grpo, group_advantages, policy_gradient, policy_gradient_terms
+from lightning_sd.methods.grpo import Grpo, PolicyGradientOptions, group_advantages, policy_gradient, policy_gradient_terms
 from lightning_sd.methods.sft import Sft, is_dataset_rollout, nll_terms, reference_rollout
 from lightning_sd.methods.reason_first import generate_analyses, with_analysis
 from lightning_sd.methods.requirements import check_method
@@ -29,8 +31,8 @@ from lightning_sd.methods.sdpo import sdpo_context, strip_reasoning, successful_
 from lightning_sd.methods.teacher_context import TeacherPrompts, build_context
 from lightning_sd.methods.contrast import ContrastiveTeacher
 
-__all__ = ["METHODS", "Method", "Step", "Terms", "method_class", "method_for", "register", "Distill",
-           "distillation", "SelfCritique", "Continual", "RlFeedback", "OnPolicyKD", "Grpo", "Sft",
+__all__ = ["METHODS", "Method", "MethodOptions", "DistillOptions", "PolicyGradientOptions", "Step", "Terms",
+           "method_class", "method_for", "option_defaults", "register", "Distill", "distillation", "SelfCritique", "Continual", "RlFeedback", "OnPolicyKD", "Grpo", "Sft",
            "group_advantages", "policy_gradient", "policy_gradient_terms", "on_policy_batch", "generate_analyses",
            "with_analysis", "check_method", "build_context", "TeacherPrompts", "ContrastiveTeacher", "sdpo_context", "strip_reasoning", "successful_sibling",
            "is_dataset_rollout", "nll_terms", "reference_rollout"]

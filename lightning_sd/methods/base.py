@@ -1,7 +1,10 @@
 """A method as one object: `Method` declares what a training step needs (student samples or the dataset's
 reference completions, a teacher forward, verifier rewards), owns its teacher-context builder, and turns a
-`Step` (the typed record of one micro-batch's scores) into per-token `Terms`. The module runs the same step for
-every method and never asks for its name; `METHODS` maps `loss.name` to the class, and a dotted path
+`Step` (the typed record of one micro-batch's scores) into per-token `Terms`. Each method declares its own keys
+under `loss.` (`Options`, a dataclass: the teacher context for all, `lmbda` for the distillation methods, ...), with
+their defaults; `LossConfig` holds only what every method shares (the divergence, the tokens, the reduction). The
+module runs the same step for every method and never asks for its name; `METHODS` maps `loss.name` to the class,
+and a dotted path
 (`loss.name=package.module.Class`, or `_target_: package.module.Class` in a loss YAML) names a user's own class
 (`method_for`).
 
@@ -11,13 +14,13 @@ Shapes: R rollout rows, C completion length.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from lightning_sd.contexts import ContextBuilder, context_kind
+from lightning_sd.contexts import ContextBuilder, check_template, context_kind
 from lightning_sd.data.prompts import PromptEncoder
 from lightning_sd.methods.teacher_context import TeacherPrompts, build_context
 from lightning_sd.sampling import Rollout
@@ -73,26 +76,47 @@ class Step:
         return self.mask * self.row_mask[:, None].to(self.mask.dtype)
 
 
+@dataclass
+class MethodOptions:
+    """The keys under `loss.` that every method with a teacher context reads (a method's `Options` subclasses this
+    to add its own).
+
+    - `template`: the teacher context, a name in `lightning_sd.contexts.TEMPLATES` or a format string.
+    - `feedback` / `strip_reasoning`: the `sdpo` context shows the verifier's feedback / strips the sibling
+      solution's reasoning.
+    """
+
+    template: str = "self_critique_v3"
+    feedback: bool = True
+    strip_reasoning: bool = True
+
+    def validate(self) -> None:
+        """Reject an impossible value with a message naming the key."""
+        check_template(self.template)
+
+
 class Method:
-    """Base class of the methods. A subclass sets the class attributes that say what it needs and implements
-    `terms`; `context` and `check` have defaults.
+    """Base class of the methods. A subclass sets the class attributes that say what it needs, its `Options`,
+    and implements `terms`; `context`, `validate` and `check` have defaults.
 
     - `name`: the `loss.name` it registers under (`register`).
+    - `Options`: the dataclass of its own keys under `loss.` (`MethodOptions` or a subclass); `self.options`.
     - `samples`: trains on the student's samples (False: on the dataset's reference completions, no rollout).
     - `teacher`: runs a teacher forward on the teacher context (`needs_teacher` may depend on the options).
     - `rewards`: learns from verifier rewards (the data needs a verifier).
-    - `distills`: its signal is a teacher's divergence on the completion, so it accepts `loss.lmbda < 1`
-      (dataset batches), `loss.contrast` and `loss.reason_first`.
+    - `distills`: its signal is a teacher's divergence on the completion (the distillation methods).
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     samples: ClassVar[bool] = True
     teacher: ClassVar[bool] = True
     rewards: ClassVar[bool] = False
     distills: ClassVar[bool] = True
 
-    def __init__(self, loss: Any) -> None:
-        self.loss = loss  # the `LossConfig`
+    def __init__(self, loss: Any, options: MethodOptions | None = None) -> None:
+        self.loss = loss  # the `LossConfig`: divergence, tokens, reduction
+        self.options = options if options is not None else self.Options()
 
     @property
     def needs_teacher(self) -> bool:
@@ -101,7 +125,22 @@ class Method:
     @property
     def uses_rewards(self) -> bool:
         """Rewards are needed for the loss itself or for the RL-feedback teacher context (`loss.template=sdpo`)."""
-        return self.rewards or context_kind(self.loss.template) == "rl_feedback"
+        return self.rewards or context_kind(self.options.template) == "rl_feedback"
+
+    @property
+    def mixes_dataset(self) -> bool:
+        """Whether some batches train on the dataset's completions instead of samples (`loss.lmbda < 1`)."""
+        return False
+
+    @property
+    def analysis_tokens(self) -> int | None:
+        """With `loss.reason_first`, the most tokens of the teacher's analysis of each reference solution; else
+        None (no analysis)."""
+        return None
+
+    def contrastive_teacher(self) -> Any:
+        """The wrapper that moves the teacher's scores against a placebo context (`loss.contrast`), or None."""
+        return None
 
     def samples_batch(self, seed: int, global_step: int, batch_idx: int) -> bool:
         """Whether this batch trains on fresh student samples (asked by `OnPolicyGeneration` through the module):
@@ -114,37 +153,25 @@ class Method:
 
     def context(self) -> ContextBuilder:
         """The teacher-context builder `(record, RowView) -> str | None` (None: the row has no privileged
-        signal and is masked out); default: `loss.template` with the loss options."""
-        cfg = self.loss
-        return build_context(cfg.template, feedback=cfg.feedback, strip_reasoning=cfg.strip_reasoning,
-                             reason_first=cfg.reason_first)
+        signal and is masked out); default: `loss.template` with the options."""
+        o = self.options
+        return build_context(o.template, feedback=o.feedback, strip_reasoning=o.strip_reasoning,
+                             reason_first=self.analysis_tokens is not None)
 
     def validate(self) -> None:
-        """Reject options this method cannot use (called by `LossConfig.validate`)."""
-        cfg = self.loss
-        if self.distills:
-            return
-        label = self.name or type(self).__name__
-        if cfg.lmbda < 1.0:
-            raise ValueError(f"loss.lmbda={cfg.lmbda} (dataset completions for some batches) applies to the "
-                             f"distillation methods {distillation_names()}, not to loss={label}: set loss.lmbda=1")
-        if cfg.contrast is not None:
-            raise ValueError(f"loss.contrast (contrastive teacher) applies to {distillation_names()}, not to "
-                             f"loss={label}")
-        if cfg.reason_first:
-            raise ValueError(f"loss.reason_first applies to {distillation_names()} (a teacher that sees a reference "
-                             f"solution), not to loss={label}")
+        """Reject options this method cannot use (called once by `LossConfig.validate`)."""
+        self.options.validate()
 
     def check(self, teacher: Any, generation: Any, data: Any) -> None:
         """What the method needs from the other config groups, at start-up: a ValueError naming the options when
         it cannot work (a warning when it would run but learn nothing)."""
-        cfg = self.loss
+        o = self.options
         verifier = getattr(data, "verifier", None)
         if self.uses_rewards and (verifier == "none" or (not data.task and verifier is None)):
-            raise ValueError(f"loss={cfg.name} (template {cfg.template!r}, grpo_mix={cfg.grpo_mix}) learns from "
-                             "verifier rewards: pick a task with a verifier (data=arithmetic|facts|json_format, or "
-                             "data.task=...) or set data.verifier (math, normalized, ...; docs/configuration.md)")
-        if context_kind(cfg.template) == "rl_feedback" and generation.n < 2 and not cfg.feedback:
+            raise ValueError(f"loss={self.loss.name} (template {o.template!r}) learns from verifier rewards: pick a "
+                             "task with a verifier (data=arithmetic|facts|json_format, or data.task=...) or set "
+                             "data.verifier (math, normalized, ...; docs/configuration.md)")
+        if context_kind(o.template) == "rl_feedback" and generation.n < 2 and not o.feedback:
             raise ValueError("the sdpo teacher context needs a successful sibling rollout (generation.n >= 2) or "
                              f"verifier feedback (loss.feedback=true); got generation.n={generation.n}, "
                              "loss.feedback=false")
@@ -187,8 +214,47 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_for(loss: Any) -> Method:
-    """The method object of a `LossConfig`."""
-    return method_class(loss.name)(loss)
+    """The method object of a `LossConfig` (with its options)."""
+    return loss.method()
 
 
-__all__ = ["Terms", "Step", "Method", "METHODS", "register", "distillation_names", "method_class", "method_for"]
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every registered method's own keys under `loss.` with their defaults: the loss group's config lists them all
+    (a key keeps one default, wherever several methods share it)."""
+    out: dict[str, Any] = {}
+    for cls in METHODS.values():
+        for f in fields(cls.Options):
+            value = _default(f)
+            if f.name in out and out[f.name] != value:
+                raise RuntimeError(f"loss.{f.name} has two defaults ({out[f.name]!r}, {value!r}): declare it once")
+            out[f.name] = value
+    return out
+
+
+def methods_declaring(key: str) -> tuple[str, ...]:
+    """The registered methods whose `Options` declare `loss.<key>`."""
+    return tuple(name for name, cls in METHODS.items() if key in {f.name for f in fields(cls.Options)})
+
+
+def method_options(cls: type[Method], values: dict[str, Any]) -> MethodOptions:
+    """The `Options` of method `cls` from a flat dict of `loss.` keys that are not `LossConfig`'s own: its keys
+    set, any other registered method's key allowed only at its default (every loss option lists them all).
+    Raises a ValueError naming the key."""
+    own = {f.name for f in fields(cls.Options)}
+    defaults = option_defaults()
+    label = cls.name or f"{cls.__module__}.{cls.__qualname__}"
+    for key in sorted(set(values) - own):
+        if key not in defaults:
+            raise ValueError(f"unknown loss option {key!r}")
+        if values[key] != defaults[key]:
+            raise ValueError(f"loss.{key}={values[key]!r} is an option of loss={'|'.join(methods_declaring(key))}, "
+                             f"not of loss={label}: drop it (or set loss.{key}={defaults[key]!r}, its default)")
+    return cls.Options(**{k: v for k, v in values.items() if k in own})
+
+
+__all__ = ["Terms", "Step", "MethodOptions", "Method", "METHODS", "register", "distillation_names", "method_class",
+           "method_for", "option_defaults", "methods_declaring", "method_options"]

@@ -25,7 +25,9 @@ from typing import Any, Sequence
 import torch
 
 from lightning_sd.losses import apply_importance_weight
-from lightning_sd.methods.base import Method, Step, Terms, register
+from dataclasses import dataclass
+
+from lightning_sd.methods.base import Method, MethodOptions, Step, Terms, register
 
 
 GRPO_EPS = 1e-4
@@ -77,11 +79,26 @@ def policy_gradient(step: Step, method: str) -> Terms:
     return Terms(policy_gradient_terms(logp, advantages, step.importance_weights), mask, signal)
 
 
+@dataclass
+class PolicyGradientOptions(MethodOptions):
+    """The policy-gradient methods' own key under `loss.`: `grpo_mix`, the GRPO share of the loss (`rl_feedback`
+    mixes `grpo_mix * GRPO + (1 - grpo_mix) * SDPO`; `grpo` is `grpo_mix=1`)."""
+
+    grpo_mix: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.grpo_mix <= 1.0:
+            raise ValueError(f"loss.grpo_mix must be in [0, 1], got {self.grpo_mix}")
+
+
 @register
 class Grpo(Method):
     """`loss=grpo`: the pure group-normalized policy gradient (no teacher)."""
 
     name = "grpo"
+    Options = PolicyGradientOptions
+    options: PolicyGradientOptions
     teacher = False
     rewards = True
     distills = False
@@ -91,15 +108,15 @@ class Grpo(Method):
         return True
 
     def validate(self) -> None:
-        if self.loss.grpo_mix != 1.0:
-            raise ValueError(f"loss=grpo is the pure policy gradient (loss.grpo_mix=1, got {self.loss.grpo_mix}); to "
+        if self.options.grpo_mix != 1.0:
+            raise ValueError(f"loss=grpo is the pure policy gradient (loss.grpo_mix=1, got {self.options.grpo_mix}); to "
                              "mix it with self-distillation use loss=rl_feedback loss.grpo_mix=...")
         super().validate()
 
     def check(self, teacher: Any, generation: Any, data: Any) -> None:
         super().check(teacher, generation, data)
         if self.policy_gradient and generation.n < 2:  # a warning: every loss option must validate on its own
-            warnings.warn(f"loss={self.loss.name} with loss.grpo_mix={self.loss.grpo_mix} normalizes rewards within "
+            warnings.warn(f"loss={self.loss.name} with loss.grpo_mix={self.options.grpo_mix} normalizes rewards within "
                           f"each prompt's group, so with generation.n={generation.n} every advantage is 0 and the GRPO "
                           "term learns nothing: set generation.n >= 2 (the papers use 8)", stacklevel=3)
 
@@ -107,4 +124,4 @@ class Grpo(Method):
         return policy_gradient(step, self.loss.name)
 
 
-__all__ = ["GRPO_EPS", "group_advantages", "policy_gradient_terms", "policy_gradient", "Grpo"]
+__all__ = ["GRPO_EPS", "PolicyGradientOptions", "group_advantages", "policy_gradient_terms", "policy_gradient", "Grpo"]

@@ -20,21 +20,21 @@ class RlFeedback(Grpo):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss.grpo_mix < 1.0
+        return self.options.grpo_mix < 1.0
 
     @property
     def policy_gradient(self) -> bool:
-        return self.loss.grpo_mix > 0.0
+        return self.options.grpo_mix > 0.0
 
     @property
     def uses_rewards(self) -> bool:
-        return self.policy_gradient or context_kind(self.loss.template) == "rl_feedback"
+        return self.policy_gradient or context_kind(self.options.template) == "rl_feedback"
 
     def validate(self) -> None:
-        super(Grpo, self).validate()
+        super(Grpo, self).validate()  # any grpo_mix in [0, 1], not only grpo's 1
 
     def terms(self, step: Step) -> Terms:
-        grpo_mix = self.loss.grpo_mix
+        grpo_mix = self.options.grpo_mix
         if grpo_mix == 0.0:
             return distillation(step)
         pg = policy_gradient(step, self.loss.name)
