@@ -216,16 +216,6 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, (ConfigError, DataError, ModelLoadError, CheckpointError, VllmError))
 
 
-def sampled_eval(module, datamodule, e, seed: int) -> dict:
-    """The student's sampled accuracy on the evaluation prompts: `eval.samples` completions per prompt at
-    `eval.temperature` (no top-p/top-k), seeded by the run's seed (sampler seed 1000 + seed), student only."""
-    from lightning_sd.evaluation import evaluate_sampled
-
-    result = evaluate_sampled(module, datamodule.val_dataloader(), e.samples, e.temperature, 1000 + int(seed))
-    return {"student_accuracy": result.student_accuracy, "n": result.n, "samples_per_prompt": e.samples,
-            "temperature": e.temperature, "mean_completion_tokens": result.mean_completion_tokens}
-
-
 def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     """The run itself: evaluate, train, evaluate, write `metrics.json`, print the summary. `metrics.json` holds
     the resolved config, seed, command-line overrides, git commit, machine and load (`machine`), start and end
@@ -234,7 +224,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     from lightning_sd.build import build_logger, prepare_run
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
-    from lightning_sd.evaluation import evaluate, evaluate_probes
+    from lightning_sd.evaluation import evaluate_run
     from lightning_sd.logging_utils import finish_logger, log_config, log_eval, machine, train_history
 
     t_start = time.perf_counter()
@@ -255,32 +245,26 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
 
     def run_eval(tag: str) -> None:
         module.to(device)
-        t0 = time.perf_counter()
-        loader = datamodule.val_dataloader()
         total = len(getattr(datamodule, "eval_records", None) or []) * (2 if e.teacher else 1)
         with eval_progress(f"eval {tag}", total, enabled=run.typed["trainer"].enable_progress_bar) as advance:
-            result = evaluate(module, loader, with_teacher=e.teacher, progress=advance)
-        metrics[f"eval_{tag}"] = {**result.as_dict(), "seconds": time.perf_counter() - t0}
-        if e.samples and result.n:
-            metrics[f"eval_{tag}"]["sampled"] = sampled_eval(module, datamodule, e, cfg.seed)
-        probes = evaluate_probes(module, datamodule)
-        if probes:
-            metrics[f"eval_{tag}"]["probes"] = probes
-        if result.n == 0:
+            record = evaluate_run(module, datamodule, with_teacher=e.teacher, samples=e.samples,
+                                  temperature=e.temperature, seed=cfg.seed, progress=advance)
+        metrics[f"eval_{tag}"] = r = record
+        if r["n"] == 0:
             print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
                   flush=True)
             return
-        log_eval(logger, tag, metrics[f"eval_{tag}"], step=trainer.global_step if trainer is not None else 0)
-        teacher = "n/a" if result.teacher_accuracy is None else f"{result.teacher_accuracy:.3f}"
-        print(f"[eval {tag}] student accuracy {result.student_accuracy:.3f}  teacher-with-context accuracy "
-              f"{teacher}  (n={result.n}, mean completion {result.mean_completion_tokens:.1f} tokens, "
-              f"{time.perf_counter() - t0:.1f} s)" + (f"  verifier failures {result.verifier_failures}"
-                                                      if result.verifier_failures else ""), flush=True)
+        log_eval(logger, tag, r, step=trainer.global_step if trainer is not None else 0)
+        teacher = "n/a" if r["teacher_accuracy"] is None else f"{r['teacher_accuracy']:.3f}"
+        print(f"[eval {tag}] student accuracy {r['student_accuracy']:.3f}  teacher-with-context accuracy "
+              f"{teacher}  (n={r['n']}, mean completion {r['mean_completion_tokens']:.1f} tokens, "
+              f"{r['seconds']:.1f} s)" + (f"  verifier failures {r['verifier_failures']}"
+                                          if r["verifier_failures"] else ""), flush=True)
         if e.samples:
-            sampled = metrics[f"eval_{tag}"]["sampled"]
+            sampled = r["sampled"]
             print(f"[eval {tag}] student sampled accuracy {sampled['student_accuracy']:.3f}  ({e.samples} per prompt "
                   f"at temperature {e.temperature}, n={sampled['n']})", flush=True)
-        for label, probe in probes.items():
+        for label, probe in r.get("probes", {}).items():
             print(f"[eval {tag}] {label} (a probe, never trained): student accuracy {probe['student_accuracy']:.3f}  "
                   f"(n={probe['n']})", flush=True)
 

@@ -157,7 +157,7 @@ def run_one(spec: dict) -> dict:
 
     from lightning_sd.build import build_logger, prepare_run, probes_split
     from lightning_sd.callbacks import PeriodicEvaluation
-    from lightning_sd.evaluation import GENERAL_PROMPTS, evaluate, evaluate_probes, evaluate_sampled, kl_from_reference
+    from lightning_sd.evaluation import GENERAL_PROMPTS, evaluate, evaluate_run, kl_from_reference
     from lightning_sd.models import load_model
     from lightning_sd.sampling import SamplingConfig
 
@@ -193,10 +193,9 @@ def run_one(spec: dict) -> dict:
             by_task = {label: evaluate(module, dm.eval_dataloader(label), with_teacher=with_teacher,
                                        keep_samples=2).as_dict() for label in dm.task_labels + dm.probe_labels}
             before = {**pooled(list(by_task.values())), "by_task": by_task}
+            before["seconds"] = time.perf_counter() - t0
         else:
-            before = evaluate(module, eval_batches(), with_teacher=with_teacher, keep_samples=4).as_dict()
-            before["probes"] = evaluate_probes(module, dm)
-        before["seconds"] = time.perf_counter() - t0
+            before = evaluate_run(module, dm, with_teacher=with_teacher, keep_samples=4)
         json.dump(before, open(before_path, "w"), indent=2)
         os.makedirs(os.path.dirname(shared_path), exist_ok=True)
         shutil.copy(before_path, shared_path + f".tmp-{os.getpid()}")
@@ -236,17 +235,15 @@ def run_one(spec: dict) -> dict:
     else:
         result["train_seconds"], result["generated_samples"], result["generated_tokens"] = 0.0, 0, 0
 
-    t0 = time.perf_counter()
-    after = evaluate(module, eval_batches(), with_teacher=False, keep_samples=4)
-    result["after"] = {**after.as_dict(), "seconds": time.perf_counter() - t0}
-    if not hasattr(dm, "task_labels"):  # a sequence's probes are in its accuracy matrix
-        result["after"]["probes"] = evaluate_probes(module, dm)
     n = int(measure.get("sampled_n") or 0)
+    result["after"] = evaluate_run(module, dm, with_teacher=False, keep_samples=4, samples=n,
+                                   temperature=float(measure.get("sampled_temperature", 1.0)), seed=int(spec["seed"]),
+                                   probes=not hasattr(dm, "task_labels"))  # a sequence's are in its accuracy matrix
     if n:
-        temperature = float(measure.get("sampled_temperature", 1.0))
-        s = evaluate_sampled(module, eval_batches(), n, temperature, 1000 + int(spec["seed"]))
-        result["after_sampled"] = {"accuracy": s.student_accuracy, "n_samples": s.n,
-                                   "mean_completion_tokens": s.mean_completion_tokens, "temperature": temperature}
+        s = result["after"].pop("sampled")
+        result["after_sampled"] = {"accuracy": s["student_accuracy"], "n_samples": s["n"],
+                                   "mean_completion_tokens": s["mean_completion_tokens"],
+                                   "temperature": s["temperature"]}
     if measure.get("drift"):
         from dataclasses import asdict
 

@@ -66,6 +66,12 @@ COLUMNS["recipes_on_policy"] = [
     ("known facts (validation part) at step 0 / 20 / 40 / 60 / 80",
      "known_facts_step0|known_facts_step20|known_facts_step40|known_facts_step60|known_facts_step80"),
     ("answer tokens after", "answer_tokens_after"), ("rollouts cut", "mean_truncated"), ("train s", "train_seconds")]
+COLUMNS["recipes_retention"] = [
+    ("val at step 10 / 20 / 30 / 40 / 60 / 80", "curve_step10|curve_step20|curve_step30|curve_step40|curve_step60|curve_step80"),
+    ("known facts (validation part) at step 10 / 20 / 30 / 40 / 60 / 80",
+     "known_facts_step10|known_facts_step20|known_facts_step30|known_facts_step40|known_facts_step60|known_facts_step80"),
+    ("KL(trained \\|\\| base) at 80, nats/token", "drift_kl"), ("train s (80 steps)", "train_seconds")]
+COLUMNS["default_run_vllm"] = COLUMNS["default_run"]  # the same run, its rollouts sampled by vLLM
 COLUMNS["learning_curves"] = [
     ("new facts (test) at step 0 / 10 / 20 / 40 / 80", "test_at_0|test_at_10|test_at_20|test_at_40|test_at_80"),
     ("known facts (test probe) at step 0 / 20 / 40 / 80", "known_at_0|known_at_20|known_at_40|known_at_80"),

@@ -5,6 +5,7 @@ knows better, so the gap `teacher - student` is the first number to look at.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -158,6 +159,29 @@ GENERAL_PROMPTS: dict[str, tuple[str, ...]] = {
 
 
 @torch.no_grad()
+def evaluate_run(module, datamodule, *, with_teacher: bool, samples: int = 0, temperature: float = 1.0, seed: int = 0,
+                 keep_samples: int = 8, probes: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """One evaluation as every run driver records it (`train.py`, the experiments): the greedy accuracy of the
+    student, and of the teacher with its context when `with_teacher` (`EvalResult.as_dict()`); with `samples`,
+    the student's sampled accuracy under `sampled` (`samples` per prompt at `temperature`, sampler seed
+    1000 + `seed`); the probes' accuracies under `probes` (when the data has probes and `probes`); `seconds`, all
+    included."""
+    t0 = time.perf_counter()
+    result = evaluate(module, datamodule.val_dataloader(), with_teacher=with_teacher, keep_samples=keep_samples,
+                      progress=progress)
+    record = result.as_dict()
+    if samples and result.n:
+        s = evaluate_sampled(module, datamodule.val_dataloader(), samples, temperature, 1000 + int(seed))
+        record["sampled"] = {"student_accuracy": s.student_accuracy, "n": s.n, "samples_per_prompt": samples,
+                             "temperature": temperature, "mean_completion_tokens": s.mean_completion_tokens}
+    by_probe = evaluate_probes(module, datamodule) if probes else {}
+    if by_probe:
+        record["probes"] = by_probe
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
 def kl_from_reference(model, reference, tokenizer, prompts: list[str] | tuple[str, ...] | None = None, *,
                       max_new_tokens: int = 48, pad_token_id: int | None = None, system_prompt: str | None = None,
                       batch_size: int = 16) -> dict:

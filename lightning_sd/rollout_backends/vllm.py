@@ -160,11 +160,11 @@ class VllmBackend:
     Args: `model_path` (a local Hugging Face folder with the student's architecture and tokenizer), `tokenizer`,
     `dtype` (the engine's: float32, bf16 or fp16), `gpu_memory_utilization` (on a GPU, the engine shares it
     with training), `max_prompt_length` (with the completion length it sets the engine's `max_model_len`),
-    `cpu_kv_cache_gib` (on a CPU, the KV cache vLLM reserves).
+    `cpu_kv_cache_gib` (on a CPU, the whole GiB of KV cache vLLM reserves, unless `VLLM_CPU_KVCACHE_SPACE` is set).
     """
 
     def __init__(self, model_path: str | None, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
-                 max_prompt_length: int | None = None, cpu_kv_cache_gib: float = 1.0) -> None:
+                 max_prompt_length: int | None = None, cpu_kv_cache_gib: int = 1) -> None:
         if not model_path:
             raise VllmError("generation.backend=vllm needs a model folder vLLM can load: set model.name=hf "
                             "model.name_or_path=<folder>")
@@ -172,7 +172,9 @@ class VllmBackend:
             raise VllmError(f"generation.backend=vllm: dtype {dtype!r} is not one of {sorted(ENGINE_DTYPES)}")
         self.model_path, self.tokenizer, self.dtype = model_path, tokenizer, ENGINE_DTYPES[dtype]
         self.gpu_memory_utilization, self.max_prompt_length = gpu_memory_utilization, max_prompt_length
-        self.cpu_kv_cache_gib = cpu_kv_cache_gib
+        if int(cpu_kv_cache_gib) != cpu_kv_cache_gib or cpu_kv_cache_gib < 1:
+            raise VllmError(f"the CPU engine's KV cache is a whole number of GiB >= 1, got {cpu_kv_cache_gib}")
+        self.cpu_kv_cache_gib = int(cpu_kv_cache_gib)  # vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer
         self._llm = None
         self._synced_step: int | None = None
         self.engine_start_seconds: float | None = None
