@@ -17,7 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "recipes.md", ROOT / "docs" / "default_run.md"]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "recipes.md", ROOT / "docs" / "default_run.md",
+        ROOT / "docs" / "vllm.md"]
 
 # experiment -> [(column title, metric key)]
 COLUMNS: dict[str, list[tuple[str, str]]] = {
