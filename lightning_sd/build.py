@@ -148,6 +148,18 @@ def build_strategy(tr, student, micro_batch_size: int | None = None):
                              logging_batch_size_per_gpu=micro_batch_size or "auto")
 
 
+def build_profiler(name: str | None, run_dir: str | None):
+    """`trainer.profiler`: Lightning's profiler of that name writing its report to `<run_dir>/fit-profile.txt` (to the
+    console without a run folder); None: no profiler. Its table has the step's own spans (`[step]teacher_prompts`,
+    `[step]teacher_forward`, `[step]student_forward`, `[step]loss`) next to Lightning's hooks."""
+    if name is None:
+        return None
+    from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
+
+    kind = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}[name]
+    return kind(dirpath=run_dir, filename="profile" if run_dir else None)
+
+
 def build_rollout_backend(g, m, d, tokenizer):
     """None for `generation.backend=hf` (the built-in sampler); a `VllmBackend` for `vllm`."""
     if g.backend == "hf":
@@ -226,7 +238,7 @@ def build_run(cfg: DictConfig, run_dir: str | None = None) -> Run:
         enable_checkpointing=tr.enable_checkpointing, enable_progress_bar=tr.enable_progress_bar,
         deterministic=tr.deterministic, num_sanity_val_steps=0,
         limit_val_batches=0 if tr.val_check_interval is None else None,
-        val_check_interval=tr.val_check_interval, plugins=plugins,
+        val_check_interval=tr.val_check_interval, plugins=plugins, profiler=build_profiler(tr.profiler, run_dir),
     )
     return Run(module=module, datamodule=datamodule, trainer_kwargs=trainer_kwargs, callbacks=callbacks, typed=typed,
                run_dir=run_dir)

@@ -114,9 +114,11 @@ class TrainerConfig:
     fsdp_wrap: list | None = None  # fsdp only: extra module class names to wrap (decoder layers + the LM always are)
     offload: bool = False  # fsdp / deepspeed: optimizer state (ZeRO-3 and FSDP: weights too) kept on CPU
     retain_heap: bool = True  # glibc: freed CPU memory stays in the heap for the next step (RSS does not drop)
+    profiler: str | None = None  # simple | advanced | pytorch: Lightning's profiler, report in <run folder>/fit-profile.txt
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+PROFILERS = ("simple", "advanced", "pytorch")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "bias")
 
@@ -133,6 +135,8 @@ def validate_trainer(tr: TrainerConfig) -> None:
         if strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
             raise ConfigError(f"trainer.strategy={strategy} needs trainer.accelerator=gpu (Lightning runs FSDP and "
                               "DeepSpeed on GPUs only); on CPU use trainer=ddp_cpu")
+    if tr.profiler is not None and tr.profiler not in PROFILERS:
+        raise ConfigError(f"trainer.profiler={tr.profiler!r} is not one of {', '.join(PROFILERS)} (or null: none)")
     if tr.accumulate_grad_batches < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {tr.accumulate_grad_batches}")
     if tr.sharding_strategy is not None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import torch
 import torchmetrics
@@ -220,17 +221,21 @@ class SelfDistillationModule(LightningModule):
         self._t_train_start = time.perf_counter()
         target = None
         if self.needs_teacher:
-            teacher_inputs = self.build_teacher_inputs(batch)
-            teacher_out = self.teacher_forward(batch, teacher_inputs)
-            if self.contrast is not None:
-                target = self.contrast.scores(batch, teacher_inputs, teacher_out, self.build_teacher_inputs,
-                                              self.teacher_forward)
+            with self.span("teacher_prompts"):
+                teacher_inputs = self.build_teacher_inputs(batch)
+            with self.span("teacher_forward"):
+                teacher_out = self.teacher_forward(batch, teacher_inputs)
+                if self.contrast is not None:
+                    target = self.contrast.scores(batch, teacher_inputs, teacher_out, self.build_teacher_inputs,
+                                                  self.teacher_forward)
         else:  # sft, grpo, rl_feedback with grpo_mix=1: no teacher forward
             teacher_inputs, teacher_out = TeacherInputs.without_teacher(batch.rollout), None
-        student_out = self.student_forward(batch)
-        if target is not None:
-            teacher_out = target(student_out)
-        out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
+        with self.span("student_forward"):
+            student_out = self.student_forward(batch)
+        with self.span("loss"):
+            if target is not None:
+                teacher_out = target(student_out)
+            out = self.compute_loss(student_out, teacher_out, batch, teacher_inputs)
         batch.loss_terms = {"per_token": out.per_token.detach(), "mask": out.mask}
         batch.diagnostics = self.scorer.diagnostics(student_out, teacher_out, batch.rollout, out,
                                                     teacher_inputs.row_mask)
@@ -245,6 +250,13 @@ class SelfDistillationModule(LightningModule):
         self.step_metrics.log_step(self, batch, out, teacher_inputs.row_mask,
                                    dataset=is_dataset_rollout(batch.rollout), mixes_dataset=self.method.mixes_dataset)
         return self.normalizer.backward_loss(out, self._trainer, in_backward=self.optimizer_cfg.in_backward)
+
+    def span(self, name: str) -> ContextManager:
+        """A span of the Trainer's profiler named `[step]<name>` (`trainer.profiler`, `Trainer(profiler=...)`); nothing
+        without a trainer. `training_step` opens teacher_prompts, teacher_forward, student_forward and loss; Lightning's
+        own spans cover the rollout (`[Callback]OnPolicyGeneration.on_train_batch_start`), backward and the optimizer."""
+        trainer = self._trainer
+        return trainer.profiler.profile(f"[step]{name}") if trainer is not None else nullcontext()
 
     def teacher_topk_requested(self) -> int:
         """How many of the teacher's top alternatives per token this step keeps in `batch.loss_terms`: the

@@ -245,6 +245,33 @@ def test_worker_runs_fixed_work_and_reports_phases(tiny_result):
         assert "peak RSS GiB" in table
 
 
+def test_the_phases_are_disjoint_profiler_spans(tiny_result):
+    """Each phase is a span of the Trainer's profiler; none overlaps another, so they add up to at most the step."""
+    for s in tiny_result["steps"]:
+        assert s["other"] >= -1e-6 and all(s[k] > 0 for k in PHASES_TIMED)
+
+
+PHASES_TIMED = ("generation", "teacher_prompts", "teacher_forward", "student_forward", "backward", "optimizer")
+
+
+def test_flags_and_set_become_overrides_of_train_configs():
+    """The worker's run is train.py's config with the preset, the flags and `--set` (applied last), validated."""
+    from lightning_sd.config import validate_config
+
+    args = _tiny_args("--teacher", "ema", "--teacher-rate", "0.2", "--optimizer-in-backward", "--beta", "0.5",
+                      "--set", "generation.lean_decode=false", "--set", "loss.beta=1.0")
+    cfg = step.benchmark_config(args, 4)
+    assert (cfg.model.name, cfg.teacher.kind, cfg.teacher.rate, cfg.loss.chunk_size) == ("tiny", "ema", 0.2, 4)
+    assert cfg.optimizer.in_backward is True and cfg.generation.lean_decode is False
+    assert cfg.loss.beta == 1.0  # --set wins over the flag
+    assert cfg.loss.template == step.TEACHER_TEMPLATE == "{prompt}\n\n{solution}"
+    assert cfg.generation.fixed_length is True and cfg.generation.n == 1 and cfg.trainer.gradient_clip_val is None
+    assert cfg.trainer.max_steps == args.warmup + args.steps and cfg.data.max_prompt_length is None
+    validate_config(cfg)
+    argv = step.worker_argv(args, 4)
+    assert step.parse_args(["--worker", "--out", "x", *argv]).set == ["generation.lean_decode=false", "loss.beta=1.0"]
+
+
 def test_chunked_loss_matches_naive_loss():
     """The memory-bounded path computes the same loss on the same (seeded) rollouts."""
     naive = step.run_worker(_tiny_args("--steps", "1"))
@@ -347,3 +374,16 @@ def test_vs_trl_chooses_its_precision_by_the_cpu_and_says_why(monkeypatch, nativ
     assert note.startswith("precision: fp32, because this CPU has no native bf16 matmul (a bf16 matmul ran 9.0x") \
         if not native else note.startswith("precision: bf16 mixed, because this CPU multiplies bf16 natively")
     assert vs.precision_note(vs.parse_args(["--fp32"])).endswith("(asked for, or the default off the CPU)")
+
+
+def test_step_backends_runs_each_sampler_in_its_own_worker_and_tabulates():
+    """The sampler comparison on the tiny model with the two built-in samplers (vLLM needs `make vllm`)."""
+    backends = _load("step_backends")
+    out = backends.main(["--batches", "2", "--lengths", "4", "--steps", "1", "--samplers", "lean decode,model forward",
+                         "--extra", "--model tiny --prompt-len 48"])
+    rows = out["rows"]
+    assert [(r["batch"], r["length"], r["sampler"]) for r in rows] == [(2, 4, "lean decode"), (2, 4, "model forward")]
+    for r in rows:
+        assert 0 < r["rollout_s"] < r["step_s"] and r["peak_rss_gib"] > 0 and r["engine_start_s"] is None
+    table = backends.format_table(rows)
+    assert "| 2 x 4 | lean decode |" in table and "| 1.00x |" in table

@@ -348,3 +348,43 @@ def test_training_with_a_data_module_does_not_warn_about_the_batch_hook(tiny):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 1
     assert not [w for w in caught if "on_before_batch_transfer" in str(w.message)]
+
+
+def test_the_step_opens_its_profiler_spans_inside_lightnings(tiny, records, tmp_path):
+    """`trainer.profiler`: the step's own spans open and close in order, inside Lightning's training step, after
+    the rollout's callback span; `build_profiler` writes Lightning's report with them into the run folder."""
+    from lightning.pytorch.profilers import Profiler
+
+    from lightning_sd.build import build_profiler
+
+    class Log(Profiler):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def start(self, action_name):
+            self.events.append(("start", action_name))
+
+        def stop(self, action_name):
+            self.events.append(("stop", action_name))
+
+    model, tok = tiny
+    log = Log()
+    module = SelfDistillationModule(model, tok, teacher="frozen")
+    trainer(1, [OnPolicyGeneration(SamplingConfig(max_new_tokens=4))], profiler=log).fit(module, loader(tok, records))
+    names = [name for _, name in log.events]
+    ours = [(kind, name) for kind, name in log.events if name.startswith("[step]")]
+    assert ours == [(k, f"[step]{n}") for n in ("teacher_prompts", "teacher_forward", "student_forward", "loss")
+                    for k in ("start", "stop")]
+    step_start = names.index("[Strategy]SingleDeviceStrategy.training_step")
+    step_stop = len(names) - 1 - names[::-1].index("[Strategy]SingleDeviceStrategy.training_step")
+    rollout_stop = len(names) - 1 - names[::-1].index("[Callback]OnPolicyGeneration.on_train_batch_start")
+    assert rollout_stop < step_start < names.index("[step]teacher_prompts") and names.index("[step]loss") < step_stop
+    with SelfDistillationModule(model, tok).span("anything"):  # no trainer attached: nothing to do
+        pass
+    assert build_profiler(None, str(tmp_path)) is None
+    simple = build_profiler("simple", str(tmp_path))
+    trainer(1, [OnPolicyGeneration(SamplingConfig(max_new_tokens=4))], profiler=simple).fit(
+        SelfDistillationModule(model, tok, teacher="frozen"), loader(tok, records))
+    report = (tmp_path / "fit-profile.txt").read_text()
+    assert "[step]teacher_forward" in report and "[step]loss" in report

@@ -29,6 +29,7 @@ def test_cpu_precisions_accepted(precision):
     ({"accelerator": "gpu", "strategy": "ddp", "offload": True}, "trainer.offload=true needs"),
     ({"accelerator": "gpu", "strategy": "auto", "fsdp_wrap": ["LlamaMLP"]}, "trainer.fsdp_wrap applies"),
     ({"accumulate_grad_batches": 0}, "accumulate_grad_batches must be >= 1"),
+    ({"profiler": "fast"}, "trainer.profiler='fast' is not one of simple, advanced, pytorch"),
 ])
 def test_invalid_trainer_options_name_the_key(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,27 +1,29 @@
 """Time on-policy self-distillation steps of `SelfDistillationModule` and compare them with the floor.
 
-Each configuration runs in a fresh subprocess (peak RSS only grows, so processes are never shared): it
-measures the machine's fp32 and bf16 matmul and copy rates (`floor.measure_rates`), loads the model, builds a fixed
-batch of prompts, and runs `--warmup + --steps` steps through a real Lightning `Trainer` with the
-`OnPolicyGeneration` callback, timing each phase:
+Each configuration runs in a fresh subprocess (peak RSS only grows, so processes are never shared): it measures
+the machine's fp32 and bf16 matmul and copy rates (`floor.measure_rates`), builds the run as `python train.py`
+does (`build_run`) from train.py's config with the benchmark preset (`conf/benchmark/step.yaml` here), the
+flags below and any `--set KEY=VALUE` (Hydra overrides of train.py's config), and trains `--warmup + --steps`
+steps on a fixed batch of prompts. The Trainer's profiler spans time each phase:
 
-| phase | from -> to |
+| phase | profiler spans |
 |---|---|
-| generation | batch start -> the sampler's rollout is in the batch (decode + detokenize) |
-| teacher_prompts | `build_teacher_inputs` (teacher texts, chat template, tokenization) |
-| teacher_forward | `teacher_forward` (no grad) |
-| student_forward | `student_forward` + `compute_loss` |
-| backward | `on_before_backward` -> `on_after_backward` |
-| optimizer | `on_after_backward` -> batch end (gradient normalization, AdamW, EMA update) |
-| other | the rest of the step (Lightning, logging) |
+| generation | every callback's `on_train_batch_start` (the rollout: `OnPolicyGeneration`, decode + detokenize) |
+| teacher_prompts | `[step]teacher_prompts` (teacher texts, chat template, tokenization) |
+| teacher_forward | `[step]teacher_forward` (no grad) |
+| student_forward | `[step]student_forward` + `[step]loss` |
+| backward | Lightning's `[Strategy]...backward` (`on_before_backward` to `on_after_backward`) |
+| optimizer | Lightning's `optimizer_step` less its closure's training step and backward (gradient normalization, AdamW, EMA update) |
+| other | the rest of the step (Lightning, logging, the other callbacks) |
 
 Work is fixed so that runs are comparable: the same prompts every step, completions decoded to exactly
-`--completion-len` tokens (`SamplingConfig(fixed_length=True)`), fixed seeds. On CUDA the device is
-synchronized only at phase boundaries.
+`--completion-len` tokens (`generation.fixed_length=true`), fixed seeds. On CUDA the device is synchronized at
+every span's start and end.
 
     python experiments/benchmarks/step.py                                   # SmolLM2, 8 x 64, forward KL
     python experiments/benchmarks/step.py --batch 4 --completion-len 1024 --chunk-size none,512 --steps 1
     python experiments/benchmarks/step.py --model tiny --steps 2 --warmup 0  # seconds, for a smoke run
+    python experiments/benchmarks/step.py --set generation.backend=vllm      # any key of train.py's config
 """
 
 from __future__ import annotations
@@ -39,16 +41,16 @@ import time
 from pathlib import Path
 
 import torch
-
+from omegaconf import OmegaConf
 
 from floor import MachineRates, ModelShape, Precision, StepWork, measure_rates, step_floor
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 PHASES = ("generation", "teacher_prompts", "teacher_forward", "student_forward", "backward", "optimizer", "other")
-# the teacher sees the prompt, a blank line and the reference solution: the same text as TRL's SDFT default
-# `teacher_prompt_template="{prompt}\n\n{privileged_context}"` with `privileged_context = solution`
-TEACHER_TEMPLATE = "{prompt}\n\n{solution}"
+# the benchmark preset's teacher text (TRL's SDFT default: the prompt, a blank line, the reference solution)
+TEACHER_TEMPLATE: str = OmegaConf.load(HERE / "conf" / "benchmark" / "step.yaml").loss.template
 FILLER = "Read the problem carefully and think before you answer. "
 
 
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (allocations, caches)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override of train.py's config, applied last (repeatable), e.g. generation.backend=vllm")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -142,10 +146,11 @@ def benchmark_records(tokenizer, batch: int, prompt_len: int | None, seed: int) 
     return records
 
 
-def make_batch(tokenizer, records: list[dict]):
+def make_batch(tokenizer, records: list[dict], **options):
+    """The `StepBatch` the run's data module would make of `records` (`options`: the `PromptEncoder`'s)."""
     from lightning_sd.data.datamodule import prompt_batch
 
-    return prompt_batch(tokenizer, records)
+    return prompt_batch(tokenizer, records, **options)
 
 
 class _SameBatch(torch.utils.data.Dataset):
@@ -166,101 +171,106 @@ def _first(items: list):
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def timed_module_class():
-    """`SelfDistillationModule` with phase timestamps (a subclass: the library code is timed as it is)."""
-    from lightning.pytorch import Callback
+# the phases from the Trainer's profiler spans: Lightning's own hooks and the module's `[step]...` spans
+# (`SelfDistillationModule.span`); "optimizer" is the optimizer step without the closure's training_step and backward
+SPAN_PHASES = {"teacher_prompts": ("[step]teacher_prompts",), "teacher_forward": ("[step]teacher_forward",),
+               "student_forward": ("[step]student_forward", "[step]loss")}
+# peak RSS is read (and reset) when these phases end: the per-phase memory column
+RSS_AT_END = {"generation": "generation", "[step]teacher_forward": "teacher_forward", "[step]loss": "student_forward",
+              "backward": "backward", "optimizer_step": "optimizer"}
 
-    from lightning_sd.module import SelfDistillationModule
 
-    class TimedModule(SelfDistillationModule):
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, **kw)
-            self.records_log: list[dict] = []
-            self._cur: dict = {}
-            self._marks: dict = {}
+def _kind(action: str) -> str | None:
+    """Which of Lightning's step actions `action` is (any strategy, any module class), else None."""
+    if action.startswith("[Callback]") and action.endswith(".on_train_batch_start"):
+        return "generation"  # every callback's batch start: the rollout sampler, and the rest (microseconds)
+    for prefix, hook in (("[Strategy]", ".training_step"), ("[Strategy]", ".backward"),
+                         ("[LightningModule]", ".optimizer_step"), ("[LightningModule]", ".on_train_batch_end")):
+        if action.startswith(prefix) and action.endswith(hook):
+            return hook[1:]
+    return None
+
+
+def phase_profiler_class():
+    """A Lightning `Profiler` that keeps, per training step, the seconds of each phase (`PHASES`) and the peak RSS
+    at the end of each: the benchmark reads the library's step through the Trainer's profiler spans."""
+    from lightning.pytorch.profilers import Profiler
+
+    class PhaseProfiler(Profiler):
+        def __init__(self, cuda: bool = False) -> None:
+            super().__init__()
+            self.cuda, self.steps, self.cur = cuda, [], None
+            self._open: dict[str, float] = {}
 
         def _now(self) -> float:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.cuda:
+                torch.cuda.synchronize()
             return time.perf_counter()
 
-        def _span(self, name: str, fn, *a):
-            t0 = self._now()
-            out = fn(*a)
-            self._cur[name] = self._cur.get(name, 0.0) + self._now() - t0
+        def start(self, action_name: str) -> None:
+            now = self._now()
+            if self.cur is None and _kind(action_name) == "generation":  # the first hook of a training batch
+                phase_peak_rss()
+                self.cur = {"_start": now, "_spans": {}}
+            self._open[action_name] = now
+
+        def stop(self, action_name: str) -> None:
+            now = self._now()
+            began = self._open.pop(action_name, None)
+            if self.cur is None or began is None:
+                return
+            kind = _kind(action_name) or action_name
+            spans = self.cur["_spans"]
+            spans[kind] = spans.get(kind, 0.0) + now - began
+            if kind in RSS_AT_END and (peak := phase_peak_rss()) is not None:
+                key = f"rss_{RSS_AT_END[kind]}"
+                self.cur[key] = max(self.cur.get(key, 0), peak)
+            if kind == "on_train_batch_end" and action_name.startswith("[LightningModule]"):  # the step's last hook
+                self.steps.append(self._phases(self.cur, now))
+                self.cur = None
+
+        @staticmethod
+        def _phases(cur: dict, end: float) -> dict:
+            spans = cur.pop("_spans")
+            out = {k: v for k, v in cur.items() if not k.startswith("_")}
+            out["generation"] = spans.get("generation", 0.0)
+            for phase, names in SPAN_PHASES.items():
+                out[phase] = sum(spans.get(n, 0.0) for n in names)
+            out["backward"] = spans.get("backward", 0.0)
+            out["optimizer"] = max(0.0, spans.get("optimizer_step", 0.0) - spans.get("training_step", 0.0)
+                                   - out["backward"])
+            out["step"] = end - cur["_start"]
+            out["other"] = out["step"] - sum(out[k] for k in PHASES if k != "other")
             return out
 
-        def _memory(self, phase: str) -> None:
-            """Peak RSS of the phase that just ended (VmHWM since the previous mark), then reset the mark."""
-            peak = phase_peak_rss()
-            if peak is not None:
-                self._cur[f"rss_{phase}"] = peak
+    return PhaseProfiler
 
-        def mark_start(self) -> None:
-            self._cur = {}
-            phase_peak_rss()
-            self._marks = {"start": self._now()}
 
-        def on_train_batch_start(self, batch, batch_idx):
-            self._cur["generation"] = self._now() - self._marks["start"]
-            self._memory("generation")
-            return super().on_train_batch_start(batch, batch_idx)
+def step_recorder_class():
+    """A callback (last in the list) that adds each step's shapes and loss to the profiler's open record; it keeps
+    the last batch, whose teacher prompts are measured after the run."""
+    from lightning.pytorch import Callback
 
-        def build_teacher_inputs(self, batch):
-            out = self._span("teacher_prompts", super().build_teacher_inputs, batch)
-            self._cur["teacher_prompt_width"] = int(out.prompt_ids.size(1))
-            return out
+    class StepRecorder(Callback):
+        def __init__(self, profiler) -> None:
+            self.profiler, self.last_batch = profiler, None
 
-        def teacher_forward(self, batch, teacher_inputs):
-            out = self._span("teacher_forward", super().teacher_forward, batch, teacher_inputs)
-            self._memory("teacher_forward")
-            return out
-
-        def student_forward(self, batch):
-            t0 = self._now()
-            self._marks["student"] = t0
-            return super().student_forward(batch)
-
-        def compute_loss(self, *a):
-            out = super().compute_loss(*a)
-            self._cur["student_forward"] = self._now() - self._marks["student"]
-            self._cur["loss"] = float(out.value)
-            self._memory("student_forward")
-            return out
-
-        def on_before_backward(self, loss):
-            self._marks["backward"] = self._now()
-            super().on_before_backward(loss)
-
-        def on_after_backward(self):
-            super().on_after_backward()
-            self._marks["after_backward"] = self._now()
-            self._cur["backward"] = self._marks["after_backward"] - self._marks["backward"]
-            self._memory("backward")
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            super().on_train_batch_end(outputs, batch, batch_idx)
-            end = self._now()
-            cur = self._cur
-            cur["optimizer"] = end - self._marks["after_backward"]
-            self._memory("optimizer")
-            cur["step"] = end - self._marks["start"]
-            cur["other"] = cur["step"] - sum(cur.get(k, 0.0) for k in PHASES if k != "other")
-            rollout = batch.rollout
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            cur, rollout = self.profiler.cur, batch.rollout
             cur["rows"], cur["completion_width"] = map(int, rollout.completion_ids.shape)
             cur["prompt_width"] = int(rollout.prompt_ids.size(1))
             cur["trained_tokens"] = int(rollout.completion_mask.sum())
-            self.records_log.append(cur)
+            cur["loss"] = float(trainer.callback_metrics["train/loss"])
+            self.last_batch = batch
 
-    class StepStart(Callback):
-        """First callback: stamps the start of a step, before the generation callback runs."""
+    return StepRecorder
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.mark_start()
+
+def random_rollouts_class():
+    """`--rollouts random`: completions of uniform random tokens (seeded per batch) instead of the sampler's."""
+    from lightning.pytorch import Callback
 
     class RandomRollouts(Callback):
-        """`--rollouts random`: completions of uniform random tokens (seeded per batch) instead of samples."""
-
         def __init__(self, length: int, seed: int) -> None:
             self.length, self.seed = length, seed
 
@@ -278,7 +288,7 @@ def timed_module_class():
                                     prompt_index=torch.arange(rows, device=ids.device))
             batch.completion_text = pl_module.tokenizer.batch_decode(comp.tolist(), skip_special_tokens=True)
 
-    return TimedModule, StepStart, RandomRollouts
+    return RandomRollouts
 
 
 _PEAK_SEEN = 0  # the largest per-phase peak so far: resetting VmHWM also resets getrusage's ru_maxrss
@@ -305,71 +315,101 @@ def peak_rss_bytes() -> int:
     return max(peak if sys.platform == "darwin" else peak * 1024, _PEAK_SEEN)
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Run one configuration in this process; return per-step phase times, rates, floor, memory."""
-    import lightning as L
+def overrides(args: argparse.Namespace, chunk: int | None) -> list[str]:
+    """The Hydra overrides of train.py's config that the flags stand for (after the preset's), then `--set`."""
+    out = [f"model={args.model}", f"model.dtype={args.dtype}", f"seed={args.seed}", f"data.seed={args.seed}",
+           f"generation.seed={args.seed}", f"data.batch_size={args.batch}",
+           f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", f"trainer.precision={args.precision}",
+           f"trainer.max_steps={args.warmup + args.steps}", f"teacher={args.teacher}",
+           f"loss.beta={args.beta}", f"loss.support={args.support}", f"loss.reduction={args.reduction}",
+           f"loss.chunk_size={'null' if chunk is None else chunk}", f"optimizer.lr={args.lr}",
+           f"generation.max_new_tokens={args.completion_len}", f"generation.temperature={args.temperature}"]
+    optional = {"model.name_or_path": args.name_or_path, "model.tokenizer": args.tokenizer,
+                "loss.top_k": args.top_k, "loss.is_clip": args.is_clip, "generation.dtype": args.generation_dtype,
+                "teacher.rate": args.teacher_rate if args.teacher == "ema" else None,
+                "teacher.mix": 0.5 if args.teacher == "trust_region" else None}
+    out += [f"{k}={v}" for k, v in optional.items() if v is not None]
+    switches = {"model.gradient_checkpointing=true": args.gradient_checkpointing,
+                "generation.share_prefill=false": args.no_share_prefill,
+                "generation.lean_decode=false": args.no_lean_decode,
+                "generation.compile_decode=true": args.compile_decode,
+                "optimizer.in_backward=true": args.optimizer_in_backward,
+                "trainer.retain_heap=false": args.no_retain_heap}
+    return out + [k for k, on in switches.items() if on] + list(args.set or [])
 
+
+def benchmark_config(args: argparse.Namespace, chunk: int | None):
+    """train.py's config for this benchmark: conf/train.yaml with the preset (conf/benchmark/step.yaml here), then
+    the flags' overrides and `--set`, composed by Hydra as `python train.py` composes its command line."""
+    from hydra import compose, initialize_config_dir
+
+    import lightning_sd.config  # noqa: F401  (registers each group's schema defaults with Hydra)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"hydra.searchpath=[file://{HERE / 'conf'}]", "+benchmark=step",
+                                                       *overrides(args, chunk)])
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Run one configuration in this process: build the run as train.py does (`build_run`), train it on the fixed
+    batch under the phase profiler, and return per-step phase times, rates, floor and memory."""
+    from lightning.pytorch import seed_everything
+
+    from lightning_sd.build import build_run
     from lightning_sd.callbacks.generation import OnPolicyGeneration
-    from lightning_sd.models import load_model
-    from lightning_sd.sampling import SamplingConfig
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if not args.no_retain_heap:  # as train.py does (trainer.retain_heap, default true)
-        from lightning_sd.heap import retain_freed_memory
-
-        retain_freed_memory()
-    torch.manual_seed(args.seed)
-    rates = measure_rates(device, fp16="fp16" in (args.generation_dtype, _autocast_dtype(args.precision)))
-    extra = {"name_or_path": args.name_or_path} if args.name_or_path else {}
-    student, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed, **extra)
-    if args.gradient_checkpointing:
-        from lightning_sd.models import enable_activation_checkpointing
-
-        enable_activation_checkpointing(student, use_reentrant=None)  # transformers' default, as TRL gets it
-    records = benchmark_records(tokenizer, args.batch, args.prompt_len, args.seed)
-    batch = make_batch(tokenizer, records)
     chunk = chunk_sizes(args.chunk_size)[0]
-    loss = dict(beta=args.beta, support=args.support, top_k=args.top_k, reduction=args.reduction, chunk_size=chunk,
-                template=TEACHER_TEMPLATE, is_clip=args.is_clip)
-    TimedModule, StepStart, RandomRollouts = timed_module_class()
-    module = TimedModule(student, tokenizer, teacher=args.teacher,
-                         teacher_kwargs={"rate": args.teacher_rate} if args.teacher == "ema" else
-                         {"mix": 0.5} if args.teacher == "trust_region" else None,
-                         loss=loss, optimizer={"name": "adamw", "lr": args.lr,
-                                               "in_backward": args.optimizer_in_backward})
-    sampling = SamplingConfig(n=1, max_new_tokens=args.completion_len, temperature=args.temperature,
-                              fixed_length=True, seed=args.seed, dtype=args.generation_dtype,
-                              share_prefill=not args.no_share_prefill, lean_decode=not args.no_lean_decode,
-                              compile_decode=args.compile_decode)
+    cfg = benchmark_config(args, chunk)
+    seed_everything(args.seed, verbose=False)
+    rates = measure_rates(device, fp16="fp16" in (args.generation_dtype, _autocast_dtype(args.precision)))
+    run = build_run(cfg)  # validated; trainer.retain_heap as train.py does; the model loaded
+    module, d = run.module, run.typed["data"]
+    student, tokenizer = module.student, module.tokenizer
+    records = benchmark_records(tokenizer, args.batch, args.prompt_len, args.seed)
+    batch = make_batch(tokenizer, records, system_prompt=d.system_prompt, max_length=d.max_prompt_length,
+                       truncation=d.truncation)
     total = args.warmup + args.steps
     loader = torch.utils.data.DataLoader(_SameBatch(batch, total), batch_size=1, collate_fn=_first)
+    profiler = phase_profiler_class()(cuda=device.type == "cuda")
+    recorder = step_recorder_class()(profiler)
+    callbacks = run.callbacks
+    if args.rollouts == "random":
+        callbacks = [random_rollouts_class()(args.completion_len, args.seed) if isinstance(c, OnPolicyGeneration)
+                     else c for c in callbacks]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
-                        max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[StepStart(), OnPolicyGeneration(sampling) if args.rollouts == "sample" else
-                                   RandomRollouts(args.completion_len, args.seed)])
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(**{**run.trainer_kwargs, "profiler": profiler, "enable_model_summary": False},
+                      callbacks=[*callbacks, recorder], logger=False)
     trainer.fit(module, train_dataloaders=loader)
-    steps = module.records_log[args.warmup:]
-    first = module.records_log[0]
+    backend = next((c.backend for c in callbacks if isinstance(c, OnPolicyGeneration)), None)
+    teacher_width = (int(module.build_teacher_inputs(recorder.last_batch).prompt_ids.size(1))
+                     if module.needs_teacher else 0)
+    for s in profiler.steps:
+        s["teacher_prompt_width"] = teacher_width
+    steps = profiler.steps[args.warmup:]
+    first = profiler.steps[0]
     shape = ModelShape.from_model(student)
     precision = floor_precision(args, student)
-    work = StepWork(rows=first["rows"], prompt=first["prompt_width"], teacher_prompt=first["teacher_prompt_width"],
+    work = StepWork(rows=first["rows"], prompt=first["prompt_width"], teacher_prompt=teacher_width,
                     completion=first["completion_width"])
     return {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "json")} | {"chunk_size": chunk},
+        "overrides": overrides(args, chunk),
         "steps": steps,
-        "losses": [s["loss"] for s in module.records_log],
+        "losses": [s["loss"] for s in profiler.steps],
         "rates": vars(rates),
         "shape": vars(shape),
         "work": vars(work),
         "floor": step_floor(shape, work, rates, decode=args.rollouts == "sample", precision=precision),
         "floor_precision": dataclasses.asdict(precision),
         "peak_rss": peak_rss_bytes(),
+        "engine_start_s": getattr(backend, "engine_start_seconds", None),  # generation.backend=vllm: in the warm-up
         "peak_gpu": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "load": os.getloadavg(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
@@ -521,6 +561,9 @@ def worker_argv(args: argparse.Namespace, chunk: int | None) -> list[str]:
     out = []
     for key, value in vars(args).items():
         if key in ("worker", "out", "json", "chunk_size") or value is None or value is False:
+            continue
+        if key == "set":
+            out += [f"--set={item}" for item in value]
             continue
         out += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
     return out + ["--chunk-size", "none" if chunk is None else str(chunk)]
