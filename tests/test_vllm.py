@@ -95,6 +95,19 @@ def test_after_a_reload_the_engine_samples_from_the_students_distribution(backen
     assert abs(float(weight.mean()) - 1.0) <= tol["weight"]
 
 
+def test_the_engine_gives_the_process_its_thread_setting_back(backend):
+    """vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process when its engine starts;
+    training in the same process (and the user's own code) must still set its threads."""
+    threads = torch.get_num_threads()
+    backend.engine(16)
+    assert torch.get_num_threads() == threads
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_prompt_longer_than_the_engine_allows_stops_before_the_weights_are_touched(backend, student):
     model, tok = student
     config = SamplingConfig(n=1, max_new_tokens=16)
@@ -176,3 +189,17 @@ def test_the_rollout_benchmark_runs_and_reports_every_sampler(tmp_path):
     assert {r["sampler"] for r in result["rows"]} == {"vllm (reload + generate)", "ours, lean decode",
                                                       "ours, model forward", "transformers generate"}
     assert result["engine_start_s"] > 0 and all(r["median_s"] > 0 for r in result["rows"])
+
+
+def test_the_step_benchmark_trains_with_vllm_rollouts(tmp_path):
+    """The whole training step with the engine's rollouts, built as train.py builds it (step.py through
+    build_run): it trains, and the engine's start-up is recorded apart from the measured step."""
+    out = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, "experiments/benchmarks/step_backends.py", "--batches", "2", "--lengths",
+                           "4", "--steps", "1", "--samplers", "vllm", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["sampler"] == "vllm" and row["engine_start_s"] > 0 and 0 < row["rollout_s"] < row["step_s"]
+    assert result["commit"] and result["machine"]["cpu_count"]

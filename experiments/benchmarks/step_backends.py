@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 
 import step
 
@@ -46,15 +48,22 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"batch": batch, "length": length, "sampler": name, "rollout_s": med["generation"],
                              "step_s": med["step"], "rest_s": med["step"] - med["generation"],
                              "peak_rss_gib": result["peak_rss"] / 2**30, "engine_start_s": result["engine_start_s"],
-                             "all_step_s": [s["step"] for s in result["steps"]], "load": result["load"],
+                             "phases_s": med, "all_step_s": [s["step"] for s in result["steps"]],
+                             "load": result["load"],
                              "device": result["device_name"]})
                 r = rows[-1]
                 print(f"batch {batch} x {length}, {name}: rollout {r['rollout_s']:.2f} s, step {r['step_s']:.2f} s, "
                       f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     print(format_table(rows))
     if args.out:
+        from lightning_sd.logging_utils import machine
+
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=step.ROOT, capture_output=True,
+                                text=True).stdout.strip() or None
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "steps": args.steps, "threads": args.threads}, f, indent=2)
+            json.dump({"rows": rows, "steps": args.steps, "threads": args.threads, "commit": commit,
+                       "machine": machine(), "command": "step_backends.py " + " ".join(argv or sys.argv[1:])}, f,
+                      indent=2)
     return {"rows": rows}
 
 

@@ -203,7 +203,7 @@ class VllmBackend:
                 kwargs["enforce_eager"] = True
             else:
                 kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-            threads = torch.get_num_threads()
+            threads, set_threads = torch.get_num_threads(), torch.set_num_threads
             t0 = time.perf_counter()
             try:
                 self._llm = vllm.LLM(**kwargs)
@@ -212,7 +212,10 @@ class VllmBackend:
                                 f"{str(err).strip()[:800]}). If vLLM does not support this architecture or "
                                 f"machine, use generation.backend=hf (the built-in sampler)") from err
             finally:
-                torch.set_num_threads(threads)  # vLLM lowers the process's torch threads for serving
+                # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, and may lower
+                # the threads for serving: the trainer's (and the user's) thread setting is given back
+                torch.set_num_threads = set_threads
+                torch.set_num_threads(threads)
             self.engine_start_seconds = time.perf_counter() - t0
         return self._llm
 
