@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_sd.data.prompts import TRUNCATION, TRUNCATIONS
 from lightning_sd.models import DTYPES
 from lightning_sd.methods.base import option_defaults
 from lightning_sd.objectives import LossConfig, check_renamed_keys
@@ -59,7 +60,7 @@ class DataConfig:
     batch_size: int = 8
     eval_batch_size: int | None = 32
     max_prompt_length: int | None = 512
-    truncation: str = "left"
+    truncation: str = TRUNCATION  # left (a long prompt loses its beginning) | error
     system_prompt: str | None = None
     seed: int = 0
     eval_split: str | None = "eval"  # tasks: "eval" (held-out test) or "val"; data=hf: a split name, or null
@@ -411,7 +412,7 @@ def validate_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"data needs exactly one of data.task, data.train_file or data.path (data=hf) "
                           f"(got {sources or 'none'}){hint}")
     validate_data_sources(d)
-    if d.truncation not in ("left", "error"):
+    if d.truncation not in TRUNCATIONS:
         raise ConfigError(f"data.truncation={d.truncation!r} must be 'left' or 'error'")
     if d.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")

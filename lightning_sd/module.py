@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_sd.batch import LossOutput, StepBatch, TeacherInputs, as_step_batch
 from lightning_sd.contexts import ContextBuilder
-from lightning_sd.data.prompts import PromptEncoder
+from lightning_sd.data.prompts import TRUNCATION, PromptEncoder
 from lightning_sd.distributed import all_ranks, ends_optimizer_step, engine_owns_gradients
 from lightning_sd.evaluation import generate_and_verify
 from lightning_sd.forward import completion_hidden, completion_logits
@@ -87,7 +87,7 @@ class SelfDistillationModule(LightningModule):
         optimizer: OptimizerConfig | dict | None = None,
         scheduler: SchedulerConfig | dict | None = None,
         max_prompt_length: int | None = None,
-        truncation: str = "left",
+        truncation: str = TRUNCATION,
         system_prompt: str | None = None,
         eval_sampling: SamplingConfig | None = None,
         run_dir: str | None = None,

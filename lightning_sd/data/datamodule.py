@@ -22,7 +22,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_sd.batch import StepBatch
-from lightning_sd.data.prompts import PromptEncoder
+from lightning_sd.data.prompts import TRUNCATION, PromptEncoder, check_truncation
 from lightning_sd.data.records import DataError, load_jsonl, validate_records
 from lightning_sd.data.sampler import ResumableSampler
 from lightning_sd.data.task_spec import parse_specs
@@ -77,7 +77,7 @@ class PromptDataModule(L.LightningDataModule):
                  train_file: str | None = None, eval_file: str | None = None, records: list[dict] | None = None,
                  eval_records: list[dict] | None = None, hf_dataset: Iterable[dict] | None = None,
                  n_train: int | None = None, n_eval: int | None = None, batch_size: int = 8,
-                 eval_batch_size: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
+                 eval_batch_size: int | None = None, max_prompt_length: int | None = None, truncation: str = TRUNCATION,
                  seed: int = 0, system_prompt: str | None = None, num_workers: int = 0,
                  eval_split: str = "eval", probes: list | None = None) -> None:
         super().__init__()
@@ -97,8 +97,7 @@ class PromptDataModule(L.LightningDataModule):
                 raise DataError(f"{opt}={v} must be {'positive' if opt == 'n_train' else 'zero or more'} (or None)")
         if eval_split not in ("eval", "val"):
             raise DataError(f"data.eval_split={eval_split!r} must be 'eval' (held-out test) or 'val' (validation)")
-        if truncation not in ("left", "error"):
-            raise DataError(f"truncation={truncation!r} must be 'left' or 'error'")
+        check_truncation(truncation)
         if max_prompt_length is not None and max_prompt_length < 1:
             raise DataError(f"max_prompt_length={max_prompt_length} must be positive (or None)")
 

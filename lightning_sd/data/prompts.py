@@ -79,7 +79,17 @@ def _name(tokenizer: Any) -> str:
     return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int | None = None, truncation: str = "left",
+TRUNCATIONS = ("left", "error")  # a prompt longer than its limit loses its beginning (the default), or is an error
+TRUNCATION = TRUNCATIONS[0]
+
+
+def check_truncation(truncation: str, key: str = "truncation") -> None:
+    """`DataError` unless `truncation` is one of `TRUNCATIONS` (`key`: the name the message gives it)."""
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"{key}={truncation!r} must be 'left' or 'error'")
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int | None = None, truncation: str = TRUNCATION,
                    pad_token_id: int | None = None, warn: bool = True) -> EncodedPrompts:
     """Tokenize formatted prompts and left-pad them to the longest row.
 
@@ -87,8 +97,7 @@ def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int | None =
     call with the count unless `warn=False`) or raise `DataError` naming the row (`truncation="error"`).
     `pad_token_id` defaults to `ensure_pad_token(tokenizer)`.
     """
-    if truncation not in ("left", "error"):
-        raise DataError(f"truncation={truncation!r} must be 'left' or 'error'")
+    check_truncation(truncation)
     if max_length is not None and max_length < 1:
         raise DataError(f"max_prompt_length={max_length} must be a positive number of tokens (or None)")
     if not texts:
@@ -127,7 +136,7 @@ class PromptEncoder:
     tokenizer: Any
     system_prompt: str | None = None
     max_length: int | None = None
-    truncation: str = "left"
+    truncation: str = TRUNCATION
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:

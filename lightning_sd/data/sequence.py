@@ -21,6 +21,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_sd.data.datamodule import PromptDataModule
+from lightning_sd.data.prompts import TRUNCATION
 from lightning_sd.data.records import DataError
 from lightning_sd.data.sampler import ResumableSampler
 from lightning_sd.data.task_spec import TaskSpec, parse_specs
@@ -93,7 +94,7 @@ class SequentialTasksDataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer: Any, *, tasks: list, probes: list | None = None, steps_per_task: int | list[int],
                  batch_size: int = 8, eval_batch_size: int | None = None, n_train: int | None = None,
-                 n_eval: int | None = None, max_prompt_length: int | None = None, truncation: str = "left",
+                 n_eval: int | None = None, max_prompt_length: int | None = None, truncation: str = TRUNCATION,
                  seed: int = 0, system_prompt: str | None = None, eval_split: str = "eval") -> None:
         super().__init__()
         self.specs, self.probe_specs = parse_specs(tasks, "tasks"), parse_specs(probes, "probes")
