@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -39,15 +38,6 @@ def config_groups() -> str:
 
 
 OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)
-
-
-def git_commit() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
@@ -225,7 +215,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     from lightning_sd.callbacks.run_checkpoint import Interrupted
     from lightning_sd.console import eval_progress, peak_memory_gib, summary_table
     from lightning_sd.evaluation import evaluate_run
-    from lightning_sd.logging_utils import finish_logger, log_config, log_eval, machine, train_history
+    from lightning_sd.logging_utils import finish_logger, git_commit, log_config, log_eval, machine, train_history
 
     t_start = time.perf_counter()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
@@ -237,7 +227,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
     device = torch.device("cuda" if run.typed["trainer"].accelerator in ("gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
     metrics: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-                     "git_commit": git_commit(), "run_dir": run_dir, "machine": machine(),
+                     "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))), "run_dir": run_dir,
+                     "machine": machine(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), **hydra_facts()}
 
     if ckpt_path is not None:  # the first part's evaluation before training, from its metrics.json
@@ -247,9 +238,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str) -> dict:
         module.to(device)
         total = len(getattr(datamodule, "eval_records", None) or []) * (2 if e.teacher else 1)
         with eval_progress(f"eval {tag}", total, enabled=run.typed["trainer"].enable_progress_bar) as advance:
-            record = evaluate_run(module, datamodule, with_teacher=e.teacher, samples=e.samples,
-                                  temperature=e.temperature, seed=cfg.seed, progress=advance)
-        metrics[f"eval_{tag}"] = r = record
+            r = metrics[f"eval_{tag}"] = evaluate_run(module, datamodule, with_teacher=e.teacher, samples=e.samples,
+                                                      temperature=e.temperature, seed=cfg.seed, progress=advance)
         if r["n"] == 0:
             print(f"[eval {tag}] no evaluation prompts (data.n_eval=0, or an empty eval set): nothing evaluated",
                   flush=True)

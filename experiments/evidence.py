@@ -105,13 +105,9 @@ def check_experiment(exp) -> None:
 
 # ---------------------------------------------------------------------------------------------- facts
 def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    from lightning_sd.logging_utils import git_commit as commit_of
+
+    return commit_of(ROOT)
 
 
 def machine() -> dict:

@@ -1,6 +1,6 @@
-"""Small helpers shared by the callbacks and `train.py`: the run folder, atomic text files, the W&B run
-behind a Lightning logger (rank 0 only), config/eval logging, a reader for offline W&B run files, and the
-per-step training history of a run folder's CSV log."""
+"""Small helpers shared by the callbacks and `train.py`: the run folder, where a run ran (machine, commit), atomic
+text files, the W&B run behind a Lightning logger (rank 0 only), config/eval logging, a reader for offline W&B run
+files, and the per-step training history of a run folder's CSV log."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg": os.getloadavg()}
+
+
+def git_commit(where: str | os.PathLike) -> str | None:
+    """The commit checked out in the git work tree that holds `where`, with "+dirty" when tracked files have
+    uncommitted changes (a record's code is then not exactly that commit); None outside a git work tree."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

@@ -298,3 +298,24 @@ def test_results_stored_with_the_former_loss_key_names_still_read():
     assert evidence.has_teacher(stored) is False  # grpo_mix=1: GRPO alone, no teacher
     stored["config"]["loss"]["lam"] = 0.5
     assert evidence.has_teacher(stored) is True
+
+
+def test_git_commit_names_the_checkout_and_marks_uncommitted_changes(tmp_path):
+    """Every record (train.py's metrics.json, the experiments' and benchmarks' results) names its code this way."""
+    import subprocess
+
+    from lightning_sd.logging_utils import git_commit
+
+    assert git_commit(tmp_path) is None  # not a git work tree
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("not part of the code")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("two")
+    assert git_commit(tmp_path) == head + "+dirty"

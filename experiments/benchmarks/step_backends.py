@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 
 import step
@@ -56,10 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     print(format_table(rows))
     if args.out:
-        from lightning_sd.logging_utils import machine
+        from lightning_sd.logging_utils import git_commit, machine
 
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=step.ROOT, capture_output=True,
-                                text=True).stdout.strip() or None
+        commit = git_commit(step.ROOT)
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "steps": args.steps, "threads": args.threads, "commit": commit,
                        "machine": machine(), "command": "step_backends.py " + " ".join(argv or sys.argv[1:])}, f,

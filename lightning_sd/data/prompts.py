@@ -83,10 +83,10 @@ TRUNCATIONS = ("left", "error")  # a prompt longer than its limit loses its begi
 TRUNCATION = TRUNCATIONS[0]
 
 
-def check_truncation(truncation: str, key: str = "truncation") -> None:
-    """`DataError` unless `truncation` is one of `TRUNCATIONS` (`key`: the name the message gives it)."""
+def check_truncation(truncation: str) -> None:
+    """`DataError` unless `truncation` is one of `TRUNCATIONS`."""
     if truncation not in TRUNCATIONS:
-        raise DataError(f"{key}={truncation!r} must be 'left' or 'error'")
+        raise DataError(f"truncation={truncation!r} must be 'left' or 'error'")
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int | None = None, truncation: str = TRUNCATION,
